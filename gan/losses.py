@@ -1,0 +1,83 @@
+"""Adversarial losses and penalties. The loss owns the maths; the loop owns the order.
+
+Each phase computes its loss, calls backward, and returns detached statistics.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gan.config import LossConfig
+
+Augment = Callable[[torch.Tensor], torch.Tensor]
+
+
+def d_adversarial(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    if kind == "ns":
+        return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+    if kind == "hinge":
+        return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
+    if kind == "wgan-gp":
+        return fake_logits.mean() - real_logits.mean()
+    raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def g_adversarial(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+    if kind == "ns":
+        return F.softplus(-fake_logits).mean()
+    if kind in ("hinge", "wgan-gp"):
+        return -fake_logits.mean()
+    raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def input_gradient_sq_norm(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+    """Per-sample ||d sum(outputs) / d inputs||^2, differentiable (create_graph)."""
+    (grad,) = torch.autograd.grad(outputs.sum(), inputs, create_graph=True)
+    return grad.square().flatten(1).sum(1)
+
+
+def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Mescheder et al. 2018: gamma/2 * E ||grad_x D(x)||^2 on real data."""
+    return 0.5 * gamma * input_gradient_sq_norm(real_logits, real_inputs).mean()
+
+
+def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, labels, alpha: torch.Tensor, weight: float):
+    """Gulrajani et al. 2017: weight * E (||grad D(x_hat)|| - 1)^2 on interpolates."""
+    x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+    norms = input_gradient_sq_norm(D(x_hat, labels), x_hat).add(1e-12).sqrt()
+    return weight * (norms - 1).square().mean()
+
+
+class GANLoss:
+    def __init__(self, cfg: LossConfig, augment: Augment | None = None) -> None:
+        self.cfg = cfg
+        self.augment = augment or (lambda x: x)
+
+    def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None) -> dict[str, torch.Tensor]:
+        """D on real vs (detached) fake images; WGAN-GP adds its penalty here."""
+        real_logits = D(self.augment(real), real_labels)
+        fake_logits = D(self.augment(fake), fake_labels)
+        loss = d_adversarial(self.cfg.kind, real_logits, fake_logits)
+        stats = {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
+        if self.cfg.kind == "wgan-gp":
+            penalty = gradient_penalty(D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
+            stats["loss/d/gp"] = penalty.detach()
+            loss = loss + penalty
+        loss.backward()
+        stats["loss/d"] = loss.detach()
+        return stats
+
+    def d_reg(self, D, real, real_labels) -> dict[str, torch.Tensor]:
+        """Lazy R1 (StyleGAN2): every r1_every D steps, scaled by r1_every."""
+        real = real.detach().requires_grad_(True)
+        penalty = r1_penalty(D(self.augment(real), real_labels), real, self.cfg.r1_gamma)
+        (penalty * self.cfg.r1_every).backward()
+        return {"loss/d/r1": penalty.detach()}
+
+    def g_main(self, D, fake, fake_labels) -> dict[str, torch.Tensor]:
+        loss = g_adversarial(self.cfg.kind, D(self.augment(fake), fake_labels))
+        loss.backward()
+        return {"loss/g": loss.detach()}

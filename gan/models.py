@@ -1,0 +1,299 @@
+"""Generator and discriminator families. Architecture only: no I/O, optimizers or DDP.
+
+G(z, labels) -> images in [-1, 1], N x C x R x R.   D(x, labels) -> logits, N.
+Class-conditional models embed the label into G's input and use a projection
+discriminator (Miyato & Koyama 2018): logit = psi(h) + <embed(y), h>.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.parametrizations import spectral_norm
+
+from gan.config import ModelConfig
+
+
+def stages(resolution: int) -> tuple[int, int]:
+    """(base side, number of 2x stages): 28 -> (7, 2), 32 -> (4, 3), 64 -> (4, 4)."""
+    k = 2 if resolution % 7 == 0 else int(math.log2(resolution // 4))
+    base = resolution >> k
+    if base << k != resolution or base < 4:
+        raise ValueError(f"resolution {resolution} is not supported; use 28, 32 or 64")
+    return base, k
+
+
+def stage_channels(width: int, k: int) -> list[int]:
+    """Channels at each stage from the base upwards; the last hidden stage has ``width``."""
+    return [width * 2 ** (k - 1 - i) for i in range(k)]
+
+
+class _Conditioning(nn.Module):
+    """Concatenates a learned class embedding to z (identity when unconditional)."""
+
+    def __init__(self, z_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes else None
+        self.out_dim = z_dim * (2 if num_classes else 1)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        if self.embed is None:
+            return z
+        if labels is None:
+            raise ValueError("this generator is class-conditional: pass labels")
+        return torch.cat([z, self.embed(labels)], dim=1)
+
+
+class _Projection(nn.Module):
+    """Final linear logit plus the projection term for conditional D.
+
+    The projection acts on channel features (spatially summed, as in SNGAN/BigGAN): on
+    the whole flattened map it overpowers the linear term and G collapses to one image
+    per class."""
+
+    def __init__(self, features: int, num_classes: int, wrap, channels: int | None = None) -> None:
+        super().__init__()
+        self.linear = wrap(nn.Linear(features, 1))
+        self.channels = channels or features
+        self.embed = wrap(nn.Embedding(num_classes, self.channels)) if num_classes else None
+
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        out = self.linear(h.flatten(1)).squeeze(1)
+        if self.embed is not None:
+            if labels is None:
+                raise ValueError("this discriminator is class-conditional: pass labels")
+            pooled = h.sum(dim=(2, 3)) if h.dim() == 4 else h
+            out = out + (self.embed(labels) * pooled).sum(1)
+        return out
+
+
+class MinibatchStd(nn.Module):
+    """Appends the mean std of features over groups of samples (ProGAN/StyleGAN): D sees
+    a batch's diversity, so a generator that ignores z is easy to tell from data."""
+
+    def __init__(self, group: int = 4) -> None:
+        super().__init__()
+        self.group = group
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        n = h.shape[0]
+        g = self.group if n % self.group == 0 else n
+        grouped = h.reshape(g, n // g, *h.shape[1:])
+        std = grouped.var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=tuple(range(1, h.dim())))
+        extra = std.repeat(g).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
+        return torch.cat([h, extra], dim=1)
+
+
+def _wrapper(norm: str):
+    return spectral_norm if norm == "spectral" else (lambda m: m)
+
+
+def _norm2d(norm: str, ch: int) -> nn.Module:
+    return nn.BatchNorm2d(ch) if norm == "batch" else nn.Identity()
+
+
+class Generator(nn.Module):
+    """Shared interface: z_dim, num_classes, resolution, channels."""
+
+    z_dim: int
+    num_classes: int
+
+    def sample_inputs(self, n: int, generator: torch.Generator | None = None, device=None):
+        z = torch.randn(n, self.z_dim, generator=generator, device=device)
+        labels = (
+            torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
+            if self.num_classes
+            else None
+        )
+        return z, labels
+
+
+# --- mlp (the seed's architecture, working) -------------------------------------------
+class MLPGenerator(Generator):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
+        self.shape = (channels, resolution, resolution)
+        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes)
+        layers: list[nn.Module] = []
+        dim = self.cond.out_dim
+        for i in range(cfg.depth):
+            hidden = cfg.width * 2**i
+            layers += [nn.Linear(dim, hidden), nn.LeakyReLU(0.2)]
+            if cfg.g_norm == "batch":
+                layers.append(nn.BatchNorm1d(hidden))
+            dim = hidden
+        layers += [nn.Linear(dim, math.prod(self.shape)), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self.cond(z, labels)).view(-1, *self.shape)
+
+
+class MLPDiscriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        wrap = _wrapper(cfg.d_norm)
+        layers: list[nn.Module] = [nn.Flatten()]
+        dim = channels * resolution * resolution
+        for n_layer, i in enumerate(reversed(range(max(cfg.depth, 1)))):
+            if n_layer == max(cfg.depth, 1) - 1:
+                layers.append(MinibatchStd())
+                dim += 1
+            hidden = cfg.width * 2**i
+            layers += [wrap(nn.Linear(dim, hidden))]
+            if cfg.d_norm == "batch":
+                layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.LeakyReLU(0.2))
+            dim = hidden
+        self.features = nn.Sequential(*layers)
+        self.head = _Projection(dim, cfg.num_classes, wrap)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x), labels)
+
+
+# --- dcgan ----------------------------------------------------------------------------
+class DCGANGenerator(Generator):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
+        base, k = stages(resolution)
+        chs = stage_channels(cfg.width, k)
+        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes)
+        self.base_shape = (chs[0], base, base)
+        self.project = nn.Linear(self.cond.out_dim, math.prod(self.base_shape))
+        layers: list[nn.Module] = [_norm2d(cfg.g_norm, chs[0]), nn.ReLU()]
+        for i, ch in enumerate(chs):
+            for _ in range(cfg.depth):
+                layers += [nn.Conv2d(ch, ch, 3, 1, 1), _norm2d(cfg.g_norm, ch), nn.ReLU()]
+            out = chs[i + 1] if i + 1 < k else channels
+            layers.append(nn.ConvTranspose2d(ch, out, 4, 2, 1))
+            if i + 1 < k:
+                layers += [_norm2d(cfg.g_norm, out), nn.ReLU()]
+        layers.append(nn.Tanh())
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(self.project(self.cond(z, labels)).view(-1, *self.base_shape))
+
+
+class DCGANDiscriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        base, k = stages(resolution)
+        chs = stage_channels(cfg.width, k)[::-1]
+        wrap = _wrapper(cfg.d_norm)
+        layers: list[nn.Module] = []
+        in_ch = channels
+        for i, ch in enumerate(chs):
+            layers.append(wrap(nn.Conv2d(in_ch, ch, 4, 2, 1)))
+            if i > 0:  # DCGAN: no norm on the first layer
+                layers.append(_norm2d(cfg.d_norm, ch))
+            layers.append(nn.LeakyReLU(0.2))
+            for _ in range(cfg.depth):
+                layers += [wrap(nn.Conv2d(ch, ch, 3, 1, 1)), _norm2d(cfg.d_norm, ch), nn.LeakyReLU(0.2)]
+            in_ch = ch
+        layers += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1)), nn.LeakyReLU(0.2)]
+        self.features = nn.Sequential(*layers)
+        self.head = _Projection(chs[-1] * base * base, cfg.num_classes, wrap, channels=chs[-1])
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.features(x), labels)
+
+
+# --- resnet ---------------------------------------------------------------------------
+class _GBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, norm: str, up: bool) -> None:
+        super().__init__()
+        self.up = up
+        self.n1, self.n2 = _norm2d(norm, in_ch), _norm2d(norm, out_ch)
+        self.c1, self.c2 = nn.Conv2d(in_ch, out_ch, 3, 1, 1), nn.Conv2d(out_ch, out_ch, 3, 1, 1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if (in_ch != out_ch or up) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.n1(x))
+        if self.up:
+            h, x = F.interpolate(h, scale_factor=2), F.interpolate(x, scale_factor=2)
+        h = self.c2(F.relu(self.n2(self.c1(h))))
+        return h + self.skip(x)
+
+
+class _DBlock(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, wrap, down: bool, first: bool) -> None:
+        super().__init__()
+        self.down, self.first = down, first
+        self.c1, self.c2 = wrap(nn.Conv2d(in_ch, out_ch, 3, 1, 1)), wrap(nn.Conv2d(out_ch, out_ch, 3, 1, 1))
+        self.skip = wrap(nn.Conv2d(in_ch, out_ch, 1)) if (in_ch != out_ch or down) else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x if self.first else F.relu(x)
+        h = self.c2(F.relu(self.c1(h)))
+        s = x
+        if self.down:
+            h = F.avg_pool2d(h, 2)
+            # The first block pools before its 1x1 conv: same maths, a quarter of the work.
+            s = self.skip(F.avg_pool2d(s, 2)) if self.first else F.avg_pool2d(self.skip(s), 2)
+        else:
+            s = self.skip(s)
+        return h + s
+
+
+class ResNetGenerator(Generator):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
+        base, k = stages(resolution)
+        chs = stage_channels(cfg.width, k)
+        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes)
+        self.base_shape = (chs[0], base, base)
+        self.project = nn.Linear(self.cond.out_dim, math.prod(self.base_shape))
+        blocks: list[nn.Module] = []
+        for i, ch in enumerate(chs):
+            out = chs[i + 1] if i + 1 < k else chs[-1]
+            blocks.append(_GBlock(ch, out, cfg.g_norm, up=True))
+        blocks += [_GBlock(chs[-1], chs[-1], cfg.g_norm, up=False) for _ in range(cfg.depth)]
+        self.blocks = nn.Sequential(*blocks)
+        self.out = nn.Sequential(_norm2d(cfg.g_norm, chs[-1]), nn.ReLU(), nn.Conv2d(chs[-1], channels, 3, 1, 1), nn.Tanh())
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.project(self.cond(z, labels)).view(-1, *self.base_shape)
+        return self.out(self.blocks(h))
+
+
+class ResNetDiscriminator(nn.Module):
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        _, k = stages(resolution)
+        chs = stage_channels(cfg.width, k)[::-1]
+        wrap = _wrapper(cfg.d_norm)
+        blocks: list[nn.Module] = []
+        in_ch = channels
+        for i, ch in enumerate(chs):
+            blocks.append(_DBlock(in_ch, ch, wrap, down=True, first=i == 0))
+            in_ch = ch
+        blocks += [_DBlock(in_ch, in_ch, wrap, down=False, first=False) for _ in range(cfg.depth)]
+        blocks += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1))]
+        self.blocks = nn.Sequential(*blocks)
+        self.head = _Projection(in_ch, cfg.num_classes, wrap)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
+        return self.head(h, labels)
+
+
+FAMILIES = {
+    "mlp": (MLPGenerator, MLPDiscriminator),
+    "dcgan": (DCGANGenerator, DCGANDiscriminator),
+    "resnet": (ResNetGenerator, ResNetDiscriminator),
+}
+
+
+def build_models(cfg: ModelConfig, resolution: int, channels: int) -> tuple[Generator, nn.Module]:
+    """G and D for ``cfg`` at ``resolution`` x ``resolution`` with ``channels`` channels."""
+    g_cls, d_cls = FAMILIES[cfg.family]
+    return g_cls(cfg, resolution, channels), d_cls(cfg, resolution, channels)

@@ -1,0 +1,140 @@
+"""Sampling a trained generator: images by class and seed, grids, interpolations, .npz.
+
+Images come back as uint8 numpy arrays, N x H x W for grayscale and N x H x W x 3 for
+RGB, the format ``pipelines/sample.py`` writes to .npz (key 'images', plus 'labels').
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from gan.config import Config
+from gan.metrics import to_uint8
+from gan.models import build_models
+
+
+def generator_from_state(state: dict) -> tuple[nn.Module, Config]:
+    """The EMA generator of a checkpoint state, in eval mode."""
+    cfg = Config.from_json(state["config"])
+    G, _ = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    G.load_state_dict(state["loop"]["G_ema"])
+    return G.eval().requires_grad_(False), cfg
+
+
+def latents(n: int, z_dim: int, seed: int, truncation: float | None = None) -> torch.Tensor:
+    """Standard normal z; with ``truncation`` t, entries beyond |t| are redrawn."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    if truncation is not None:
+        if truncation <= 0:
+            raise ValueError(f"truncation={truncation} must be > 0")
+        for _ in range(1000):
+            outside = z.abs() > truncation
+            if not outside.any():
+                break
+            z[outside] = torch.randn(int(outside.sum()), generator=g)
+    return z
+
+
+def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:
+    if labels is None:
+        return
+    if num_classes == 0:
+        raise ValueError("this generator is unconditional: it takes no class labels")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if len(bad):
+        raise ValueError(f"class label {int(bad[0])} is out of range: this generator knows classes 0..{num_classes - 1}")
+
+
+@torch.no_grad()
+def sample(
+    G: nn.Module,
+    n: int,
+    *,
+    seed: int = 0,
+    labels: torch.Tensor | int | None = None,
+    truncation: float | None = None,
+    batch: int = 500,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """n images from G. ``labels``: one class for all, a tensor of n, or None (cycle
+    through all classes for conditional G). Same seed, same images."""
+    if n < 1:
+        raise ValueError(f"n={n} must be >= 1")
+    num_classes = G.num_classes
+    if isinstance(labels, int):
+        labels = torch.full((n,), labels, dtype=torch.long)
+    elif labels is None and num_classes:
+        labels = torch.arange(n) % num_classes
+    check_labels(labels, num_classes)
+    z = latents(n, G.z_dim, seed, truncation)
+    chunks = [to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)]
+    images = to_numpy(torch.cat(chunks))
+    return images, None if labels is None else labels.numpy()
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """uint8 N x C x H x W tensor -> N x H x W (C=1) or N x H x W x 3."""
+    arr = images.permute(0, 2, 3, 1).numpy()
+    return arr[..., 0] if arr.shape[-1] == 1 else arr
+
+
+def class_grid(G: nn.Module, per_class: int = 10, seed: int = 0) -> tuple[np.ndarray, int]:
+    """(images, columns): one row per class for conditional G, else a square grid."""
+    if G.num_classes:
+        labels = torch.arange(G.num_classes).repeat_interleave(per_class)
+        images, _ = sample(G, len(labels), seed=seed, labels=labels)
+        return images, per_class
+    n = per_class * per_class
+    images, _ = sample(G, n, seed=seed)
+    return images, per_class
+
+
+@torch.no_grad()
+def interpolation(G: nn.Module, steps: int = 10, rows: int = 4, seed: int = 0) -> tuple[np.ndarray, int]:
+    """Spherical interpolation between pairs of latents, one row per pair (same class)."""
+    z = latents(2 * rows, G.z_dim, seed)
+    a, b = z[:rows], z[rows:]
+    t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
+    omega = torch.acos((an * bn).sum(1).clamp(-1 + 1e-6, 1 - 1e-6)).view(rows, 1, 1)
+    path = (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / torch.sin(omega)
+    labels = (torch.arange(rows) % G.num_classes).repeat_interleave(steps) if G.num_classes else None
+    images = to_uint8(G(path.reshape(rows * steps, -1), labels))
+    return to_numpy(images), steps
+
+
+def grid_image(images: np.ndarray, columns: int, pad: int = 2) -> np.ndarray:
+    """Tile N images into one array, ``columns`` per row, with a dark border."""
+    n = len(images)
+    rows = math.ceil(n / columns)
+    h, w = images.shape[1:3]
+    shape = (rows * (h + pad) + pad, columns * (w + pad) + pad) + images.shape[3:]
+    canvas = np.zeros(shape, dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, columns)
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = img
+    return canvas
+
+
+def png_bytes(images: np.ndarray, columns: int, scale: int = 2) -> bytes:
+    from PIL import Image
+
+    canvas = grid_image(images, columns)
+    picture = Image.fromarray(canvas)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST)
+    out = io.BytesIO()
+    picture.save(out, format="PNG")
+    return out.getvalue()
+
+
+def npz_bytes(images: np.ndarray, labels: np.ndarray | None) -> bytes:
+    out = io.BytesIO()
+    arrays = {"images": images} if labels is None else {"images": images, "labels": labels.astype(np.int64)}
+    np.savez_compressed(out, **arrays)
+    return out.getvalue()

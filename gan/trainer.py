@@ -1,0 +1,256 @@
+"""Builds a run from a Config and drives it: steps, evaluation, snapshots, progress.
+
+Framework-free: what differs between an in-process run and a Ray Train worker (DDP
+wrapping, gradient reduction, where checkpoints and metrics go) sits behind a
+``Session``. ``LocalSession`` is the single-process one; gan/distributed.py has Ray's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import fsspec
+import torch
+import torch.nn as nn
+
+from gan import checkpoint
+from gan.config import Config
+from gan.data import ImageDataset, load_dataset
+from gan.loop import GANLoop, Nets, make_ema
+from gan.metrics import Evaluator
+from gan.models import build_models
+from gan.sampling import class_grid, png_bytes
+
+
+@dataclass
+class Snapshot:
+    """What a report carries besides metrics: the full state and a sample grid."""
+
+    state: dict[str, Any]
+    meta: dict[str, Any]
+    grid_png: bytes
+    is_best: bool
+
+
+class Session(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap(self, module: nn.Module) -> nn.Module: ...
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
+    def restore(self) -> dict[str, Any] | None: ...
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
+
+
+def check_data_fits(cfg: Config, data: ImageDataset) -> None:
+    if cfg.model.num_classes and data.labels is None:
+        raise ValueError(
+            f"model.num_classes={cfg.model.num_classes} but {data.source} has no labels; "
+            "set model.num_classes=0 for an unconditional model"
+        )
+    if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
+        raise ValueError(
+            f"{data.source} has labels up to {data.num_classes - 1} but model.num_classes={cfg.model.num_classes}"
+        )
+
+
+@dataclass
+class Result:
+    step: int
+    images_seen: int
+    best_fid: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, session: Session, data: ImageDataset | None = None) -> None:
+        self.cfg, self.session = cfg, session
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.data = data if data is not None else load_dataset(cfg.data)
+        check_data_fits(cfg, self.data)
+        # Per-rank seed for anything outside the loop's shared generator.
+        torch.manual_seed(cfg.train.seed * session.world_size + session.rank)
+        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+        G, D = G.to(session.device), D.to(session.device)
+        self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=session.wrap(G), D_train=session.wrap(D))
+        self.loop = GANLoop(
+            cfg,
+            self.nets,
+            self.data,
+            rank=session.rank,
+            world_size=session.world_size,
+            reduce_mean=session.reduce_mean,
+            device=session.device,
+        )
+        self.evaluator = Evaluator(cfg.eval, self.data, device=session.device)
+        self.best_fid = math.inf
+        self.history: list[dict[str, float]] = []
+        self.train_time_s = 0.0
+        state = session.restore()
+        if state is not None:
+            self._load(state)
+
+    # --- state ----------------------------------------------------------------------
+    def _load(self, state: dict[str, Any]) -> None:
+        checkpoint.check_compatible(state, self.cfg)
+        if state["dataset_fingerprint"] != self.data.fingerprint:
+            raise checkpoint.CheckpointError(
+                f"checkpoint was trained on dataset {state['dataset_fingerprint'][:12]}, "
+                f"this run loads {self.data.fingerprint[:12]} ({self.data.source})"
+            )
+        self.loop.load_state_dict(state["loop"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_fid = float(state["best_fid"])
+        self.history = list(state["history"])
+        self.train_time_s = float(state["train_time_s"])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "loop": self.loop.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "config": self.cfg.to_json(),
+            "dataset_fingerprint": self.data.fingerprint,
+            "evaluator_sha256": self.evaluator.sha256,
+            "best_fid": self.best_fid,
+            "history": self.history,
+            "train_time_s": self.train_time_s,
+        }
+
+    # --- running --------------------------------------------------------------------
+    def _done(self) -> bool:
+        t = self.cfg.train
+        over_time = t.time_budget_s > 0 and self.train_time_s >= t.time_budget_s
+        # Every rank must stop at the same step: agree on the elapsed time.
+        over_time = bool(self.session.reduce_mean(torch.tensor([float(over_time)])).item() > 0)
+        return self.loop.images_seen >= t.total_kimg * 1000 or over_time
+
+    def evaluate(self, stats: dict[str, float], img_per_s: float) -> dict[str, float]:
+        # BN running stats differ per rank; average them so every rank scores the same G_ema.
+        for buffer in self.nets.G_ema.buffers():
+            if buffer.is_floating_point():
+                buffer.copy_(self.session.reduce_mean(buffer.detach().cpu()).to(buffer.device))
+        start = time.monotonic()
+        scores = self.evaluator(self.nets.G_ema, self.cfg.model.num_classes)
+        eval_s = time.monotonic() - start
+        improved = scores["fid"] < self.best_fid
+        self.best_fid = min(self.best_fid, scores["fid"])
+        metrics = {
+            **scores,
+            "best_fid": self.best_fid,
+            "step": self.loop.step,
+            "images_seen": self.loop.images_seen,
+            "kimg": self.loop.images_seen / 1000,
+            "time/train_s": self.train_time_s,
+            "time/eval_s": eval_s,
+            "throughput/img_per_s": img_per_s,
+            **stats,
+        }
+        self.history.append({k: float(v) for k, v in metrics.items()})
+        images, columns = class_grid(self.nets.G_ema, per_class=10)
+        meta = {k: metrics[k] for k in ("step", "images_seen", "fid", "best_fid", "fid_floor", "kid")}
+        meta |= {"dataset_fingerprint": self.data.fingerprint, "evaluator_sha256": self.evaluator.sha256}
+        snapshot = Snapshot(self.state_dict(), meta, png_bytes(images, columns), improved)
+        self.session.report(metrics, snapshot)
+        return metrics
+
+    def train(self) -> Result:
+        cfg = self.cfg
+        every_img = cfg.eval.every_kimg * 1000
+        next_eval = (math.floor(self.loop.images_seen / every_img) + 1) * every_img
+        window_start, window_images = time.monotonic(), 0
+        stats: dict[str, float] = {}
+        img_per_s = 0.0
+        evaluated_at = self.loop.images_seen if self.history else -1
+        while not self._done():
+            tick = time.monotonic()
+            stats = self.loop.train_step()
+            self.train_time_s += time.monotonic() - tick
+            window_images += cfg.train.batch_size * cfg.optim.d_steps
+            if self.loop.step % cfg.train.log_every_steps == 0:
+                img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
+                window_start, window_images = time.monotonic(), 0
+                self._progress(stats, img_per_s)
+            if self.loop.images_seen >= next_eval:
+                self.evaluate(stats, img_per_s)
+                evaluated_at = self.loop.images_seen
+                next_eval += every_img * max(1, math.ceil((self.loop.images_seen - next_eval + 1) / every_img))
+                window_start, window_images = time.monotonic(), 0
+        if evaluated_at != self.loop.images_seen:
+            self.evaluate(stats, img_per_s)
+        return Result(self.loop.step, self.loop.images_seen, self.best_fid, self.history)
+
+    def _progress(self, stats: dict[str, float], img_per_s: float) -> None:
+        if self.session.rank != 0:
+            return
+        t = self.cfg.train
+        done = self.loop.images_seen / (t.total_kimg * 1000)
+        if t.time_budget_s:
+            done = max(done, self.train_time_s / t.time_budget_s)
+        losses = "  ".join(f"{k} {v:+.3f}" for k, v in stats.items())
+        fid = f"  fid {self.history[-1]['fid']:.2f} (best {self.best_fid:.2f})" if self.history else ""
+        print(
+            f"[{min(done, 1):6.1%}] step {self.loop.step:6d}  kimg {self.loop.images_seen / 1000:7.1f}  "
+            f"{img_per_s:6.0f} img/s  {losses}{fid}",
+            flush=True,
+        )
+
+
+class LocalSession:
+    """One process, no Ray: checkpoints and grids go to ``out_dir`` (local or fsspec URI)."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, out_dir: str, resume: bool = False, device: str = "cpu", quiet: bool = False) -> None:
+        self.out_dir = out_dir.rstrip("/")
+        self.device = torch.device(device)
+        self.resume = resume
+        self.quiet = quiet
+
+    @property
+    def latest_uri(self) -> str:
+        return f"{self.out_dir}/checkpoints/latest"
+
+    @property
+    def best_uri(self) -> str:
+        return f"{self.out_dir}/checkpoints/best"
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        return module
+
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def restore(self) -> dict[str, Any] | None:
+        if not self.resume:
+            return None
+        state, _ = checkpoint.load(self.latest_uri)
+        print(f"resuming from {self.latest_uri} (step {state['loop']['step']})", flush=True)
+        return state
+
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
+        if snapshot is None:
+            return
+        checkpoint.save(self.latest_uri, snapshot.state, snapshot.meta)
+        if snapshot.is_best:
+            checkpoint.save(self.best_uri, snapshot.state, snapshot.meta)
+        grid_dir = f"{self.out_dir}/grids"
+        if "://" not in grid_dir:
+            os.makedirs(grid_dir, exist_ok=True)
+        with fsspec.open(f"{grid_dir}/kimg{metrics['kimg']:08.1f}.png", "wb") as handle:
+            handle.write(snapshot.grid_png)
+        if not self.quiet:
+            marker = "  * new best" if snapshot.is_best else ""
+            print(
+                f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
+                f"(floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s{marker}",
+                file=sys.stdout,
+                flush=True,
+            )

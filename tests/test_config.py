@@ -1,0 +1,59 @@
+import json
+
+import pytest
+
+from gan.config import PRESETS, Config, ConfigError, override, preset
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_presets_are_valid_and_round_trip(name):
+    cfg = preset(name)
+    assert Config.from_json(cfg.to_json()) == cfg
+    flat = cfg.flat()
+    assert flat["optim.lr_g"] == cfg.optim.lr_g and flat["model.family"] == cfg.model.family
+    assert all(not isinstance(v, dict) for v in flat.values())
+
+
+def test_override_parses_types_and_revalidates():
+    cfg = override(preset("dcgan"), ["optim.lr_g=1e-4", "train.batch_size=32", "loss.augment="])
+    assert cfg.optim.lr_g == pytest.approx(1e-4) and cfg.train.batch_size == 32 and cfg.loss.augment == ""
+    assert preset("dcgan").optim.lr_g == pytest.approx(2e-4)  # the preset itself is untouched
+
+
+@pytest.mark.parametrize(
+    ("assignment", "fragment"),
+    [
+        ("optim.lr_g=-0.1", "optim.lr_g=-0.1 is not allowed: must be in (0, 1]"),
+        ("data.resolution=30", "data.resolution=30 is not allowed: choose one of 28, 32, 64"),
+        ("model.family=vae", "model.family='vae' is not allowed"),
+        ("optim.nope=1", "unknown field 'optim.nope'"),
+        ("bogus.x=1", "unknown section 'bogus'"),
+        ("train.batch_size=1.5", "expected a whole number"),
+        ("optim.lr_d=fast", "expected a number"),
+        ("eval.kid_subset_size=5000", "eval.kid_subset_size=5000 is not allowed"),
+    ],
+)
+def test_bad_values_name_the_field(assignment, fragment):
+    with pytest.raises(ConfigError) as err:
+        override(preset("dcgan"), [assignment])
+    assert fragment in str(err.value)
+
+
+def test_unknown_preset_lists_choices():
+    with pytest.raises(ConfigError, match="unknown preset 'big'; choose one of dcgan, mlp"):
+        preset("big")
+
+
+def test_config_is_frozen():
+    with pytest.raises(AttributeError):
+        preset("dcgan").optim.lr_g = 1.0  # type: ignore[misc]
+
+
+def test_wgan_gp_with_batchnorm_d_is_rejected():
+    with pytest.raises(ConfigError, match="gradient penalty is per sample"):
+        override(preset("textbook"), ["loss.kind=wgan-gp"])
+
+
+def test_json_is_complete(tmp_path):
+    raw = json.loads(preset("mlp").to_json())
+    assert set(raw) == {"name", "data", "model", "loss", "optim", "train", "eval"}
