@@ -25,7 +25,11 @@ class DiffAugment:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for policy in self.policies:
-            x = translate(x, self._draw, TRANSLATE_RATIO) if policy == "translation" else cutout(x, self._draw, CUTOUT_RATIO)
+            x = (
+                translate(x, self._draw, TRANSLATE_RATIO)
+                if policy == "translation"
+                else cutout(x, self._draw, CUTOUT_RATIO)
+            )
         return x
 
 

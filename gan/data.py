@@ -66,9 +66,7 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     if images.shape[0] == 0:
         raise DataError(f"{cfg.uri}: the dataset holds no images")
     if labels is not None and labels.shape[0] != images.shape[0]:
-        raise DataError(
-            f"{cfg.labels_uri or cfg.uri}: {labels.shape[0]} labels for {images.shape[0]} images"
-        )
+        raise DataError(f"{cfg.labels_uri or cfg.uri}: {labels.shape[0]} labels for {images.shape[0]} images")
     tensor = _convert(torch.from_numpy(np.ascontiguousarray(images)), cfg.channels, cfg.resolution)
     label_tensor = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     if label_tensor is not None and int(label_tensor.min()) < 0:
@@ -237,6 +235,11 @@ def _convert(images: torch.Tensor, channels: int, resolution: int) -> torch.Tens
     if images.shape[-2:] != (resolution, resolution):
         x = images.float()
         shrink = images.shape[-1] > resolution
-        x = F.interpolate(x, size=(resolution, resolution), mode="area" if shrink else "bilinear", align_corners=None if shrink else False)
+        x = F.interpolate(
+            x,
+            size=(resolution, resolution),
+            mode="area" if shrink else "bilinear",
+            align_corners=None if shrink else False,
+        )
         images = x.round().clamp_(0, 255).to(torch.uint8)
     return images.contiguous()

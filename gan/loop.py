@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -72,9 +72,7 @@ class GANLoop:
         device: torch.device | str = "cpu",
     ) -> None:
         if cfg.train.batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={cfg.train.batch_size} must divide evenly over {world_size} workers"
-            )
+            raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {world_size} workers")
         if cfg.train.batch_size > len(data):
             raise ValueError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(data)} images in the dataset")
         self.cfg, self.nets, self.data = cfg, nets, data

@@ -5,7 +5,7 @@ Each phase computes its loss, calls backward, and returns detached statistics.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -82,9 +82,11 @@ class MinibatchStd(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         n = h.shape[0]
         g = self.group if n % self.group == 0 else n
-        grouped = h.reshape(g, n // g, *h.shape[1:])
-        std = grouped.var(dim=0, unbiased=False).add(1e-8).sqrt().mean(dim=tuple(range(1, h.dim())))
-        extra = std.repeat(g).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
+        # Groups of consecutive samples: a rank's half of a batch holds whole groups, so
+        # 2 workers x b see the same groups as 1 worker x 2b.
+        grouped = h.reshape(n // g, g, *h.shape[1:])
+        std = grouped.var(dim=1, unbiased=False).add(1e-8).sqrt().mean(dim=tuple(range(1, h.dim())))
+        extra = std.repeat_interleave(g).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
         return torch.cat([h, extra], dim=1)
 
 
@@ -105,9 +107,7 @@ class Generator(nn.Module):
     def sample_inputs(self, n: int, generator: torch.Generator | None = None, device=None):
         z = torch.randn(n, self.z_dim, generator=generator, device=device)
         labels = (
-            torch.randint(0, self.num_classes, (n,), generator=generator, device=device)
-            if self.num_classes
-            else None
+            torch.randint(0, self.num_classes, (n,), generator=generator, device=device) if self.num_classes else None
         )
         return z, labels
 
@@ -258,7 +258,9 @@ class ResNetGenerator(Generator):
             blocks.append(_GBlock(ch, out, cfg.g_norm, up=True))
         blocks += [_GBlock(chs[-1], chs[-1], cfg.g_norm, up=False) for _ in range(cfg.depth)]
         self.blocks = nn.Sequential(*blocks)
-        self.out = nn.Sequential(_norm2d(cfg.g_norm, chs[-1]), nn.ReLU(), nn.Conv2d(chs[-1], channels, 3, 1, 1), nn.Tanh())
+        self.out = nn.Sequential(
+            _norm2d(cfg.g_norm, chs[-1]), nn.ReLU(), nn.Conv2d(chs[-1], channels, 3, 1, 1), nn.Tanh()
+        )
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         h = self.project(self.cond(z, labels)).view(-1, *self.base_shape)

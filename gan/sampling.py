@@ -48,7 +48,9 @@ def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:
         raise ValueError("this generator is unconditional: it takes no class labels")
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if len(bad):
-        raise ValueError(f"class label {int(bad[0])} is out of range: this generator knows classes 0..{num_classes - 1}")
+        raise ValueError(
+            f"class label {int(bad[0])} is out of range: this generator knows classes 0..{num_classes - 1}"
+        )
 
 
 @torch.no_grad()
@@ -72,7 +74,9 @@ def sample(
         labels = torch.arange(n) % num_classes
     check_labels(labels, num_classes)
     z = latents(n, G.z_dim, seed, truncation)
-    chunks = [to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)]
+    chunks = [
+        to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
+    ]
     images = to_numpy(torch.cat(chunks))
     return images, None if labels is None else labels.numpy()
 

@@ -53,7 +53,10 @@ def main() -> int:
             loss.backward()
             opt.step()
         acc = accuracy(model, data.images[val_idx], data.labels[val_idx])
-        print(f"epoch {epoch + 1}/{EPOCHS}  loss {loss.item():.3f}  held-out accuracy {acc:.3%}  {time.time() - start:.0f}s", flush=True)
+        print(
+            f"epoch {epoch + 1}/{EPOCHS}  loss {loss.item():.3f}  held-out accuracy {acc:.3%}  {time.time() - start:.0f}s",
+            flush=True,
+        )
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     raw = buffer.getvalue()

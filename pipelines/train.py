@@ -1,24 +1,37 @@
-"""Train a GAN on the embedded digits (or any dataset URI) and keep the best checkpoint.
+"""Train a GAN and keep the best checkpoint by FID.
 
-    python pipelines/train.py                          # default preset, embedded digits
-    python pipelines/train.py --time-budget-s 300      # stop after 5 minutes of training
+By default the run is a Ray Train job (Ray starts locally, or joins RAY_ADDRESS):
+    python pipelines/train.py                           # default preset, embedded digits
+    python pipelines/train.py --workers 2               # DDP over 2 CPU workers (gloo)
+    python pipelines/train.py --workers 4 --gpu         # 4 GPU workers (NCCL)
+    python pipelines/train.py --storage s3://bucket/runs --resume
+    python pipelines/train.py --in-process --time-budget-s 300   # no Ray at all
     python pipelines/train.py --preset mlp --set optim.lr_g=1e-4 --dry-run
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 import time
 
+import fsspec
+
 from gan import checkpoint
 from gan.cli import add_config_args, fail, parse_config
-from gan.config import override
+from gan.config import Config, override
 from gan.data import DataError
 from gan.loop import DivergenceError
 from gan.sampling import generator_from_state, interpolation, png_bytes
-from gan.trainer import LocalSession, Trainer
+
+USER_ERRORS = (DataError, checkpoint.CheckpointError, DivergenceError, ValueError)
+
+
+def run_name(cfg: Config) -> str:
+    """Deterministic, so the same command finds its own run again to resume it."""
+    return f"train-{cfg.name}-{hashlib.sha256(cfg.to_json().encode()).hexdigest()[:8]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--time-budget-s", type=float, help="stop after this many seconds of training")
     parser.add_argument("--steps", type=int, help="stop after this many G steps (sets train.total_kimg)")
-    parser.add_argument("--out", default="runs/train", help="output folder or URI (default runs/train)")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/latest")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    parser.add_argument("--storage", default="runs", help="folder or s3:// URI for runs (default runs/)")
+    parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default $AWS_ENDPOINT_URL or AWS)")
+    parser.add_argument("--name", help="run name (default: preset + config hash, so reruns resume)")
+    parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
+    parser.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
 
     def budget(args: argparse.Namespace) -> list[str]:
         return [] if args.time_budget_s is None else [f"train.time_budget_s={args.time_budget_s}"]
@@ -35,34 +54,103 @@ def main(argv: list[str] | None = None) -> int:
     args, cfg = parse_config(parser, argv, budget)
     if args.steps is not None:
         cfg = override(cfg, [f"train.total_kimg={args.steps * cfg.train.batch_size * cfg.optim.d_steps / 1000}"])
-    session = LocalSession(args.out, resume=args.resume)
+    name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
-        trainer = Trainer(cfg, session)
-        print(
-            f"training {cfg.name}: {cfg.model.family} on {trainer.data.source} "
-            f"({len(trainer.data)} images, fingerprint {trainer.data.fingerprint[:12]}); "
-            f"evaluator sha256 {trainer.evaluator.sha256[:12]}; FID floor {trainer.evaluator.floor:.2f}",
-            flush=True,
-        )
-        result = trainer.train()
-    except (DataError, checkpoint.CheckpointError, DivergenceError, ValueError) as err:
+        if args.in_process:
+            best_uri, latest_uri, grids, best_fid = train_in_process(cfg, args, name)
+        else:
+            best_uri, latest_uri, grids, best_fid = train_with_ray(cfg, args, name)
+        state, _ = checkpoint.load(best_uri, _storage_options(args))
+    except USER_ERRORS as err:
         return fail(str(err))
-    state, _ = checkpoint.load(session.best_uri)
     G, _ = generator_from_state(state)
-    images, columns = interpolation(G)
-    with open(os.path.join(args.out, "interpolation.png"), "wb") as handle:
-        handle.write(png_bytes(images, columns))
+    interp = f"{best_uri}/interpolation.png"
+    with fsspec.open(interp, "wb", **_storage_options(args)) as handle:
+        handle.write(png_bytes(*interpolation(G)))
     print(
-        f"\ndone: {result.step} steps, {result.images_seen / 1000:.1f} kimg in {time.monotonic() - start:.0f}s; "
-        f"best FID {result.best_fid:.2f} (floor {trainer.evaluator.floor:.2f})\n"
-        f"  best checkpoint:   {session.best_uri}\n"
-        f"  latest checkpoint: {session.latest_uri}\n"
-        f"  sample grids:      {args.out}/grids/\n"
-        f"  interpolation:     {args.out}/interpolation.png\n"
-        f"sample it: python pipelines/sample.py --checkpoint {session.best_uri} --n 100 --grid grid.png"
+        f"\ndone in {time.monotonic() - start:.0f}s: best FID {best_fid:.2f}\n"
+        f"  best checkpoint:   {best_uri}\n"
+        f"  latest checkpoint: {latest_uri}\n"
+        f"  sample grids:      {grids}\n"
+        f"  interpolation:     {interp}\n"
+        f"sample it: python pipelines/sample.py --checkpoint {best_uri} --n 100 --grid grid.png"
     )
     return 0
+
+
+def _storage_options(args: argparse.Namespace) -> dict:
+    endpoint = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint}} if args.storage.startswith("s3://") and endpoint else {}
+
+
+def train_in_process(cfg: Config, args: argparse.Namespace, name: str):
+    from gan.trainer import LocalSession, Trainer
+
+    out = f"{args.storage.rstrip('/')}/{name}"
+    if not args.resume and fsspec.core.url_to_fs(out)[0].exists(f"{out}/checkpoints/latest"):
+        raise ValueError(f"{out} already holds a run: pass --resume to continue it, or --name for a new one")
+    session = LocalSession(out, resume=args.resume)
+    trainer = Trainer(cfg, session)
+    _announce(cfg, trainer)
+    result = trainer.train()
+    return session.best_uri, session.latest_uri, f"{out}/grids/", result.best_fid
+
+
+def train_with_ray(cfg: Config, args: argparse.Namespace, name: str):
+    import ray
+
+    from gan.distributed import Scaling, check_resources, make_trainer, storage_for
+
+    storage_path, filesystem = storage_for(args.storage, args.s3_endpoint)
+    exists = _run_exists(storage_path, filesystem, name)
+    if exists and not args.resume:
+        raise ValueError(
+            f"{args.storage}/{name} already holds a run: pass --resume to continue it, or --name for a new one"
+        )
+    if args.resume and not exists:
+        raise ValueError(f"nothing to resume: no run {name!r} under {args.storage}")
+    if args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: need at least 1")
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+    except ConnectionError as err:
+        raise ValueError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
+        ) from None
+    scaling = Scaling(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+    check_resources(scaling)
+    print(f"Ray Train run {name!r}: {args.workers} worker(s), storage {args.storage}", flush=True)
+    trainer = make_trainer(cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem)
+    try:
+        result = trainer.fit()
+    except Exception as err:  # Ray wraps worker errors; surface the user's error line
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        raise
+    best, metrics = min(result.best_checkpoints, key=lambda item: item[1]["fid"])
+    scheme = "s3://" if args.storage.startswith("s3://") else ""
+    return scheme + best.path, scheme + result.checkpoint.path, "grid.png in each checkpoint", metrics["best_fid"]
+
+
+def _run_exists(storage_path: str, filesystem, name: str) -> bool:
+    import pyarrow.fs
+
+    fs = filesystem or pyarrow.fs.LocalFileSystem()
+    info = fs.get_file_info(f"{storage_path}/{name}")
+    return info.type != pyarrow.fs.FileType.NotFound
+
+
+def _announce(cfg: Config, trainer) -> None:
+    print(
+        f"training {cfg.name}: {cfg.model.family} on {trainer.data.source} "
+        f"({len(trainer.data)} images, fingerprint {trainer.data.fingerprint[:12]}); "
+        f"evaluator sha256 {trainer.evaluator.sha256[:12]}; FID floor {trainer.evaluator.floor:.2f}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -42,3 +42,12 @@ def test_labels_change_the_output():
     G.eval()
     z = torch.randn(1, G.z_dim)
     assert not torch.allclose(G(z, torch.tensor([1])), G(z, torch.tensor([7])))
+
+
+def test_minibatch_std_groups_are_consecutive():
+    from gan.models import MinibatchStd
+
+    h = torch.cat([torch.zeros(4, 2), torch.arange(8.0).view(4, 2)])  # group 1 constant, group 2 not
+    out = MinibatchStd(group=4)(h)
+    assert out[:4, 2].lt(1e-3).all() and out[4:, 2].gt(1).all()
+    torch.testing.assert_close(MinibatchStd(4)(h[4:]), out[4:])  # a half-batch sees the same groups

@@ -1,0 +1,182 @@
+"""Ray Train adapter: the worker function, DDP wiring, reports and checkpoints.
+
+The only module that imports ray.train. Each worker runs the same ``Trainer`` as an
+in-process run, behind a ``RaySession``: G and D are separate DDP modules (gloo on CPU,
+NCCL on GPU), buffers are not broadcast (BN statistics stay per rank and are averaged
+for evaluation), and only rank 0 attaches a checkpoint to its report.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gan import checkpoint
+from gan.config import Config
+from gan.trainer import Snapshot, Trainer
+
+GRID_FILE = "grid.png"
+
+
+class RaySession:
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self._train = ray.train
+
+    def wrap(self, module: nn.Module) -> nn.Module:
+        if self.world_size == 1:
+            return module
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return values
+        # gloo reduces CPU tensors, NCCL device tensors.
+        on_device = values.to(self.device) if dist.get_backend() == "nccl" else values.clone()
+        dist.all_reduce(on_device)
+        return (on_device / self.world_size).to(values.device)
+
+    def restore(self) -> dict[str, Any] | None:
+        ckpt = self._train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as directory:
+            state, _ = checkpoint.load(directory)
+        if self.rank == 0:
+            print(f"resuming from {ckpt.path} (step {state['loop']['step']})", flush=True)
+        return state
+
+    def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
+        # Every worker reports the same number of times; only rank 0 attaches the checkpoint.
+        if snapshot is None or self.rank != 0:
+            self._train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="gan-ckpt-") as directory:
+            checkpoint.write_dir(directory, snapshot.state, snapshot.meta)
+            with open(os.path.join(directory, GRID_FILE), "wb") as handle:
+                handle.write(snapshot.grid_png)
+            self._train.report(
+                metrics,
+                checkpoint=self._train.Checkpoint.from_directory(directory),
+                checkpoint_dir_name=f"checkpoint_step{int(metrics['step']):08d}",
+            )
+        print(
+            f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f} (best {metrics['best_fid']:.2f}, "
+            f"floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s",
+            flush=True,
+        )
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker: the same Trainer, behind a RaySession."""
+    cfg = Config.from_json(loop_config["config"])
+    if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:
+        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    Trainer(cfg, RaySession()).train()
+
+
+@dataclass(frozen=True)
+class Scaling:
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+def check_resources(scaling: Scaling) -> None:
+    """Fail before any worker starts when the cluster cannot host the workers."""
+    import ray
+
+    total = ray.cluster_resources()
+    need_cpu = scaling.workers * scaling.cpus_per_worker
+    if total.get("CPU", 0) < need_cpu:
+        raise ValueError(
+            f"{scaling.workers} workers x {scaling.cpus_per_worker:g} CPU need {need_cpu:g} CPUs, "
+            f"but the Ray cluster has {total.get('CPU', 0):g}; use fewer --workers"
+        )
+    if scaling.use_gpu and total.get("GPU", 0) < scaling.workers:
+        raise ValueError(
+            f"{scaling.workers} GPU workers need {scaling.workers} GPUs, but the Ray cluster has "
+            f"{total.get('GPU', 0):g}; drop --gpu or use fewer --workers"
+        )
+
+
+def make_trainer(
+    cfg: Config,
+    scaling: Scaling,
+    *,
+    name: str,
+    storage_path: str,
+    storage_filesystem=None,
+    keep_checkpoints: int = 2,
+    max_failures: int = 3,
+    callbacks: list | None = None,
+):
+    """A TorchTrainer for ``cfg``; it resumes from its latest checkpoint when a run
+    with the same name already exists under ``storage_path`` (Train V2 restoration)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_worker,
+        train_loop_config={"config": cfg.to_json()},
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=scaling.workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=keep_checkpoints, checkpoint_score_attribute="fid", checkpoint_score_order="min"
+            ),
+            failure_config=FailureConfig(max_failures=max_failures),
+            callbacks=callbacks,
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(scaling.cpus_per_worker)))}},
+        ),
+    )
+
+
+def storage_for(uri: str, endpoint_url: str | None = None):
+    """(storage_path, pyarrow filesystem or None) for Ray, checked before any worker starts.
+
+    s3:// goes through s3fs so a custom endpoint (an S3 API server, MinIO) works; Ray then
+    takes the path without its scheme. Raises ValueError naming the bucket or folder."""
+    if not uri.startswith("s3://"):
+        path = os.path.abspath(uri)
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as err:
+            raise ValueError(f"cannot create storage folder {path}: {err.strerror}") from None
+        return path, None
+    import botocore.exceptions
+    import s3fs
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint_url} if endpoint_url else {})
+    bucket = uri[len("s3://") :].split("/", 1)[0]
+    where = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
+    try:
+        fs.ls(bucket, refresh=True)
+    except FileNotFoundError:
+        raise ValueError(f"bucket {where} does not exist; create it or fix the --storage URI") from None
+    except PermissionError as err:
+        raise ValueError(f"no access to {where} (check AWS credentials): {err}") from None
+    except (OSError, botocore.exceptions.BotoCoreError) as err:
+        raise ValueError(f"cannot reach {where}: {type(err).__name__}: {err}") from None
+    return uri[len("s3://") :].rstrip("/"), PyFileSystem(FSSpecHandler(fs))

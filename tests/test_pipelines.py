@@ -1,0 +1,135 @@
+"""The entry points as a user runs them: real processes, real files."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(storage), "--name", "r")
+    return storage / "r", proc.stdout
+
+
+def test_train_writes_checkpoints_grids_and_says_where(trained):
+    out, stdout = trained
+    assert (out / "checkpoints/best/state.pt").exists() and (out / "checkpoints/latest/state.pt").exists()
+    assert sorted((out / "grids").glob("*.png")) and (out / "checkpoints/best/interpolation.png").exists()
+    meta = json.loads((out / "checkpoints/latest/meta.json").read_text())
+    assert meta["images_seen"] >= 320 and len(meta["dataset_fingerprint"]) == 64
+    assert str(out / "checkpoints/best") in stdout and "best FID" in stdout
+
+
+TRAIN = ("pipelines/train.py", "--in-process", "--preset", "debug", "--name", "r", "--storage")
+
+
+def test_existing_run_is_not_overwritten(trained):
+    out, _ = trained
+    before = (out / "checkpoints/latest/state.pt").read_bytes()
+    proc = run(*TRAIN, str(out.parent), check=False)
+    assert proc.returncode == 2 and "already holds a run: pass --resume" in proc.stderr
+    assert (out / "checkpoints/latest/state.pt").read_bytes() == before
+
+
+def test_resume_continues_the_same_run(trained, tmp_path):
+    out, _ = trained
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64")
+    assert "resuming from" in proc.stdout
+    meta = json.loads((out / "checkpoints/latest/meta.json").read_text())
+    assert meta["images_seen"] == 640
+
+
+def test_resume_with_incompatible_config_fails_clearly(trained):
+    out, _ = trained
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", check=False)
+    assert proc.returncode == 2
+    assert "incompatible config: model.width: checkpoint has 8, config has 16" in proc.stderr
+
+
+def test_sample_npz_grid_and_same_seed_same_images(trained, tmp_path):
+    out, _ = trained
+    ckpt = str(out / "checkpoints/best")
+    for name in ("a", "b"):
+        run(
+            "pipelines/sample.py",
+            "--checkpoint",
+            ckpt,
+            "--n",
+            "25",
+            "--seed",
+            "3",
+            "--out",
+            str(tmp_path / f"{name}.npz"),
+        )
+    a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
+    assert a["images"].shape == (25, 28, 28) and a["images"].dtype == np.uint8
+    assert a["labels"].tolist() == [i % 10 for i in range(25)]
+    assert np.array_equal(a["images"], b["images"])
+    run(
+        "pipelines/sample.py",
+        "--checkpoint",
+        ckpt,
+        "--class",
+        "7",
+        "--grid",
+        str(tmp_path / "g.png"),
+        "--interp",
+        str(tmp_path / "i.png"),
+    )
+    assert (tmp_path / "g.png").stat().st_size > 100 and (tmp_path / "i.png").stat().st_size > 100
+
+
+def test_sample_rejects_out_of_range_class(trained, tmp_path):
+    out, _ = trained
+    proc = run(
+        "pipelines/sample.py",
+        "--checkpoint",
+        str(out / "checkpoints/best"),
+        "--class",
+        "12",
+        "--out",
+        str(tmp_path / "x.npz"),
+        check=False,
+    )
+    assert proc.returncode == 2 and "class label 12 is out of range" in proc.stderr
+
+
+def test_dry_run_prints_resolved_config():
+    proc = run("pipelines/train.py", "--preset", "mlp", "--set", "optim.lr_g=1e-4", "--dry-run")
+    cfg = json.loads(proc.stdout)
+    assert cfg["model"]["family"] == "mlp" and cfg["optim"]["lr_g"] == 1e-4
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--preset", "huge"], "unknown preset 'huge'"),
+        (["--set", "optim.lr_g=-1"], "optim.lr_g=-1.0 is not allowed"),
+        (["--set", "data.uri=/no/such/digits.npz"], "/no/such/digits.npz: no such file or folder"),
+        (["--set", "data.resolution=48"], "data.resolution=48 is not allowed"),
+    ],
+)
+def test_bad_input_gets_one_clear_line(args, message):
+    proc = run(
+        "pipelines/train.py", "--in-process", "--preset", "debug", *args, "--storage", "/tmp/never-written", check=False
+    )
+    assert proc.returncode == 2
+    assert message in proc.stderr and "Traceback" not in proc.stderr

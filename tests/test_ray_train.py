@@ -1,0 +1,123 @@
+"""Ray Train on a real local Ray cluster: worker loss, resume from S3, early errors."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from gan import checkpoint
+from gan.config import override, preset
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def fit(cfg, tmp_path, name, workers):
+    from gan.distributed import Scaling, make_trainer
+
+    trainer = make_trainer(cfg, Scaling(workers=workers), name=name, storage_path=str(tmp_path), max_failures=2)
+    return trainer.fit()
+
+
+def _worker_pids():
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if "RayTrainWorker" in cmd:
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster, tmp_path):
+    cfg = override(preset("debug"), ["train.total_kimg=4.8", "eval.every_kimg=0.48"])
+    killed: list[int] = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            if list(tmp_path.glob("victim/checkpoint_*/state.pt")):
+                pids = _worker_pids()
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+                    killed.append(pids[0])
+                    return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    result = fit(cfg, tmp_path, "victim", workers=1)
+    thread.join(timeout=5)
+    assert killed, "the test never saw a worker to kill"
+    state, _ = checkpoint.load(result.checkpoint.path)
+    # Exactly the configured number of images: no step was trained twice into the count.
+    assert state["loop"]["images_seen"] == 4800 and state["loop"]["step"] == 300
+    steps = [int(h["step"]) for h in state["history"]]
+    assert steps == sorted(set(steps)), f"evaluations repeated or out of order: {steps}"
+    assert len(steps) == 10
+    kept = sorted(p.name for p in (tmp_path / "victim").glob("checkpoint_step*"))
+    assert kept and all((tmp_path / "victim" / k / "state.pt").exists() for k in kept)
+
+
+def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):
+    name, _ = bucket
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", f"s3://{name}/runs",
+            "--name", "s3run", "--cpus-per-worker", "1"]  # fmt: skip
+
+    def run(*extra):
+        proc = subprocess.run([*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    run("--set", "train.total_kimg=0.16")
+    refused = subprocess.run(
+        [*base, "--set", "train.total_kimg=0.32"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "already holds a run: pass --resume" in refused.stderr
+    out = run("--set", "train.total_kimg=0.32", "--resume")
+    assert "resuming from" in out and "(step 10)" in out
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    latest = max(p for p in fs.ls(f"{name}/runs/s3run") if "checkpoint_" in p)
+    state, _ = checkpoint.load(f"s3://{latest}", {"client_kwargs": {"endpoint_url": s3_server}})
+    assert state["loop"]["step"] == 20 and state["loop"]["images_seen"] == 320
+
+
+def test_missing_bucket_fails_before_any_worker(s3_server):
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server}
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://no-such-bucket/x"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "bucket s3://no-such-bucket" in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_too_many_workers_fails_clearly(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--workers", "64",
+         "--storage", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "64 workers x 1 CPU need 64 CPUs" in proc.stderr
