@@ -54,5 +54,5 @@ def test_two_ddp_ranks_match_one_process_with_twice_the_batch(tmp_path):
     for net in ("G", "D"):
         for key, value in getattr(reference.nets, net).state_dict().items():
             torch.testing.assert_close(
-                two[net][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=key: f"{net}.{k}: {m}"
+                two[net][key], value, rtol=1e-5, atol=1e-6, msg=lambda m, k=f"{net}.{key}": f"{k}: {m}"
             )
