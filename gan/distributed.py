@@ -24,6 +24,17 @@ from gan.trainer import Snapshot, Trainer
 GRID_FILE = "grid.png"
 
 
+def ddp_wrap(module: nn.Module, device: torch.device) -> nn.Module:
+    """DDP without per-step buffer broadcasts (BN statistics stay per rank), after one
+    broadcast of every buffer from rank 0: with broadcast_buffers=False DDP syncs only
+    parameters at construction, and spectral norm's power-iteration vectors are buffers
+    drawn from each rank's own seed."""
+    for buffer in module.buffers():
+        dist.broadcast(buffer.data, src=0)
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
 class RaySession:
     def __init__(self) -> None:
         import ray.train
@@ -35,10 +46,7 @@ class RaySession:
         self._train = ray.train
 
     def wrap(self, module: nn.Module) -> nn.Module:
-        if self.world_size == 1:
-            return module
-        device_ids = [self.device.index] if self.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+        return ddp_wrap(module, self.device) if self.world_size > 1 else module
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:

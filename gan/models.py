@@ -66,7 +66,7 @@ class _Projection(nn.Module):
         if self.embed is not None:
             if labels is None:
                 raise ValueError("this discriminator is class-conditional: pass labels")
-            pooled = h.sum(dim=(2, 3)) if h.dim() == 4 else h
+            pooled = h.mean(dim=(2, 3)) if h.dim() == 4 else h
             out = out + (self.embed(labels) * pooled).sum(1)
         return out
 
@@ -141,7 +141,7 @@ class MLPDiscriminator(nn.Module):
         layers: list[nn.Module] = [nn.Flatten()]
         dim = channels * resolution * resolution
         for n_layer, i in enumerate(reversed(range(max(cfg.depth, 1)))):
-            if n_layer == max(cfg.depth, 1) - 1:
+            if cfg.minibatch_std and n_layer == max(cfg.depth, 1) - 1:
                 layers.append(MinibatchStd())
                 dim += 1
             hidden = cfg.width * 2**i
@@ -158,28 +158,67 @@ class MLPDiscriminator(nn.Module):
 
 
 # --- dcgan ----------------------------------------------------------------------------
+class ConditionalBatchNorm2d(nn.Module):
+    """BatchNorm whose gain and bias come from the class (Dumoulin et al. 2017): the label
+    modulates every stage while z alone drives content, which keeps G from ignoring z."""
+
+    def __init__(self, channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels, affine=False)
+        self.embed = nn.Embedding(num_classes, 2 * channels)
+        with torch.no_grad():
+            self.embed.weight[:, :channels].fill_(1.0)
+            self.embed.weight[:, channels:].zero_()
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        gain, bias = self.embed(labels).unsqueeze(-1).unsqueeze(-1).chunk(2, dim=1)
+        return self.bn(x) * gain + bias
+
+
+class _GStage(nn.Module):
+    """conv -> (conditional) norm -> ReLU; the labels reach the norm."""
+
+    def __init__(self, conv: nn.Module, channels: int, norm: str, num_classes: int) -> None:
+        super().__init__()
+        self.conv = conv
+        self.cbn = norm == "batch" and num_classes > 0
+        self.norm = ConditionalBatchNorm2d(channels, num_classes) if self.cbn else _norm2d(norm, channels)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        x = self.conv(x)
+        return torch.relu(self.norm(x, labels) if self.cbn else self.norm(x))
+
+
 class DCGANGenerator(Generator):
     def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
         super().__init__()
         self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
         base, k = stages(resolution)
         chs = stage_channels(cfg.width, k)
-        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes)
+        # With batch norm the class enters through conditional BN; without, it is concatenated to z.
+        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes if cfg.g_norm == "none" else 0)
         self.base_shape = (chs[0], base, base)
-        self.project = nn.Linear(self.cond.out_dim, math.prod(self.base_shape))
-        layers: list[nn.Module] = [_norm2d(cfg.g_norm, chs[0]), nn.ReLU()]
+        project = nn.Sequential(
+            nn.Linear(self.cond.out_dim, math.prod(self.base_shape)), nn.Unflatten(1, self.base_shape)
+        )
+        stages_: list[nn.Module] = [_GStage(project, chs[0], cfg.g_norm, cfg.num_classes)]
         for i, ch in enumerate(chs):
             for _ in range(cfg.depth):
-                layers += [nn.Conv2d(ch, ch, 3, 1, 1), _norm2d(cfg.g_norm, ch), nn.ReLU()]
-            out = chs[i + 1] if i + 1 < k else channels
-            layers.append(nn.ConvTranspose2d(ch, out, 4, 2, 1))
+                stages_.append(_GStage(nn.Conv2d(ch, ch, 3, 1, 1), ch, cfg.g_norm, cfg.num_classes))
             if i + 1 < k:
-                layers += [_norm2d(cfg.g_norm, out), nn.ReLU()]
-        layers.append(nn.Tanh())
-        self.net = nn.Sequential(*layers)
+                stages_.append(
+                    _GStage(nn.ConvTranspose2d(ch, chs[i + 1], 4, 2, 1), chs[i + 1], cfg.g_norm, cfg.num_classes)
+                )
+        self.stages = nn.ModuleList(stages_)
+        self.out = nn.Sequential(nn.ConvTranspose2d(chs[-1], channels, 4, 2, 1), nn.Tanh())
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(self.project(self.cond(z, labels)).view(-1, *self.base_shape))
+        if self.num_classes and labels is None:
+            raise ValueError("this generator is class-conditional: pass labels")
+        x = self.cond(z, labels)
+        for stage in self.stages:
+            x = stage(x, labels)
+        return self.out(x)
 
 
 class DCGANDiscriminator(nn.Module):
@@ -198,7 +237,8 @@ class DCGANDiscriminator(nn.Module):
             for _ in range(cfg.depth):
                 layers += [wrap(nn.Conv2d(ch, ch, 3, 1, 1)), _norm2d(cfg.d_norm, ch), nn.LeakyReLU(0.2)]
             in_ch = ch
-        layers += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1)), nn.LeakyReLU(0.2)]
+        if cfg.minibatch_std:
+            layers += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1)), nn.LeakyReLU(0.2)]
         self.features = nn.Sequential(*layers)
         self.head = _Projection(chs[-1] * base * base, cfg.num_classes, wrap, channels=chs[-1])
 
@@ -279,7 +319,8 @@ class ResNetDiscriminator(nn.Module):
             blocks.append(_DBlock(in_ch, ch, wrap, down=True, first=i == 0))
             in_ch = ch
         blocks += [_DBlock(in_ch, in_ch, wrap, down=False, first=False) for _ in range(cfg.depth)]
-        blocks += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1))]
+        if cfg.minibatch_std:
+            blocks += [MinibatchStd(), wrap(nn.Conv2d(in_ch + 1, in_ch, 3, 1, 1))]
         self.blocks = nn.Sequential(*blocks)
         self.head = _Projection(in_ch, cfg.num_classes, wrap)
 

@@ -79,7 +79,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed * session.world_size + session.rank)
         G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
         G, D = G.to(session.device), D.to(session.device)
-        self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=session.wrap(G), D_train=session.wrap(D))
+        G_train, D_train = session.wrap(G), session.wrap(D)
+        # After wrapping: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
+        self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=G_train, D_train=D_train)
         self.loop = GANLoop(
             cfg,
             self.nets,

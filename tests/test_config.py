@@ -40,7 +40,7 @@ def test_bad_values_name_the_field(assignment, fragment):
 
 
 def test_unknown_preset_lists_choices():
-    with pytest.raises(ConfigError, match="unknown preset 'big'; choose one of dcgan, mlp"):
+    with pytest.raises(ConfigError, match="unknown preset .big.; choose one of dcgan, dcgan-cond, mlp"):
         preset("big")
 
 

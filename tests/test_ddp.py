@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 
 from gan.config import override, preset
 from gan.data import load_dataset
+from gan.distributed import ddp_wrap
 from gan.loop import GANLoop, Nets, make_ema
 from gan.models import build_models
 
@@ -21,9 +22,9 @@ SETS = ["train.batch_size=32", "model.g_norm=none", "model.d_norm=spectral", "lo
 
 def build(rank: int, world: int, ddp: bool) -> GANLoop:
     cfg = override(preset("debug"), SETS)
-    torch.manual_seed(0)
+    torch.manual_seed(rank)  # per-rank seeds, as the Trainer does: rank 0's weights and buffers must win
     G, D = build_models(cfg.model, 28, 1)
-    wrap = (lambda m: torch.nn.parallel.DistributedDataParallel(m, broadcast_buffers=False)) if ddp else (lambda m: m)
+    wrap = (lambda m: ddp_wrap(m, torch.device("cpu"))) if ddp else (lambda m: m)
     return GANLoop(cfg, Nets(G, D, make_ema(G), wrap(G), wrap(D)), load_dataset(cfg.data), rank=rank, world_size=world)
 
 

@@ -9,8 +9,9 @@ from gan.models import build_models
 @pytest.mark.parametrize("resolution", [28, 32, 64])
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("num_classes", [0, 10])
-def test_shapes(family, resolution, channels, num_classes):
-    cfg = ModelConfig(family=family, z_dim=8, width=8, depth=1, num_classes=num_classes)
+@pytest.mark.parametrize("g_norm", ["batch", "none"])
+def test_shapes(family, resolution, channels, num_classes, g_norm):
+    cfg = ModelConfig(family=family, z_dim=8, width=8, depth=1, num_classes=num_classes, g_norm=g_norm)
     G, D = build_models(cfg, resolution, channels)
     z = torch.randn(3, 8)
     labels = torch.tensor([0, 4, 9]) if num_classes else None
@@ -22,14 +23,14 @@ def test_shapes(family, resolution, channels, num_classes):
 
 @pytest.mark.parametrize("norm", ["spectral", "batch", "none"])
 def test_discriminator_norms_and_gradients(norm):
-    G, D = build_models(ModelConfig(width=8, d_norm=norm), 28, 1)
+    G, D = build_models(ModelConfig(width=8, d_norm=norm, num_classes=10), 28, 1)
     out = D(torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4]))
     out.sum().backward()
     assert all(p.grad is not None for p in D.parameters() if p.requires_grad)
 
 
 def test_conditional_models_require_labels():
-    G, D = build_models(ModelConfig(width=8), 28, 1)
+    G, D = build_models(ModelConfig(width=8, num_classes=10), 28, 1)
     with pytest.raises(ValueError, match="class-conditional"):
         G(torch.randn(2, G.z_dim))
     with pytest.raises(ValueError, match="class-conditional"):
@@ -38,7 +39,10 @@ def test_conditional_models_require_labels():
 
 def test_labels_change_the_output():
     torch.manual_seed(0)
-    G, _ = build_models(ModelConfig(width=8), 28, 1)
+    G, _ = build_models(ModelConfig(width=8, num_classes=10), 28, 1)
+    for module in G.modules():  # conditional BN starts as the identity for every class
+        if hasattr(module, "embed") and module.embed is not None:
+            torch.nn.init.normal_(module.embed.weight)
     G.eval()
     z = torch.randn(1, G.z_dim)
     assert not torch.allclose(G(z, torch.tensor([1])), G(z, torch.tensor([7])))
