@@ -158,6 +158,9 @@ class TrainConfig:
     """Print/report losses every this many steps."""
     threads: int = 0
     """torch intra-op threads per worker (0 = leave torch's default)."""
+    bf16: bool = False
+    """bf16 autocast for the forward passes of G and D (meant for GPUs; also runs on CPU).
+    Losses, penalties, optimizer state and EMA stay float32."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= 65536, "train.batch_size", "must be in [1, 65536]", self.batch_size)

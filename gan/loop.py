@@ -84,7 +84,8 @@ class GANLoop:
         self.num_classes = cfg.model.num_classes
         # One generator for everything random in a step, in the same state on every rank.
         self.rng = torch.Generator().manual_seed(cfg.train.seed)
-        self.loss = GANLoss(cfg.loss, DiffAugment(cfg.loss.augment, self.rng, rank, world_size))
+        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+        self.loss = GANLoss(cfg.loss, DiffAugment(cfg.loss.augment, self.rng, rank, world_size), self.autocast)
         betas = (cfg.optim.beta1, cfg.optim.beta2)
         self.opt_g = torch.optim.Adam(nets.G.parameters(), lr=cfg.optim.lr_g, betas=betas)
         self.opt_d = torch.optim.Adam(nets.D.parameters(), lr=cfg.optim.lr_d, betas=betas)
@@ -132,8 +133,8 @@ class GANLoop:
             alpha = None
             if self.cfg.loss.kind == "wgan-gp":
                 alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng)[self.rows].to(self.device)
-            with torch.no_grad():
-                fake = n.G_train(z, fake_labels)
+            with torch.no_grad(), self.autocast():
+                fake = n.G_train(z, fake_labels).float()
             self.opt_d.zero_grad(set_to_none=True)
             stats.update(self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha))
             if self.cfg.loss.r1_gamma > 0 and self.step % self.cfg.loss.r1_every == 0:
@@ -148,7 +149,9 @@ class GANLoop:
         # D takes no gradient in this phase: no_sync keeps DDP from waiting for one.
         no_sync = n.D_train.no_sync() if hasattr(n.D_train, "no_sync") else contextlib.nullcontext()
         with no_sync:
-            stats.update(self.loss.g_main(n.D_train, n.G_train(z, fake_labels), fake_labels))
+            with self.autocast():
+                fake = n.G_train(z, fake_labels)
+            stats.update(self.loss.g_main(n.D_train, fake, fake_labels))
         self.opt_g.step()
         n.D.requires_grad_(True)
         update_ema(n.G_ema, n.G, self.beta)

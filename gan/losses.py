@@ -52,14 +52,21 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, labels, alpha: t
 
 
 class GANLoss:
-    def __init__(self, cfg: LossConfig, augment: Augment | None = None) -> None:
+    """``autocast`` wraps the adversarial forward passes (bf16); penalties and every
+    backward run in float32."""
+
+    def __init__(
+        self, cfg: LossConfig, augment: Augment | None = None, autocast: Callable[[], ContextManager] | None = None
+    ) -> None:
         self.cfg = cfg
         self.augment = augment or (lambda x: x)
+        self.autocast = autocast or contextlib.nullcontext
 
     def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None) -> dict[str, torch.Tensor]:
         """D on real vs (detached) fake images; WGAN-GP adds its penalty here."""
-        real_logits = D(self.augment(real), real_labels)
-        fake_logits = D(self.augment(fake), fake_labels)
+        with self.autocast():
+            real_logits = D(self.augment(real), real_labels).float()
+            fake_logits = D(self.augment(fake), fake_labels).float()
         loss = d_adversarial(self.cfg.kind, real_logits, fake_logits)
         stats = {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
         if self.cfg.kind == "wgan-gp":
@@ -78,6 +85,8 @@ class GANLoss:
         return {"loss/d/r1": penalty.detach()}
 
     def g_main(self, D, fake, fake_labels) -> dict[str, torch.Tensor]:
-        loss = g_adversarial(self.cfg.kind, D(self.augment(fake), fake_labels))
+        with self.autocast():
+            logits = D(self.augment(fake), fake_labels).float()
+        loss = g_adversarial(self.cfg.kind, logits)
         loss.backward()
         return {"loss/g": loss.detach()}

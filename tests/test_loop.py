@@ -127,3 +127,13 @@ def test_epochs_reshuffle(tiny_cfg):
     loop.train_step()
     loop.train_step()  # 3 x 16 > 32: a new epoch began
     assert loop.epoch == 1 and not torch.equal(first, loop.perm)
+
+
+def test_bf16_autocast_trains_and_keeps_float32_state(tiny_cfg, digits):
+    cfg = override(tiny_cfg, ["train.bf16=true", "loss.r1_gamma=1", "loss.r1_every=1"])
+    loop = make_loop(cfg, digits)
+    before = params(loop.nets.G).clone()
+    stats = loop.train_step()
+    assert all(math.isfinite(v) for v in stats.values())
+    assert not torch.equal(params(loop.nets.G), before)
+    assert all(p.dtype == torch.float32 for p in loop.nets.G.parameters())
