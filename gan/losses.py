@@ -5,7 +5,9 @@ Each phase computes its loss, calls backward, and returns detached statistics.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,7 @@ class GANLoss:
     backward run in float32."""
 
     def __init__(
-        self, cfg: LossConfig, augment: Augment | None = None, autocast: Callable[[], ContextManager] | None = None
+        self, cfg: LossConfig, augment: Augment | None = None, autocast: Callable[[], AbstractContextManager] | None = None
     ) -> None:
         self.cfg = cfg
         self.augment = augment or (lambda x: x)
