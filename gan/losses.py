@@ -58,7 +58,10 @@ class GANLoss:
     backward run in float32."""
 
     def __init__(
-        self, cfg: LossConfig, augment: Augment | None = None, autocast: Callable[[], AbstractContextManager] | None = None
+        self,
+        cfg: LossConfig,
+        augment: Augment | None = None,
+        autocast: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         self.cfg = cfg
         self.augment = augment or (lambda x: x)

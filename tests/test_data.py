@@ -124,3 +124,25 @@ def test_label_count_mismatch(tmp_path, small):
     (tmp_path / "l.idx").write_bytes(idx_bytes(np.zeros(5, np.uint8)))
     with pytest.raises(DataError, match="5 labels for 12 images"):
         load_dataset(DataConfig(uri=str(tmp_path / "i.idx"), labels_uri=str(tmp_path / "l.idx")))
+
+
+def test_npz_over_http(tmp_path, small):
+    """fsspec's HTTP filesystem (the https:// path) against a server on 127.0.0.1."""
+    import functools
+    import http.server
+    import threading
+
+    images, labels = small
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ds = load_dataset(DataConfig(uri=f"http://127.0.0.1:{server.server_port}/d.npz"))
+        assert torch.equal(ds.images[:, 0], torch.from_numpy(images)) and ds.labels.tolist() == labels.tolist()
+        with pytest.raises(DataError, match="no such file or folder"):
+            load_dataset(DataConfig(uri=f"http://127.0.0.1:{server.server_port}/typo.npz"))
+    finally:
+        server.shutdown()
+        server.server_close()
