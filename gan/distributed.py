@@ -154,7 +154,13 @@ def make_trainer(
             ),
             failure_config=FailureConfig(max_failures=max_failures),
             callbacks=callbacks,
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, int(scaling.cpus_per_worker)))}},
+            worker_runtime_env={
+                "env_vars": {
+                    "OMP_NUM_THREADS": str(max(1, int(scaling.cpus_per_worker))),
+                    # Train V2 both prints and logs a worker's print(): every line twice.
+                    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+                }
+            },
         ),
     )
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -138,3 +139,16 @@ def test_too_many_workers_fails_clearly(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "64 workers x 1 CPU need 64 CPUs" in proc.stderr
+
+
+def test_unreachable_storage_fails_before_any_worker():
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://bucket/x"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"cannot reach s3://bucket at http://127.0.0.1:{port}" in proc.stderr
+    assert "Ray Train run" not in proc.stdout  # no Ray, no workers
