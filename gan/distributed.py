@@ -40,7 +40,7 @@ class RaySession:
         import ray.train
         import ray.train.torch
 
-        ctx = ray.train.get_context()
+        ctx = self.context = ray.train.get_context()
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self._train = ray.train
@@ -88,11 +88,19 @@ class RaySession:
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train's train_loop_per_worker: the same Trainer, behind a RaySession."""
+    """Ray Train's train_loop_per_worker: the same Trainer, behind a RaySession; rank 0
+    tracks the run (a restarted worker finds the same MLflow run by its name)."""
+    from gan.tracking import MLflowTracker, NullTracker, TrackingTarget
+
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    Trainer(cfg, RaySession()).train()
+    session = RaySession()
+    tracker = NullTracker()
+    if session.rank == 0 and loop_config.get("tracking"):
+        ray_tags = {"ray.experiment": session.context.get_experiment_name()}
+        tracker = MLflowTracker(TrackingTarget(**loop_config["tracking"]), tags=ray_tags)
+    Trainer(cfg, session, tracker=tracker).train()
 
 
 @dataclass(frozen=True)
@@ -130,6 +138,7 @@ def make_trainer(
     keep_checkpoints: int = 2,
     max_failures: int = 3,
     callbacks: list | None = None,
+    tracking: dict[str, str] | None = None,
 ):
     """A TorchTrainer for ``cfg``; it resumes from its latest checkpoint when a run
     with the same name already exists under ``storage_path`` (Train V2 restoration)."""
@@ -138,7 +147,7 @@ def make_trainer(
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_json()},
+        train_loop_config={"config": cfg.to_json(), "tracking": tracking},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,

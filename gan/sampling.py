@@ -6,6 +6,7 @@ RGB, the format ``pipelines/sample.py`` writes to .npz (key 'images', plus 'labe
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
@@ -74,11 +75,24 @@ def sample(
         labels = torch.arange(n) % num_classes
     check_labels(labels, num_classes)
     z = latents(n, G.z_dim, seed, truncation)
-    chunks = [
-        to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
-    ]
+    with one_thread():
+        chunks = [
+            to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
+        ]
     images = to_numpy(torch.cat(chunks))
     return images, None if labels is None else labels.numpy()
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Same seed, same pixels: one CPU thread fixes the order of every float sum, so a
+    busy machine cannot shift a value across a uint8 rounding boundary."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:

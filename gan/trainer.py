@@ -25,6 +25,7 @@ from gan.loop import GANLoop, Nets, make_ema
 from gan.metrics import Evaluator
 from gan.models import build_models
 from gan.sampling import class_grid, png_bytes
+from gan.tracking import NullTracker, Tracker
 
 
 @dataclass
@@ -69,8 +70,11 @@ class Result:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, session: Session, data: ImageDataset | None = None) -> None:
+    def __init__(
+        self, cfg: Config, session: Session, data: ImageDataset | None = None, tracker: Tracker | None = None
+    ) -> None:
         self.cfg, self.session = cfg, session
+        self.tracker = tracker or NullTracker()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.data = data if data is not None else load_dataset(cfg.data)
@@ -98,6 +102,16 @@ class Trainer:
         state = session.restore()
         if state is not None:
             self._load(state)
+        self.tracker.log_params(cfg.flat())
+        self.tracker.set_tags(
+            {
+                "dataset_fingerprint": self.data.fingerprint,
+                "evaluator_sha256": self.evaluator.sha256,
+                "world_size": session.world_size,
+                "device": str(session.device),
+            }
+        )
+        self.tracker.log_dict(cfg.to_dict(), "config.json")
 
     # --- state ----------------------------------------------------------------------
     def _load(self, state: dict[str, Any]) -> None:
@@ -160,9 +174,25 @@ class Trainer:
         meta |= {"dataset_fingerprint": self.data.fingerprint, "evaluator_sha256": self.evaluator.sha256}
         snapshot = Snapshot(self.state_dict(), meta, png_bytes(images, columns), improved)
         self.session.report(metrics, snapshot)
+        # After the checkpoint: a crash in between loses a log line, never duplicates one.
+        self.tracker.log_metrics(metrics, step=self.loop.images_seen)
+        self.tracker.log_image(snapshot.grid_png, key="samples", step=self.loop.images_seen)
         return metrics
 
     def train(self) -> Result:
+        """Train to the budget; the tracked run ends FINISHED, FAILED or KILLED."""
+        try:
+            result = self._train()
+        except KeyboardInterrupt:
+            self.tracker.close("KILLED")
+            raise
+        except BaseException:
+            self.tracker.close("FAILED")
+            raise
+        self.tracker.close("FINISHED")
+        return result
+
+    def _train(self) -> Result:
         cfg = self.cfg
         every_img = cfg.eval.every_kimg * 1000
         next_eval = (math.floor(self.loop.images_seen / every_img) + 1) * every_img

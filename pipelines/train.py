@@ -12,6 +12,7 @@ By default the run is a Ray Train job (Ray starts locally, or joins RAY_ADDRESS)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import os
 import sys
@@ -25,8 +26,9 @@ from gan.config import Config, override
 from gan.data import DataError
 from gan.loop import DivergenceError
 from gan.sampling import generator_from_state, interpolation, png_bytes
+from gan.tracking import MLflowTracker, TrackingError, TrackingTarget, finish_run, prepare, resolve_uri
 
-USER_ERRORS = (DataError, checkpoint.CheckpointError, DivergenceError, ValueError)
+USER_ERRORS = (DataError, checkpoint.CheckpointError, DivergenceError, TrackingError, ValueError)
 
 
 def run_name(cfg: Config) -> str:
@@ -47,6 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="run name (default: preset + config hash, so reruns resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run from its latest checkpoint")
     parser.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
+    )
+    parser.add_argument("--experiment", default="gan", help="MLflow experiment name (default gan)")
+    parser.add_argument("--no-tracking", action="store_true", help="do not record the run in MLflow")
 
     def budget(args: argparse.Namespace) -> list[str]:
         return [] if args.time_budget_s is None else [f"train.time_budget_s={args.time_budget_s}"]
@@ -56,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = override(cfg, [f"train.total_kimg={args.steps * cfg.train.batch_size * cfg.optim.d_steps / 1000}"])
     name = args.name or run_name(cfg)
     start = time.monotonic()
+    target = None if args.no_tracking else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name)
     try:
+        if target is not None:
+            prepare(target)
         if args.in_process:
-            best_uri, latest_uri, grids, best_fid = train_in_process(cfg, args, name)
+            best_uri, latest_uri, grids, best_fid = train_in_process(cfg, args, name, target)
         else:
-            best_uri, latest_uri, grids, best_fid = train_with_ray(cfg, args, name)
+            best_uri, latest_uri, grids, best_fid = train_with_ray(cfg, args, name, target)
         state, _ = checkpoint.load(best_uri, _storage_options(args))
     except USER_ERRORS as err:
         return fail(str(err))
@@ -76,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         f"  interpolation:     {interp}\n"
         f"sample it: python pipelines/sample.py --checkpoint {best_uri} --n 100 --grid grid.png"
     )
+    if target is not None:
+        print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
     return 0
 
 
@@ -84,20 +96,20 @@ def _storage_options(args: argparse.Namespace) -> dict:
     return {"client_kwargs": {"endpoint_url": endpoint}} if args.storage.startswith("s3://") and endpoint else {}
 
 
-def train_in_process(cfg: Config, args: argparse.Namespace, name: str):
+def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
     from gan.trainer import LocalSession, Trainer
 
     out = f"{args.storage.rstrip('/')}/{name}"
     if not args.resume and fsspec.core.url_to_fs(out)[0].exists(f"{out}/checkpoints/latest"):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or --name for a new one")
     session = LocalSession(out, resume=args.resume)
-    trainer = Trainer(cfg, session)
+    trainer = Trainer(cfg, session, tracker=MLflowTracker(target) if target else None)
     _announce(cfg, trainer)
     result = trainer.train()
     return session.best_uri, session.latest_uri, f"{out}/grids/", result.best_fid
 
 
-def train_with_ray(cfg: Config, args: argparse.Namespace, name: str):
+def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
     import ray
 
     from gan.distributed import Scaling, check_resources, make_trainer, storage_for
@@ -121,10 +133,19 @@ def train_with_ray(cfg: Config, args: argparse.Namespace, name: str):
     scaling = Scaling(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
     check_resources(scaling)
     print(f"Ray Train run {name!r}: {args.workers} worker(s), storage {args.storage}", flush=True)
-    trainer = make_trainer(cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem)
+    tracking = dataclasses.asdict(target) if target else None
+    trainer = make_trainer(
+        cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking
+    )
     try:
         result = trainer.fit()
+    except KeyboardInterrupt:
+        if target:
+            finish_run(target, "KILLED")
+        raise
     except Exception as err:  # Ray wraps worker errors; surface the user's error line
+        if target:  # a worker that died cannot close its own run
+            finish_run(target, "FAILED")
         cause = err
         while cause.__cause__ is not None:
             cause = cause.__cause__

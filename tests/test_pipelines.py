@@ -25,7 +25,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
-    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(storage), "--name", "r")
+    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(storage), "--name", "r",
+               "--tracking-uri", f"sqlite:///{storage}/mlflow.db")  # fmt: skip
     return storage / "r", proc.stdout
 
 
@@ -41,25 +42,58 @@ def test_train_writes_checkpoints_grids_and_says_where(trained):
 TRAIN = ("pipelines/train.py", "--in-process", "--preset", "debug", "--name", "r", "--storage")
 
 
+def tracking_args(out):
+    return ("--tracking-uri", f"sqlite:///{out.parent}/mlflow.db")
+
+
+def mlflow_run(out):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{out.parent}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("gan").experiment_id])
+    assert len(runs) == 1, "one training run, one MLflow run"
+    return client, runs[0]
+
+
+def test_run_is_tracked_in_mlflow(trained):
+    out, stdout = trained
+    client, run = mlflow_run(out)
+    assert run.info.status == "FINISHED" and run.info.run_name == "r"
+    assert run.data.params["optim.lr_g"] == "0.0002" and run.data.params["model.family"] == "dcgan"
+    assert len(run.data.tags["dataset_fingerprint"]) == 64 and len(run.data.tags["evaluator_sha256"]) == 64
+    history = client.get_metric_history(run.info.run_id, "fid")
+    assert [m.step for m in history] == [160, 320] and all(m.value > 0 for m in history)
+    assert {"fid_floor", "kid", "loss/d", "throughput/img_per_s"} <= set(run.data.metrics)
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.json" in artifacts and "images" in artifacts
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert len(images) >= 2  # a sample grid at every evaluation
+    assert "MLflow run 'r'" in stdout
+
+
 def test_existing_run_is_not_overwritten(trained):
     out, _ = trained
     before = (out / "checkpoints/latest/state.pt").read_bytes()
-    proc = run(*TRAIN, str(out.parent), check=False)
+    proc = run(*TRAIN, str(out.parent), "--no-tracking", check=False)
     assert proc.returncode == 2 and "already holds a run: pass --resume" in proc.stderr
     assert (out / "checkpoints/latest/state.pt").read_bytes() == before
 
 
 def test_resume_continues_the_same_run(trained, tmp_path):
     out, _ = trained
-    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64")
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64", *tracking_args(out))
     assert "resuming from" in proc.stdout
+    client, tracked = mlflow_run(out)  # the same MLflow run continued
+    assert tracked.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320, 480, 640]
+    assert tracked.data.tags["resumed_with.train.total_kimg"] == "0.64"
     meta = json.loads((out / "checkpoints/latest/meta.json").read_text())
     assert meta["images_seen"] == 640
 
 
 def test_resume_with_incompatible_config_fails_clearly(trained):
     out, _ = trained
-    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", check=False)
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", "--no-tracking", check=False)
     assert proc.returncode == 2
     assert "incompatible config: model.width: checkpoint has 8, config has 16" in proc.stderr
 
@@ -128,8 +162,20 @@ def test_dry_run_prints_resolved_config():
     ],
 )
 def test_bad_input_gets_one_clear_line(args, message):
-    proc = run(
-        "pipelines/train.py", "--in-process", "--preset", "debug", *args, "--storage", "/tmp/never-written", check=False
-    )
+    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", *args, "--storage", "/tmp/never-written",
+               "--no-tracking", check=False)  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path):
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(tmp_path),
+               "--tracking-uri", f"http://127.0.0.1:{port}", check=False)  # fmt: skip
+    assert proc.returncode == 2
+    assert f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing written

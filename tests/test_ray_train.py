@@ -100,7 +100,7 @@ def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", f"s3://{name}/runs",
-            "--name", "s3run", "--cpus-per-worker", "1"]  # fmt: skip
+            "--name", "s3run", "--cpus-per-worker", "1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
 
     def run(*extra):
         proc = subprocess.run([*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -120,12 +120,19 @@ def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):
     latest = max(p for p in fs.ls(f"{name}/runs/s3run") if "checkpoint_" in p)
     state, _ = checkpoint.load(f"s3://{latest}", {"client_kwargs": {"endpoint_url": s3_server}})
     assert state["loop"]["step"] == 20 and state["loop"]["images_seen"] == 320
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])  # one run, resumed
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["world_size"] == "1"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320]
 
 
 def test_missing_bucket_fails_before_any_worker(s3_server):
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server}
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://no-such-bucket/x"],
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://no-such-bucket/x",
+         "--no-tracking"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
@@ -135,7 +142,7 @@ def test_missing_bucket_fails_before_any_worker(s3_server):
 def test_too_many_workers_fails_clearly(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--workers", "64",
-         "--storage", str(tmp_path)],
+         "--storage", str(tmp_path), "--no-tracking"],
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "64 workers x 1 CPU need 64 CPUs" in proc.stderr
@@ -147,7 +154,8 @@ def test_unreachable_storage_fails_before_any_worker():
         port = sock.getsockname()[1]
     env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_MAX_ATTEMPTS": "1"}
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://bucket/x"],
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", "s3://bucket/x",
+         "--no-tracking"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and f"cannot reach s3://bucket at http://127.0.0.1:{port}" in proc.stderr

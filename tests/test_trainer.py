@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from gan import checkpoint
@@ -30,3 +31,33 @@ def test_resume_from_disk_is_bit_for_bit(tiny_cfg, digits, tmp_path):
         for idx, state in a["loop"][opt]["state"].items():
             assert torch.equal(b["loop"][opt]["state"][idx]["exp_avg_sq"], state["exp_avg_sq"])
     assert [h["fid"] for h in a["history"]] == [h["fid"] for h in b["history"]]
+
+
+class _Stop(Exception):
+    pass
+
+
+def _tracked_status(tmp_path, tiny_cfg, digits, error):
+    from mlflow.tracking import MlflowClient
+
+    from gan.tracking import MLflowTracker, TrackingTarget
+
+    target = TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "gan", "run")
+    trainer = Trainer(
+        tiny_cfg, LocalSession(str(tmp_path / "out"), quiet=True), data=digits, tracker=MLflowTracker(target)
+    )
+
+    def boom():
+        raise error
+
+    trainer.loop.train_step = boom
+    with pytest.raises(type(error)):
+        trainer.train()
+    client = MlflowClient(target.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])
+    return run.info.status
+
+
+@pytest.mark.parametrize(("error", "status"), [(_Stop("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_failed_and_stopped_runs_end_with_the_right_status(tmp_path, tiny_cfg, digits, error, status):
+    assert _tracked_status(tmp_path, tiny_cfg, digits, error) == status

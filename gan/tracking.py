@@ -1,0 +1,185 @@
+"""MLflow run tracking behind a small interface; the only module that imports mlflow for runs.
+
+Rank 0 gets an ``MLflowTracker``, every other rank a ``NullTracker``. A run is found
+again by its name (a tag), so a resumed or restarted training continues its own MLflow
+run instead of starting a new one. The local default is a SQLite store
+(``sqlite:///mlflow.db``) with artefacts in ``./mlartifacts``; open it with
+``mlflow ui --backend-store-uri sqlite:///mlflow.db``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+DEFAULT_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+RUN_NAME_TAG = "gan.run_name"
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+
+
+class TrackingError(RuntimeError):
+    """The tracking server or store cannot be used; the message names the URI."""
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """Where a run is tracked: enough for any process (a Ray worker too) to find it."""
+
+    uri: str
+    experiment: str
+    run_name: str
+
+
+class Tracker(Protocol):
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, png: bytes, key: str, step: int) -> None: ...
+    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def close(self, status: str) -> None: ...
+
+
+class NullTracker:
+    """For ranks that do not log, and runs without tracking."""
+
+    run_id = None
+
+    def log_params(self, params: dict[str, Any]) -> None: ...
+    def set_tags(self, tags: dict[str, Any]) -> None: ...
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_image(self, png: bytes, key: str, step: int) -> None: ...
+    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def close(self, status: str) -> None: ...
+
+
+def resolve_uri(uri: str | None) -> str:
+    """--tracking-uri, else $MLFLOW_TRACKING_URI, else the local SQLite store. Relative
+    sqlite paths become absolute, so Ray workers (in other folders) find the same store."""
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
+        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    return uri
+
+
+def prepare(target: TrackingTarget) -> None:
+    """On the driver, before any training: reachable, and the experiment exists (a
+    local SQLite store keeps its artefacts in ./mlartifacts beside it)."""
+    from mlflow.tracking import MlflowClient
+
+    check_reachable(target.uri)
+    client = MlflowClient(target.uri)
+    try:
+        if client.get_experiment_by_name(target.experiment) is None:
+            location = None
+            if target.uri.startswith("sqlite:///"):
+                store = Path(target.uri[len("sqlite:///") :])
+                location = (store.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+            client.create_experiment(target.experiment, artifact_location=location)
+    except Exception as err:  # the store's own errors vary by backend
+        raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the URI, before any training starts."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except requests.RequestException as err:
+        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {type(err).__name__}") from None
+    if response.status_code >= 400:
+        raise TrackingError(f"the MLflow tracking server at {uri} answered {response.status_code} to /health")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MLflowTracker:
+    def __init__(self, target: TrackingTarget, tags: dict[str, Any] | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        prepare(target)
+        self.client = MlflowClient(target.uri)
+        try:
+            experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
+            found = self.client.search_runs(
+                [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{target.run_name}'", max_results=1
+            )
+        except Exception as err:  # the store's own errors vary by backend
+            raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+        if found:
+            self.run_id = found[0].info.run_id
+            self.logged_params = dict(found[0].data.params)
+            self.client.update_run(self.run_id, status="RUNNING")
+        else:
+            run = self.client.create_run(experiment_id, run_name=target.run_name, tags={RUN_NAME_TAG: target.run_name})
+            self.run_id, self.logged_params = run.info.run_id, {}
+        self.set_tags({"git_commit": git_commit(), **(tags or {})})
+
+    def log_params(self, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        # A resumed run keeps its params; a changed value (a longer budget, say) becomes a tag.
+        new = {k: str(v) for k, v in params.items() if k not in self.logged_params}
+        changed = {f"resumed_with.{k}": v for k, v in params.items() if self.logged_params.get(k, str(v)) != str(v)}
+        if new:
+            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in new.items()])
+            self.logged_params.update(new)
+        self.set_tags(changed)
+
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        if tags:
+            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_image(self, png: bytes, key: str, step: int) -> None:
+        from PIL import Image
+
+        self.client.log_image(self.run_id, Image.open(io.BytesIO(png)), key=key, step=step)
+
+    def log_dict(self, data: dict[str, Any], name: str) -> None:
+        self.client.log_dict(self.run_id, data, name)
+
+    def close(self, status: str) -> None:
+        if status not in STATUSES:
+            raise ValueError(f"status {status!r}: choose one of {STATUSES}")
+        self.client.set_terminated(self.run_id, status)
+
+
+def finish_run(target: TrackingTarget, status: str) -> None:
+    """Driver-side safety net: end the named run with ``status`` if it is still RUNNING
+    (a worker that died cannot close its own run)."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(target.uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    if experiment is None:
+        return
+    for run in client.search_runs(
+        [experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{target.run_name}'", max_results=1
+    ):
+        if run.info.status == "RUNNING":
+            client.set_terminated(run.info.run_id, status)
