@@ -24,6 +24,7 @@ from torchmetrics.image.kid import KernelInceptionDistance
 
 from gan.config import EvalConfig
 from gan.data import ImageDataset
+from gan.sampling import to_uint8
 
 EVALUATOR_FILE = "digits_evaluator.pt"
 SPLIT_SEED = 20140610  # fixed, independent of training seeds: the same real sets always
@@ -104,11 +105,6 @@ def load_backbone(cfg: EvalConfig) -> tuple[nn.Module, str]:
     with torch.no_grad():
         dim = extract(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[1]
     return _FeatureAdapter(extract, dim), hashlib.sha256(raw).hexdigest()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 exactly as real images are stored."""
-    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

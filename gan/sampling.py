@@ -15,15 +15,19 @@ import torch
 import torch.nn as nn
 
 from gan.config import Config
-from gan.metrics import to_uint8
 from gan.models import build_models
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] float -> uint8 exactly as real images are stored."""
+    return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def generator_from_state(state: dict) -> tuple[nn.Module, Config]:
-    """The EMA generator of a checkpoint state, in eval mode."""
+    """The EMA generator of a training checkpoint (or of a logged model's state), in eval mode."""
     cfg = Config.from_json(state["config"])
     G, _ = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
-    G.load_state_dict(state["loop"]["G_ema"])
+    G.load_state_dict(state["loop"]["G_ema"] if "loop" in state else state["G_ema"])
     return G.eval().requires_grad_(False), cfg
 
 

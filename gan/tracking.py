@@ -42,6 +42,7 @@ class Tracker(Protocol):
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, png: bytes, key: str, step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
     def close(self, status: str) -> None: ...
 
 
@@ -55,6 +56,7 @@ class NullTracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, png: bytes, key: str, step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
     def close(self, status: str) -> None: ...
 
 
@@ -118,9 +120,7 @@ class MLflowTracker:
         self.client = MlflowClient(target.uri)
         try:
             experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
-            found = self.client.search_runs(
-                [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{target.run_name}'", max_results=1
-            )
+            found = _find_run(self.client, experiment_id, target.run_name)
         except Exception as err:  # the store's own errors vary by backend
             raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
         if found:
@@ -163,10 +163,23 @@ class MLflowTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self.client.log_dict(self.run_id, data, name)
 
+    def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None:
+        """The generator as an MLflow model (pyfunc; samples at any batch size)."""
+        import mlflow
+
+        from gan.registry import log_generator
+
+        mlflow.set_tracking_uri(self.client.tracking_uri)
+        log_generator(self.run_id, name, G_ema_state, config_json)
+
     def close(self, status: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: choose one of {STATUSES}")
         self.client.set_terminated(self.run_id, status)
+
+
+def _find_run(client, experiment_id: str, run_name: str) -> list:
+    return client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
 
 
 def finish_run(target: TrackingTarget, status: str) -> None:
@@ -178,8 +191,6 @@ def finish_run(target: TrackingTarget, status: str) -> None:
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
         return
-    for run in client.search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{target.run_name}'", max_results=1
-    ):
+    for run in _find_run(client, experiment.experiment_id, target.run_name):
         if run.info.status == "RUNNING":
             client.set_terminated(run.info.run_id, status)

@@ -97,6 +97,7 @@ class Trainer:
         )
         self.evaluator = Evaluator(cfg.eval, self.data, device=session.device)
         self.best_fid = math.inf
+        self.best_G_ema: dict | None = None
         self.history: list[dict[str, float]] = []
         self.train_time_s = 0.0
         state = session.restore()
@@ -157,6 +158,8 @@ class Trainer:
         eval_s = time.monotonic() - start
         improved = scores["fid"] < self.best_fid
         self.best_fid = min(self.best_fid, scores["fid"])
+        if improved:
+            self.best_G_ema = {k: v.detach().clone() for k, v in self.nets.G_ema.state_dict().items()}
         metrics = {
             **scores,
             "best_fid": self.best_fid,
@@ -189,6 +192,10 @@ class Trainer:
         except BaseException:
             self.tracker.close("FAILED")
             raise
+        # Models are logged before the run is closed FINISHED, so a finished run always has them.
+        self.tracker.log_generator(self.nets.G_ema.state_dict(), self.cfg.to_json(), "generator")
+        if self.best_G_ema is not None:
+            self.tracker.log_generator(self.best_G_ema, self.cfg.to_json(), "generator_best")
         self.tracker.close("FINISHED")
         return result
 

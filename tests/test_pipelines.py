@@ -71,6 +71,23 @@ def test_run_is_tracked_in_mlflow(trained):
     assert "MLflow run 'r'" in stdout
 
 
+def test_logged_generator_samples_any_batch_size(trained):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    out, _ = trained
+    _, run = mlflow_run(out)
+    mlflow.set_tracking_uri(f"sqlite:///{out.parent}/mlflow.db")
+    for name in ("generator", "generator_best"):
+        model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/{name}")
+        for n in (1, 7, 64):
+            images = model.predict(pd.DataFrame([{"n": n, "seed": 5, "class": 3, "truncation": 0.0}]))
+            assert images.shape == (n, 28, 28) and images.dtype == np.uint8
+    request = pd.DataFrame([{"n": 7, "seed": 5, "class": 3, "truncation": 0.0}])
+    assert np.array_equal(model.predict(request), model.predict(request))  # same request, same images
+    assert model.metadata.get_input_schema().input_names() == ["n", "seed", "class", "truncation"]
+
+
 def test_existing_run_is_not_overwritten(trained):
     out, _ = trained
     before = (out / "checkpoints/latest/state.pt").read_bytes()

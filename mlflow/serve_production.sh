@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The production MLflow tracking server: PostgreSQL backend, artefacts proxied to S3,
+# basic-auth on. Every setting comes from the environment (a Kubernetes Secret, say);
+# nothing secret is written to a committed file.
+#   MLFLOW_BACKEND_URI           postgresql://user:password@host:5432/mlflow
+#   MLFLOW_ARTIFACTS_DESTINATION s3://bucket/mlflow (server-side AWS credentials or IAM role)
+#   MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD   the first admin account
+#   MLFLOW_AUTH_DATABASE_URI     where users and permissions live (default: the backend)
+set -euo pipefail
+: "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI=postgresql://user:password@host:5432/mlflow}"
+: "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION=s3://bucket/prefix}"
+: "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME (authentication is required)}"
+: "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (authentication is required)}"
+config=$(mktemp -t mlflow-auth-XXXXXX.ini)
+chmod 600 "$config"
+trap 'rm -f "$config"' EXIT
+cat > "$config" <<INI
+[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_URI}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
+admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD}
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH=$config
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+mlflow server --app-name basic-auth \
+  --backend-store-uri "$MLFLOW_BACKEND_URI" \
+  --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
+  --host "${HOST:-0.0.0.0}" --port "${PORT:-5000}" --workers "${WORKERS:-4}"

@@ -1,0 +1,101 @@
+"""A real `mlflow server` with artefacts proxied to the S3 API server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+CLIENT_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(bucket, s3_server, tmp_path):
+    name, _ = bucket
+    port = free_port()
+    env = {
+        **os.environ,
+        "BACKEND": f"sqlite:///{tmp_path}/server.db",
+        "ARTIFACTS": f"s3://{name}/mlflow",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "PORT": str(port),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    log = open(tmp_path / "server.log", "w")
+    # Its own process group: the server's workers are stopped with it, even on failure.
+    proc = subprocess.Popen(["bash", "mlflow/serve_local.sh"], cwd=ROOT, env=env, stdout=log, stderr=log,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
+            time.sleep(0.5)
+        else:
+            raise AssertionError("mlflow server did not come up in 90 s")
+        yield url, name
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_ray_train_run_tracked_on_a_server_with_artifacts_in_s3(mlflow_server, s3_server, tmp_path):
+    import boto3
+    import mlflow.pyfunc
+    import pandas as pd
+    from mlflow.tracking import MlflowClient
+
+    url, bucket_name = mlflow_server
+    # The training client holds no bucket credentials: artefacts go through the server.
+    env = {k: v for k, v in os.environ.items() if k not in CLIENT_SECRETS}
+    proc = subprocess.run(
+        [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", str(tmp_path / "runs"),
+         "--name", "served", "--tracking-uri", url],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(url)
+    (run,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])
+    assert run.info.status == "FINISHED" and run.data.params["train.batch_size"] == "16"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "fid")] == [160, 320]
+    assert len(client.list_artifacts(run.info.run_id, "images")) >= 2
+
+    mlflow.set_tracking_uri(url)
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/generator")
+    for n in (1, 7, 64):
+        images = model.predict(pd.DataFrame([{"n": n, "seed": 1, "class": 2, "truncation": 0.0}]))
+        assert images.shape == (n, 28, 28) and images.dtype == np.uint8
+
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    keys = [obj["Key"] for obj in s3.list_objects_v2(Bucket=bucket_name, Prefix="mlflow/").get("Contents", [])]
+    assert any(key.endswith("config.json") for key in keys)
+    assert any(key.endswith(".png") for key in keys)
+    assert any(key.endswith("generator.pt") for key in keys)
