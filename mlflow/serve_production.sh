@@ -2,12 +2,12 @@
 # The production MLflow tracking server: PostgreSQL backend, artefacts proxied to S3,
 # basic-auth on. Every setting comes from the environment (a Kubernetes Secret, say);
 # nothing secret is written to a committed file.
-#   MLFLOW_BACKEND_URI           postgresql://user:password@host:5432/mlflow
+#   MLFLOW_BACKEND_URI           postgresql+psycopg2://user:password@host:5432/mlflow (pip install ".[server]")
 #   MLFLOW_ARTIFACTS_DESTINATION s3://bucket/mlflow (server-side AWS credentials or IAM role)
 #   MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD   the first admin account
 #   MLFLOW_AUTH_DATABASE_URI     where users and permissions live (default: the backend)
 set -euo pipefail
-: "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI=postgresql://user:password@host:5432/mlflow}"
+: "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI=postgresql+psycopg2://user:password@host:5432/mlflow}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION=s3://bucket/prefix}"
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME (authentication is required)}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (authentication is required)}"

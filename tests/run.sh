@@ -3,4 +3,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash pipelines/bootstrap.sh
+# The MLflow server tests run a private PostgreSQL: Debian's server binaries.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >/dev/null; then
+  echo "installing Debian's postgresql for the tracking-server tests"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 exec .venv/bin/python -m pytest "$@"

@@ -1,4 +1,4 @@
-"""A real `mlflow server` with artefacts proxied to the S3 API server on 127.0.0.1."""
+"""A real `mlflow server`: PostgreSQL backend, artefacts proxied to the S3 API server on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def mlflow_server(bucket, s3_server, tmp_path):
+def mlflow_server(bucket, s3_server, postgres, tmp_path):
     name, _ = bucket
     port = free_port()
     env = {
         **os.environ,
-        "BACKEND": f"sqlite:///{tmp_path}/server.db",
+        "BACKEND": postgres,
         "ARTIFACTS": f"s3://{name}/mlflow",
         "MLFLOW_S3_ENDPOINT_URL": s3_server,
         "PORT": str(port),
@@ -57,12 +57,15 @@ def mlflow_server(bucket, s3_server, tmp_path):
             raise AssertionError("mlflow server did not come up in 90 s")
         yield url, name
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=15)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
         log.close()
 
 
