@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import os
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,10 +113,27 @@ def git_commit() -> str:
         return "unknown"
 
 
+# A server that goes away mid-run must not stall training for minutes per call
+# (MLflow's defaults retry 7 times with exponential backoff). Users can override these.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
+}
+
+
 class MLflowTracker:
+    """Logs one run. A call that fails (server unreachable) is queued and retried before
+    the next one, so a gap is filled once the server is back; what is still unsent when
+    the run closes is reported, never dropped silently (checkpoints keep the history)."""
+
     def __init__(self, target: TrackingTarget, tags: dict[str, Any] | None = None) -> None:
         from mlflow.tracking import MlflowClient
 
+        for key, value in HTTP_DEFAULTS.items():
+            os.environ.setdefault(key, value)
+        self.target = target
+        self.pending: list[tuple[str, Any, tuple]] = []
         prepare(target)
         self.client = MlflowClient(target.uri)
         try:
@@ -139,7 +157,7 @@ class MLflowTracker:
         new = {k: str(v) for k, v in params.items() if k not in self.logged_params}
         changed = {f"resumed_with.{k}": v for k, v in params.items() if self.logged_params.get(k, str(v)) != str(v)}
         if new:
-            self.client.log_batch(self.run_id, params=[Param(k, v) for k, v in new.items()])
+            self._call("params", self.client.log_batch, self.run_id, params=[Param(k, v) for k, v in new.items()])
             self.logged_params.update(new)
         self.set_tags(changed)
 
@@ -147,35 +165,61 @@ class MLflowTracker:
         from mlflow.entities import RunTag
 
         if tags:
-            self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+            self._call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
 
     def log_image(self, png: bytes, key: str, step: int) -> None:
         from PIL import Image
 
-        self.client.log_image(self.run_id, Image.open(io.BytesIO(png)), key=key, step=step)
+        self._call(
+            f"{key} at step {step}", self.client.log_image, self.run_id, Image.open(io.BytesIO(png)), key=key, step=step
+        )
 
     def log_dict(self, data: dict[str, Any], name: str) -> None:
-        self.client.log_dict(self.run_id, data, name)
+        self._call(name, self.client.log_dict, self.run_id, data, name)
 
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None:
         """The generator as an MLflow model (pyfunc; samples at any batch size)."""
         import mlflow
-
         from gan.registry import log_generator
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
-        log_generator(self.run_id, name, G_ema_state, config_json)
+        self._call(f"model {name}", log_generator, self.run_id, name, G_ema_state, config_json)
 
     def close(self, status: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: choose one of {STATUSES}")
-        self.client.set_terminated(self.run_id, status)
+        self._call("status", self.client.set_terminated, self.run_id, status)
+        if self.pending:
+            lost = ", ".join(what for what, _, _ in self.pending)
+            print(
+                f"error: MLflow at {self.target.uri} stayed unreachable; not recorded in run {self.run_id}: {lost}. "
+                "The checkpoints hold every evaluation (history in state.pt).",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _call(self, what: str, fn, *args, **kwargs) -> None:
+        self.pending.append((what, fn, (args, kwargs)))
+        while self.pending:
+            label, call, (call_args, call_kwargs) = self.pending[0]
+            try:
+                call(*call_args, **call_kwargs)
+            except Exception as err:  # unreachable server, 5xx, store errors: keep for later
+                print(
+                    f"warning: MLflow at {self.target.uri} failed ({type(err).__name__}); "
+                    f"{len(self.pending)} log call(s) queued, retried at the next log",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                return
+            self.pending.pop(0)
 
 
 def _find_run(client, experiment_id: str, run_name: str) -> list:

@@ -25,48 +25,88 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture
-def mlflow_server(bucket, s3_server, postgres, tmp_path):
-    name, _ = bucket
-    port = free_port()
-    env = {
+def server_env(postgres: str, bucket_name: str, s3_server: str, port: int) -> dict:
+    return {
         **os.environ,
         "BACKEND": postgres,
-        "ARTIFACTS": f"s3://{name}/mlflow",
+        "ARTIFACTS": f"s3://{bucket_name}/mlflow",
         "MLFLOW_S3_ENDPOINT_URL": s3_server,
         "PORT": str(port),
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
-    log = open(tmp_path / "server.log", "w")
-    # Its own process group: the server's workers are stopped with it, even on failure.
+
+
+def start_server(env: dict, log_path: Path) -> subprocess.Popen:
+    """mlflow/serve_local.sh in its own process group; returns once /health answers."""
+    log = open(log_path, "a")
     proc = subprocess.Popen(["bash", "mlflow/serve_local.sh"], cwd=ROOT, env=env, stdout=log, stderr=log,
                             start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
+    log.close()
+    url = f"http://127.0.0.1:{env['PORT']}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).ok:
+                return proc
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    stop_server(proc)
+    raise AssertionError("mlflow server did not come up in 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """The whole process group (the server's workers too), by its own id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=15)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+@pytest.fixture
+def mlflow_server(bucket, s3_server, postgres, tmp_path):
+    name, _ = bucket
+    env = server_env(postgres, name, s3_server, free_port())
+    proc = start_server(env, tmp_path / "server.log")
     try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None:
-                raise AssertionError((tmp_path / "server.log").read_text()[-3000:])
-            time.sleep(0.5)
-        else:
-            raise AssertionError("mlflow server did not come up in 90 s")
-        yield url, name
+        yield f"http://127.0.0.1:{env['PORT']}", name
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(proc.pid, sig)
-                proc.wait(timeout=15)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
-        log.close()
+        stop_server(proc)
+
+
+def test_tracking_fills_the_gap_after_a_server_outage(bucket, s3_server, postgres, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    from gan.tracking import MLflowTracker, TrackingTarget
+
+    name, _ = bucket
+    env = server_env(postgres, name, s3_server, free_port())
+    url = f"http://127.0.0.1:{env['PORT']}"
+    proc = start_server(env, tmp_path / "server.log")
+    try:
+        tracker = MLflowTracker(TrackingTarget(url, "outage", "run"))
+        tracker.log_metrics({"fid": 3.0}, step=1)
+        stop_server(proc)
+        started = time.monotonic()
+        tracker.log_metrics({"fid": 2.0}, step=2)  # training goes on: queued, no exception
+        assert time.monotonic() - started < 60 and len(tracker.pending) == 1
+        proc = start_server(env, tmp_path / "server.log")
+        tracker.log_metrics({"fid": 1.0}, step=3)  # the gap is sent first
+        assert tracker.pending == []
+        tracker.close("FINISHED")
+        client = MlflowClient(url)
+        history = [(m.step, m.value) for m in client.get_metric_history(tracker.run_id, "fid")]
+        assert sorted(history) == [(1, 3.0), (2, 2.0), (3, 1.0)]
+        assert client.get_run(tracker.run_id).info.status == "FINISHED"
+    finally:
+        stop_server(proc)
 
 
 def test_ray_train_run_tracked_on_a_server_with_artifacts_in_s3(mlflow_server, s3_server, tmp_path):
