@@ -5,19 +5,23 @@
 #   MLFLOW_BACKEND_URI           postgresql+psycopg2://user:password@host:5432/mlflow (pip install ".[server]")
 #   MLFLOW_ARTIFACTS_DESTINATION s3://bucket/mlflow (server-side AWS credentials or IAM role)
 #   MLFLOW_AUTH_ADMIN_USERNAME, MLFLOW_AUTH_ADMIN_PASSWORD   the first admin account
-#   MLFLOW_AUTH_DATABASE_URI     where users and permissions live (default: the backend)
+#   MLFLOW_FLASK_SERVER_SECRET_KEY  CSRF secret, the same on every server replica
+#   MLFLOW_AUTH_DATABASE_URI     where users and permissions live: a database of its own
+#                                (its migrations would clash with the tracking store's)
 set -euo pipefail
 : "${MLFLOW_BACKEND_URI:?set MLFLOW_BACKEND_URI=postgresql+psycopg2://user:password@host:5432/mlflow}"
 : "${MLFLOW_ARTIFACTS_DESTINATION:?set MLFLOW_ARTIFACTS_DESTINATION=s3://bucket/prefix}"
 : "${MLFLOW_AUTH_ADMIN_USERNAME:?set MLFLOW_AUTH_ADMIN_USERNAME (authentication is required)}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (authentication is required)}"
+: "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (a random string, the same on every replica)}"
+: "${MLFLOW_AUTH_DATABASE_URI:?set MLFLOW_AUTH_DATABASE_URI=postgresql+psycopg2://user:password@host:5432/mlflow_auth}"
 config=$(mktemp -t mlflow-auth-XXXXXX.ini)
 chmod 600 "$config"
 trap 'rm -f "$config"' EXIT
 cat > "$config" <<INI
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = ${MLFLOW_AUTH_DATABASE_URI:-$MLFLOW_BACKEND_URI}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI}
 admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
 admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth

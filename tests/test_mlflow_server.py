@@ -36,17 +36,17 @@ def server_env(postgres: str, bucket_name: str, s3_server: str, port: int) -> di
     }
 
 
-def start_server(env: dict, log_path: Path) -> subprocess.Popen:
-    """mlflow/serve_local.sh in its own process group; returns once /health answers."""
+def start_server(env: dict, log_path: Path, script: str = "mlflow/serve_local.sh") -> subprocess.Popen:
+    """A launcher in its own process group; returns once the server answers HTTP."""
     log = open(log_path, "a")
-    proc = subprocess.Popen(["bash", "mlflow/serve_local.sh"], cwd=ROOT, env=env, stdout=log, stderr=log,
+    proc = subprocess.Popen(["bash", script], cwd=ROOT, env=env, stdout=log, stderr=log,
                             start_new_session=True)  # fmt: skip
     log.close()
     url = f"http://127.0.0.1:{env['PORT']}"
     deadline = time.time() + 90
     while time.time() < deadline:
         try:
-            if requests.get(f"{url}/health", timeout=2).ok:
+            if requests.get(f"{url}/health", timeout=2).status_code < 500:  # 401 counts: it is up
                 return proc
         except requests.RequestException:
             pass
@@ -142,3 +142,34 @@ def test_ray_train_run_tracked_on_a_server_with_artifacts_in_s3(mlflow_server, s
     assert any(key.endswith("config.json") for key in keys)
     assert any(key.endswith(".png") for key in keys)
     assert any(key.endswith("generator.pt") for key in keys)
+
+
+def test_production_server_requires_authentication(postgres, bucket, s3_server, tmp_path):
+    name, _ = bucket
+    password = "s3cret-Passw0rd-for-test"
+    env = {
+        **server_env(postgres, name, s3_server, free_port()),
+        "MLFLOW_BACKEND_URI": postgres,
+        "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{name}/prod",
+        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
+        "HOST": "127.0.0.1",
+        "WORKERS": "1",
+    }
+    missing = {k: v for k, v in env.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
+    refused = subprocess.run(["bash", "mlflow/serve_production.sh"], cwd=ROOT, env=missing, capture_output=True,
+                             text=True, timeout=30)  # fmt: skip
+    assert refused.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in refused.stderr
+
+    proc = start_server(env, tmp_path / "prod.log", script="mlflow/serve_production.sh")
+    try:
+        api = f"http://127.0.0.1:{env['PORT']}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(api, timeout=10).status_code == 401
+        assert requests.get(api, auth=("admin", "wrong"), timeout=10).status_code == 401
+        assert requests.get(api, auth=("admin", password), timeout=10).status_code == 200
+    finally:
+        stop_server(proc)
+    assert password not in (tmp_path / "prod.log").read_text()
+    assert not list(Path("/tmp").glob("mlflow-auth-*.ini"))  # the generated config is gone
