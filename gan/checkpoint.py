@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import uuid
 from typing import Any
 
@@ -84,7 +83,3 @@ def check_compatible(state: dict[str, Any], cfg: Config, uri: str = "checkpoint"
     ]
     if mismatches:
         raise CheckpointError(f"{uri} is from an incompatible config: " + "; ".join(mismatches))
-
-
-def scratch_dir(prefix: str = "gan-ckpt-") -> str:
-    return tempfile.mkdtemp(prefix=prefix)
