@@ -16,7 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -37,18 +37,9 @@ class TrackingTarget:
     run_name: str
 
 
-class Tracker(Protocol):
-    def log_params(self, params: dict[str, Any]) -> None: ...
-    def set_tags(self, tags: dict[str, Any]) -> None: ...
-    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
-    def log_image(self, png: bytes, key: str, step: int) -> None: ...
-    def log_dict(self, data: dict[str, Any], name: str) -> None: ...
-    def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
-    def close(self, status: str) -> None: ...
-
-
-class NullTracker:
-    """For ranks that do not log, and runs without tracking."""
+class Tracker:
+    """The tracking interface. This base logs nothing: it is what ranks that do not log,
+    and runs without tracking, get."""
 
     run_id = None
 
@@ -59,6 +50,9 @@ class NullTracker:
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
     def close(self, status: str) -> None: ...
+
+
+NullTracker = Tracker
 
 
 def resolve_uri(uri: str | None) -> str:
@@ -122,7 +116,7 @@ HTTP_DEFAULTS = {
 }
 
 
-class MLflowTracker:
+class MLflowTracker(Tracker):
     """Logs one run. A call that fails (server unreachable) is queued and retried before
     the next one, so a gap is filled once the server is back; what is still unsent when
     the run closes is reported, never dropped silently (checkpoints keep the history)."""
