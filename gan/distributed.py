@@ -98,7 +98,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     session = RaySession()
     tracker = NullTracker()
     if session.rank == 0 and loop_config.get("tracking"):
-        ray_tags = {"ray.experiment": session.context.get_experiment_name()}
+        import ray
+
+        ray_tags = {
+            "ray.experiment": session.context.get_experiment_name(),
+            "ray.node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
+        }
         tracker = MLflowTracker(TrackingTarget(**loop_config["tracking"]), tags=ray_tags)
     Trainer(cfg, session, tracker=tracker).train()
 
@@ -108,6 +113,8 @@ class Scaling:
     workers: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    """GPUs each worker holds when use_gpu (a fraction packs several trials on one GPU)."""
 
 
 def check_resources(scaling: Scaling) -> None:
@@ -121,9 +128,10 @@ def check_resources(scaling: Scaling) -> None:
             f"{scaling.workers} workers x {scaling.cpus_per_worker:g} CPU need {need_cpu:g} CPUs, "
             f"but the Ray cluster has {total.get('CPU', 0):g}; use fewer --workers"
         )
-    if scaling.use_gpu and total.get("GPU", 0) < scaling.workers:
+    need_gpu = scaling.workers * scaling.gpus_per_worker
+    if scaling.use_gpu and total.get("GPU", 0) < need_gpu:
         raise ValueError(
-            f"{scaling.workers} GPU workers need {scaling.workers} GPUs, but the Ray cluster has "
+            f"{scaling.workers} GPU workers need {need_gpu:g} GPUs, but the Ray cluster has "
             f"{total.get('GPU', 0):g}; drop --gpu or use fewer --workers"
         )
 
@@ -152,7 +160,10 @@ def make_trainer(
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,
             use_gpu=scaling.use_gpu,
-            resources_per_worker={"CPU": scaling.cpus_per_worker, **({"GPU": 1} if scaling.use_gpu else {})},
+            resources_per_worker={
+                "CPU": scaling.cpus_per_worker,
+                **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             name=name,
@@ -172,6 +183,20 @@ def make_trainer(
             },
         ),
     )
+
+
+def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
+    """fsspec options for reading what Ray wrote under ``uri`` (the S3 endpoint, if any)."""
+    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if uri.startswith("s3://") and endpoint_url else {}
+
+
+def run_exists(storage_path: str, filesystem, name: str) -> bool:
+    """Whether Ray already wrote a run (or sweep) called ``name`` under ``storage_path``."""
+    import pyarrow.fs
+
+    fs = filesystem or pyarrow.fs.LocalFileSystem()
+    return fs.get_file_info(f"{storage_path}/{name}").type != pyarrow.fs.FileType.NotFound
 
 
 def storage_for(uri: str, endpoint_url: str | None = None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -17,6 +18,9 @@ import numpy as np
 import torch
 
 GENERATOR_FILE = "generator.pt"
+# MLflow asks for type hints on predict() when the class is defined; the explicit
+# signature given at logging is the schema.
+warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
 
 
@@ -76,3 +80,96 @@ def log_generator(run_id: str, name: str, G_ema_state: dict, config_json: str) -
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "fsspec", "pillow"],
             )
     return info.model_uri
+
+
+def describe(cfg) -> str:
+    kind = f"class-conditional ({cfg.model.num_classes} classes)" if cfg.model.num_classes else "unconditional"
+    colour = "gray" if cfg.data.channels == 1 else "RGB"
+    return (
+        f"{cfg.model.family} GAN generator (EMA weights), {kind}, {cfg.data.resolution}x{cfg.data.resolution} "
+        f"{colour}, trained on {cfg.data.uri}. Request rows: n, seed, class (-1 cycles classes), "
+        "truncation (0 = none); returns uint8 images."
+    )
+
+
+def logged_model_uri(run, name: str) -> str | None:
+    """The models:/ URI of the model called ``name`` that ``run`` logged, or None."""
+    found = mlflow.search_logged_models(
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+        output_format="list",
+    )
+    return found[0].model_uri if found else None
+
+
+def register(tracking_uri: str, model_uri: str, name: str, cfg, tags: dict[str, str], description: str = ""):
+    """Register ``model_uri`` as a new version of ``name`` with its evidence as tags;
+    returns the ModelVersion. Existing versions and aliases are never touched."""
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    class_tags = {"classes": ",".join(map(str, range(cfg.model.num_classes)))} if cfg.model.num_classes else {}
+    version = mlflow.register_model(model_uri, name, tags={**class_tags, **{k: str(v) for k, v in tags.items()}})
+    client = MlflowClient(tracking_uri)
+    client.update_model_version(name, version.version, description=description or describe(cfg))
+    return client.get_model_version(name, version.version)
+
+
+class RegistryError(ValueError):
+    """A model name, alias, version or run that cannot be used; the message says which."""
+
+
+CHAMPION, PREVIOUS = "champion", "previous"
+
+
+def load_generator(model_uri: str):
+    """(G, cfg) of a logged or registered generator model, with clear errors."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        model = mlflow.pyfunc.load_model(model_uri)
+    except MlflowException as err:
+        raise RegistryError(f"{model_uri}: {err.message.splitlines()[0]}") from None
+    except OSError as err:  # artefacts listed in the registry but gone from storage
+        raise RegistryError(f"{model_uri}: the model's artefacts cannot be read from storage ({err})") from None
+    python_model = model.unwrap_python_model()
+    if not isinstance(python_model, GeneratorModel):
+        raise RegistryError(f"{model_uri} is not a generator logged by this project")
+    return python_model.G, python_model.cfg
+
+
+def version_by_alias(client, name: str, alias: str):
+    """The version behind ``name@alias``, or None when the alias is not set."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "alias" in err.message.lower():
+            return None
+        raise
+
+
+def versions_of_run(client, name: str, run_id: str) -> list:
+    return client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+
+
+def check_model_exists(client, name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        known = ", ".join(m.name for m in client.search_registered_models(max_results=20)) or "none"
+        raise RegistryError(f"no registered model {name!r} (registered: {known})") from None
+
+
+def set_aliases(client, name: str, version: str, reason: str) -> str | None:
+    """Make ``version`` the champion; the old champion becomes ``previous``. Returns the
+    old champion's version (None when there was none)."""
+    old = version_by_alias(client, name, CHAMPION)
+    if old is not None:
+        client.set_registered_model_alias(name, PREVIOUS, old.version)
+    client.set_registered_model_alias(name, CHAMPION, version)
+    client.set_model_version_tag(name, version, "promotion.became_champion", reason)
+    return None if old is None else old.version

@@ -35,6 +35,8 @@ class TrackingTarget:
     uri: str
     experiment: str
     run_name: str
+    parent_run_id: str = ""
+    """A sweep's trials are child runs of the sweep's run."""
 
 
 class Tracker:
@@ -48,6 +50,8 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
     def log_image(self, png: bytes, key: str, step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
+    def log_artifact(self, data: bytes, name: str) -> None: ...
+    def backfill(self, history: list[dict[str, float]]) -> None: ...
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
     def close(self, status: str) -> None: ...
 
@@ -140,7 +144,10 @@ class MLflowTracker(Tracker):
             self.logged_params = dict(found[0].data.params)
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            run = self.client.create_run(experiment_id, run_name=target.run_name, tags={RUN_NAME_TAG: target.run_name})
+            identity = {RUN_NAME_TAG: target.run_name}
+            if target.parent_run_id:
+                identity["mlflow.parentRunId"] = target.parent_run_id
+            run = self.client.create_run(experiment_id, run_name=target.run_name, tags=identity)
             self.run_id, self.logged_params = run.info.run_id, {}
         self.set_tags({"git_commit": git_commit(), **(tags or {})})
 
@@ -168,6 +175,17 @@ class MLflowTracker(Tracker):
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
 
+    def backfill(self, history: list[dict[str, float]]) -> None:
+        """After a restart: log the evaluations a checkpoint holds but the run lacks (the
+        process died between writing a checkpoint and logging its metrics)."""
+        try:
+            logged = {m.step for m in self.client.get_metric_history(self.run_id, "fid")}
+        except Exception:  # unreachable now: the queue covers what is logged next
+            return
+        for metrics in history:
+            if int(metrics["images_seen"]) not in logged:
+                self.log_metrics(metrics, step=int(metrics["images_seen"]))
+
     def log_image(self, png: bytes, key: str, step: int) -> None:
         from PIL import Image
 
@@ -178,9 +196,13 @@ class MLflowTracker(Tracker):
     def log_dict(self, data: dict[str, Any], name: str) -> None:
         self._call(name, self.client.log_dict, self.run_id, data, name)
 
+    def log_artifact(self, data: bytes, name: str) -> None:
+        self._call(name, _log_bytes, self.client, self.run_id, data, name)
+
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None:
         """The generator as an MLflow model (pyfunc; samples at any batch size)."""
         import mlflow
+
         from gan.registry import log_generator
 
         mlflow.set_tracking_uri(self.client.tracking_uri)
@@ -216,19 +238,45 @@ class MLflowTracker(Tracker):
             self.pending.pop(0)
 
 
+def _log_bytes(client, run_id: str, data: bytes, name: str) -> None:
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="gan-artifact-") as tmp:
+        path = Path(tmp) / name
+        path.write_bytes(data)
+        client.log_artifact(run_id, str(path))
+
+
 def _find_run(client, experiment_id: str, run_name: str) -> list:
     return client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
 
 
-def finish_run(target: TrackingTarget, status: str) -> None:
-    """Driver-side safety net: end the named run with ``status`` if it is still RUNNING
-    (a worker that died cannot close its own run)."""
+def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None = None) -> str | None:
+    """Driver-side safety net: end the named run with ``status`` (and ``tags``) if it is
+    still RUNNING: a worker that died, or a trial that Tune stopped, cannot close its own
+    run. Returns the run's final status, or None when there is no such run."""
+    from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(target.uri)
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
-        return
+        return None
     for run in _find_run(client, experiment.experiment_id, target.run_name):
-        if run.info.status == "RUNNING":
-            client.set_terminated(run.info.run_id, status)
+        if run.info.status != "RUNNING":
+            return run.info.status
+        if tags:
+            client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        client.set_terminated(run.info.run_id, status)
+        return status
+    return None
+
+
+def run_id_of(target: TrackingTarget) -> str | None:
+    """The id of the run named ``target.run_name``, or None."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(target.uri)
+    experiment = client.get_experiment_by_name(target.experiment)
+    found = _find_run(client, experiment.experiment_id, target.run_name) if experiment else []
+    return found[0].info.run_id if found else None

@@ -113,6 +113,7 @@ class Trainer:
             }
         )
         self.tracker.log_dict(cfg.to_dict(), "config.json")
+        self.tracker.backfill(self.history)
 
     # --- state ----------------------------------------------------------------------
     def _load(self, state: dict[str, Any]) -> None:

@@ -24,6 +24,7 @@ from gan import checkpoint
 from gan.cli import add_config_args, fail, parse_config
 from gan.config import Config, override
 from gan.data import DataError
+from gan.distributed import storage_options
 from gan.loop import DivergenceError
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.tracking import MLflowTracker, TrackingError, TrackingTarget, finish_run, prepare, resolve_uri
@@ -71,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
             best_uri, latest_uri, grids, best_fid = train_in_process(cfg, args, name, target)
         else:
             best_uri, latest_uri, grids, best_fid = train_with_ray(cfg, args, name, target)
-        state, _ = checkpoint.load(best_uri, _storage_options(args))
+        state, _ = checkpoint.load(best_uri, storage_options(args.storage, args.s3_endpoint))
     except USER_ERRORS as err:
         return fail(str(err))
     G, _ = generator_from_state(state)
     interp = f"{best_uri}/interpolation.png"
-    with fsspec.open(interp, "wb", **_storage_options(args)) as handle:
+    with fsspec.open(interp, "wb", **storage_options(args.storage, args.s3_endpoint)) as handle:
         handle.write(png_bytes(*interpolation(G)))
     print(
         f"\ndone in {time.monotonic() - start:.0f}s: best FID {best_fid:.2f}\n"
@@ -89,11 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     if target is not None:
         print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
     return 0
-
-
-def _storage_options(args: argparse.Namespace) -> dict:
-    endpoint = args.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint}} if args.storage.startswith("s3://") and endpoint else {}
 
 
 def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
@@ -112,10 +108,10 @@ def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: T
 def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
     import ray
 
-    from gan.distributed import Scaling, check_resources, make_trainer, storage_for
+    from gan.distributed import Scaling, check_resources, make_trainer, run_exists, storage_for
 
     storage_path, filesystem = storage_for(args.storage, args.s3_endpoint)
-    exists = _run_exists(storage_path, filesystem, name)
+    exists = run_exists(storage_path, filesystem, name)
     if exists and not args.resume:
         raise ValueError(
             f"{args.storage}/{name} already holds a run: pass --resume to continue it, or --name for a new one"
@@ -155,14 +151,6 @@ def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: Tra
     best, metrics = min(result.best_checkpoints, key=lambda item: item[1]["fid"])
     scheme = "s3://" if args.storage.startswith("s3://") else ""
     return scheme + best.path, scheme + result.checkpoint.path, "grid.png in each checkpoint", metrics["best_fid"]
-
-
-def _run_exists(storage_path: str, filesystem, name: str) -> bool:
-    import pyarrow.fs
-
-    fs = filesystem or pyarrow.fs.LocalFileSystem()
-    info = fs.get_file_info(f"{storage_path}/{name}")
-    return info.type != pyarrow.fs.FileType.NotFound
 
 
 def _announce(cfg: Config, trainer) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -83,3 +84,49 @@ def postgres():
     finally:
         subprocess.run([*as_user, f"{bindir}/pg_ctl", "-D", data, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def fresh_database(postgres: str) -> str:
+    """A new, empty database on the test PostgreSQL: every tracking server starts clean."""
+    import psycopg2
+
+    name = f"mlflow_{uuid.uuid4().hex[:10]}"
+    dsn = postgres.replace("postgresql+psycopg2://", "postgresql://")
+    conn = psycopg2.connect(dsn)
+    conn.autocommit = True
+    with conn.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    conn.close()
+    return postgres.rsplit("/", 1)[0] + f"/{name}"
+
+
+@contextlib.contextmanager
+def running_mlflow_server(postgres: str, bucket_name: str, s3_server: str, log_dir):
+    """`mlflow server` on a fresh PostgreSQL database with artefacts proxied to the S3
+    server; yields its URL and stops its whole process group afterwards."""
+    from services import free_port, server_env, start_server, stop_server
+
+    env = server_env(fresh_database(postgres), bucket_name, s3_server, free_port())
+    proc = start_server(env, log_dir / "server.log")
+    try:
+        yield f"http://127.0.0.1:{env['PORT']}"
+    finally:
+        stop_server(proc)
+
+
+@pytest.fixture
+def mlflow_server(bucket, s3_server, postgres, tmp_path):
+    """Yields (url, bucket name)."""
+    with running_mlflow_server(postgres, bucket[0], s3_server, tmp_path) as url:
+        yield url, bucket[0]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server_module(s3_server, postgres, tmp_path_factory):
+    """One server (and bucket) for a whole test module; yields (url, bucket name)."""
+    import boto3
+
+    name = f"test-{uuid.uuid4().hex[:10]}"
+    boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
+    with running_mlflow_server(postgres, name, s3_server, tmp_path_factory.mktemp("mlflow")) as url:
+        yield url, name

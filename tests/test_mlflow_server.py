@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,72 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+from services import CLIENT_SECRETS, ROOT, free_port, server_env, start_server, stop_server
 
 pytestmark = pytest.mark.integration
-ROOT = Path(__file__).resolve().parents[1]
-CLIENT_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def server_env(postgres: str, bucket_name: str, s3_server: str, port: int) -> dict:
-    return {
-        **os.environ,
-        "BACKEND": postgres,
-        "ARTIFACTS": f"s3://{bucket_name}/mlflow",
-        "MLFLOW_S3_ENDPOINT_URL": s3_server,
-        "PORT": str(port),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-
-
-def start_server(env: dict, log_path: Path, script: str = "mlflow/serve_local.sh") -> subprocess.Popen:
-    """A launcher in its own process group; returns once the server answers HTTP."""
-    log = open(log_path, "a")
-    proc = subprocess.Popen(["bash", script], cwd=ROOT, env=env, stdout=log, stderr=log,
-                            start_new_session=True)  # fmt: skip
-    log.close()
-    url = f"http://127.0.0.1:{env['PORT']}"
-    deadline = time.time() + 90
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/health", timeout=2).status_code < 500:  # 401 counts: it is up
-                return proc
-        except requests.RequestException:
-            pass
-        if proc.poll() is not None:
-            raise AssertionError(log_path.read_text()[-3000:])
-        time.sleep(0.5)
-    stop_server(proc)
-    raise AssertionError("mlflow server did not come up in 90 s")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    """The whole process group (the server's workers too), by its own id."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=15)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-@pytest.fixture
-def mlflow_server(bucket, s3_server, postgres, tmp_path):
-    name, _ = bucket
-    env = server_env(postgres, name, s3_server, free_port())
-    proc = start_server(env, tmp_path / "server.log")
-    try:
-        yield f"http://127.0.0.1:{env['PORT']}", name
-    finally:
-        stop_server(proc)
 
 
 def test_tracking_fills_the_gap_after_a_server_outage(bucket, s3_server, postgres, tmp_path):

@@ -1,0 +1,68 @@
+"""Starting and stopping the real services tests use: an MLflow server, ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parents[1]
+# What a training client must not need when artefacts are proxied by the server.
+CLIENT_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def server_env(postgres: str, bucket_name: str, s3_server: str, port: int) -> dict:
+    return {
+        **os.environ,
+        "BACKEND": postgres,
+        "ARTIFACTS": f"s3://{bucket_name}/mlflow",
+        "MLFLOW_S3_ENDPOINT_URL": s3_server,
+        "PORT": str(port),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+
+
+def start_server(env: dict, log_path: Path, script: str = "mlflow/serve_local.sh") -> subprocess.Popen:
+    """A launcher in its own process group; returns once the server answers HTTP."""
+    log = open(log_path, "a")
+    proc = subprocess.Popen(["bash", script], cwd=ROOT, env=env, stdout=log, stderr=log,
+                            start_new_session=True)  # fmt: skip
+    log.close()
+    url = f"http://127.0.0.1:{env['PORT']}"
+    deadline = time.time() + 90
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code < 500:  # 401 counts: it is up
+                return proc
+        except requests.RequestException:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text()[-3000:])
+        time.sleep(0.5)
+    stop_server(proc)
+    raise AssertionError("mlflow server did not come up in 90 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """The whole process group (the server's workers too), by its own id."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=15)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue

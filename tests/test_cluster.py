@@ -1,0 +1,106 @@
+"""cluster/: the KubeRay manifests against Kubernetes' own schemas (offline, from the
+kubernetes-validate package), the launcher YAML against Ray's validator, the runtime env."""
+
+from __future__ import annotations
+
+import re
+
+import kubernetes_validate
+import pytest
+import ray
+import yaml
+from services import ROOT
+
+K8S_VERSION = "1.37.0"
+CLUSTER = ROOT / "cluster"
+SECRET_NAME = re.compile(r"KEY|SECRET|PASSWORD|TOKEN", re.IGNORECASE)
+
+
+def documents(path):
+    return [doc for doc in yaml.safe_load_all((CLUSTER / path).read_text()) if doc]
+
+
+def as_pod(template: dict, name: str) -> dict:
+    """A pod template inside a Ray resource, as the Pod that KubeRay will create."""
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, **template.get("metadata", {})},
+            "spec": template["spec"]}  # fmt: skip
+
+
+def pod_templates() -> dict[str, dict]:
+    (raycluster,) = documents("kuberay/raycluster.yaml")
+    (rayjob,) = documents("kuberay/rayjob.yaml")
+    templates = {"head": raycluster["spec"]["headGroupSpec"]["template"]}
+    for group in raycluster["spec"]["workerGroupSpecs"]:
+        templates[f"worker-{group['groupName']}"] = group["template"]
+    templates["rayjob-submitter"] = rayjob["spec"]["submitterPodTemplate"]
+    return templates
+
+
+def test_core_objects_match_kubernetes_schemas():
+    objects = documents("kuberay/serviceaccount.yaml")
+    assert {o["kind"] for o in objects} == {"ServiceAccount", "ConfigMap"}
+    for obj in objects:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name", ["head", "worker-gpu", "rayjob-submitter"])
+def test_pod_templates_inside_ray_resources_match_kubernetes_schemas(name):
+    kubernetes_validate.validate(as_pod(pod_templates()[name], name), K8S_VERSION, strict=True)
+
+
+def test_the_schema_check_catches_a_broken_template():
+    broken = as_pod(pod_templates()["worker-gpu"], "broken")
+    broken["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] = {"count": 1}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(broken, K8S_VERSION, strict=True)
+
+
+def test_raycluster_shape():
+    (raycluster,) = documents("kuberay/raycluster.yaml")
+    spec = raycluster["spec"]
+    assert raycluster["apiVersion"] == "ray.io/v1" and spec["rayVersion"] == ray.__version__
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # the head hosts the driver only
+    (gpu,) = spec["workerGroupSpecs"]
+    assert gpu["minReplicas"] <= gpu["replicas"] <= gpu["maxReplicas"] and spec["enableInTreeAutoscaling"]
+    pod = gpu["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == container["resources"]["requests"]["nvidia.com/gpu"]
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert any(m["mountPath"] == "/dev/shm" for m in container["volumeMounts"])
+    (rayjob,) = documents("kuberay/rayjob.yaml")
+    assert rayjob["spec"]["clusterSelector"]["ray.io/cluster"] == raycluster["metadata"]["name"]
+    assert "pipelines/tune.py" in rayjob["spec"]["entrypoint"]
+
+
+def test_credentials_only_from_secrets_or_service_accounts():
+    for name, template in pod_templates().items():
+        assert template["spec"]["serviceAccountName"] == "gan-ray", name
+        for container in template["spec"]["containers"]:
+            for env in container.get("env", []):
+                if SECRET_NAME.search(env["name"]):
+                    assert "value" not in env and "secretKeyRef" in env["valueFrom"], (name, env["name"])
+    everything = "\n".join(p.read_text() for p in CLUSTER.rglob("*.yaml"))
+    assert not re.search(r"AKIA[0-9A-Z]{16}", everything)  # no AWS access key id anywhere
+    assert not re.search(r"(?i)secret_access_key\W+[A-Za-z0-9/+]{40}", everything)  # nor a secret key
+
+
+def test_launcher_config_passes_rays_validator():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "launcher/aws-gpu.yaml").read_text())
+    validate_config(prepare_config(config))
+    assert config["available_node_types"]["gpu"]["resources"]["GPU"] == 1
+    assert "IamInstanceProfile" in config["available_node_types"]["gpu"]["node_config"]
+    config["available_node_types"]["gpu"]["min_wrkers"] = 1  # a typo is refused
+    with pytest.raises(Exception, match="min_wrkers"):
+        validate_config(prepare_config(config))
+
+
+def test_runtime_env_file_is_a_valid_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    env = RuntimeEnv(**yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
+    assert env["working_dir"] == "." and "runs/" in env["excludes"]
+    assert not any(SECRET_NAME.search(k) for k in env.get("env_vars", {}))

@@ -1,0 +1,164 @@
+"""Ray Tune sweeps end to end: `ray job submit` to a two-node local cluster with a real MLflow
+server and S3 on loopback; a sweep whose driver is killed and resumed."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from services import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+@pytest.fixture
+def two_node_cluster(tmp_path, s3_server):
+    """cluster/local_cluster.sh: a head and a worker node (1 CPU each), token auth on."""
+    env = {
+        **os.environ,
+        "STATE_DIR": str(tmp_path / "ray"),
+        "RAY_PORT": str(free_port()),
+        "DASHBOARD_PORT": str(free_port()),
+        "AWS_ENDPOINT_URL": s3_server,  # trials keep their checkpoints in the bucket
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    script = ["bash", "cluster/local_cluster.sh"]
+    try:
+        subprocess.run([*script, "start"], cwd=ROOT, env=env, check=True, timeout=240, capture_output=True)
+        for line in (tmp_path / "ray" / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        yield env
+    finally:
+        subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=120, capture_output=True)
+
+
+def child_runs(client, experiment: str):
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("sweep.kind") == "parent"]
+    assert len(parents) == 1, [r.info.run_name for r in runs]
+    return parents[0], [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+
+
+def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow_server, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    url, bucket_name = mlflow_server
+    command = [RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py", "--trials", "4",
+               "--rounds", "2", *TINY, "--kimg-per-round", "0.5", "--storage", f"s3://{bucket_name}/sweeps", "--tracking-uri", url,
+               "--experiment", "e2e", "--model-name", "digits-e2e"]  # fmt: skip
+    job = subprocess.run(command, cwd=ROOT, env=two_node_cluster, capture_output=True, text=True, timeout=900)
+    output = job.stdout + job.stderr
+    (tmp_path / "job.log").write_text(output)
+    assert job.returncode == 0 and "succeeded" in job.stdout, output[-5000:]
+
+    client = MlflowClient(url)
+    parent, children = child_runs(client, "e2e")
+    assert parent.info.status == "FINISHED"
+    assert len(children) == 4
+    statuses = sorted(r.info.status for r in children)
+    stopped = [r for r in children if r.info.status == "KILLED"]
+    assert stopped and all("ASHA after round 1 of 2" in r.data.tags["sweep.stopped_early"] for r in stopped), statuses
+    assert "FINISHED" in statuses and "RUNNING" not in statuses, output[output.find("done in") :][:3000]
+    # Trials ran on both nodes (rank 0's node is tagged by the worker).
+    assert len({r.data.tags["ray.node_id"] for r in children}) == 2
+    for run in children:  # no evaluation logged twice; a stopped trial may finish the round it was in
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid")]
+        assert len(steps) == len(set(steps)), steps
+        assert len(steps) == 2 if run.info.status == "FINISHED" else 1 <= len(steps) <= 2
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"fid_vs_kimg.png", "best_samples.png", "summary.txt", "search_space.json"} <= artifacts
+    (version,) = client.search_model_versions("name = 'digits-e2e'")
+    assert version.run_id == parent.data.tags["best_run_id"] and version.tags["sweep"] == parent.info.run_name
+    assert float(version.tags["fid"]) == pytest.approx(parent.data.metrics["best_fid"], rel=1e-4)
+    assert version.description.startswith("dcgan GAN generator")
+
+
+def _session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def _kill_session(sid: int) -> None:
+    """The driver and the local Ray it started (Ray's workers keep the session)."""
+    for proc in _session_processes(sid):
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(_session_processes(sid), timeout=30)
+
+
+def _trial_statuses(sweep_dir: Path) -> dict[str, str]:
+    states = sorted(glob.glob(str(sweep_dir / "experiment_state-*.json")))
+    if not states:
+        return {}
+    try:
+        data = json.loads(Path(states[-1]).read_text())
+    except (OSError, json.JSONDecodeError):  # caught mid-write
+        return {}
+    trials = (json.loads(entry[0]) for entry in data["trial_data"])
+    return {trial["trial_id"]: trial["status"] for trial in trials}
+
+
+def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    # Rounds long enough (about 10 s) to catch a trial between two checkpoints.
+    command = [sys.executable, "pipelines/tune.py", "--trials", "2", "--rounds", "3", "--grace-rounds", "3",
+               *TINY, "--kimg-per-round", "3", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "killed",
+               "--tracking-uri", tracking, "--experiment", "resume"]  # fmt: skip
+    sweep_dir = tmp_path / "runs" / "killed"
+    log = open(tmp_path / "first.log", "w")
+    driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline:  # one trial done and saved, the next one checkpointed mid-way
+            statuses = _trial_statuses(sweep_dir)
+            done = [t for t, s in statuses.items() if s == "TERMINATED"]
+            running = [t for t, s in statuses.items() if s == "RUNNING"]
+            if done and running and glob.glob(str(sweep_dir / "trials" / running[0] / "checkpoint_*")):
+                break
+            assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.5)
+        else:
+            pytest.fail("the sweep never had a finished and a checkpointed trial")
+    finally:
+        _kill_session(driver.pid)
+    finished, interrupted = done[0], running[0]
+    finished_checkpoints = sorted(os.listdir(sweep_dir / "trials" / finished))
+
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                             start_new_session=True)  # fmt: skip
+    output = resumed.stdout + resumed.stderr
+    assert resumed.returncode == 0, output[-5000:]
+    assert "resuming from" in output  # the interrupted trial continued from its checkpoint
+    assert sorted(os.listdir(sweep_dir / "trials" / finished)) == finished_checkpoints  # not run again
+    assert _trial_statuses(sweep_dir) == {finished: "TERMINATED", interrupted: "TERMINATED"}
+
+    client = MlflowClient(tracking)
+    parent, children = child_runs(client, "resume")
+    assert parent.info.status == "FINISHED" and len(children) == 2
+    for run in children:  # every round logged exactly once across the kill
+        assert run.info.status == "FINISHED"
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid")]
+        assert len(steps) == len(set(steps)) == 3, steps
