@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import hashlib
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import fsspec
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -168,3 +170,30 @@ class Evaluator:
         images = generate(G, self.cfg.num_samples, seed=seed, num_classes=num_classes, device=self.device)
         G.train(was_training)
         return self.score_images(images)
+
+
+@dataclass(frozen=True)
+class FIDEstimate:
+    """FID over several fresh latent seeds: mean and 95% t-interval half-width."""
+
+    mean: float
+    ci95: float
+    values: tuple[float, ...]
+    floor: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.2f} ± {self.ci95:.2f} (95% CI, {len(self.values)} seeds; floor {self.floor:.2f})"
+
+
+def fid_estimate(evaluator: Evaluator, G: nn.Module, num_classes: int, seeds: list[int]) -> FIDEstimate:
+    """Score G on each seed's latents (``evaluator.cfg.num_samples`` images each)."""
+    from scipy import stats
+
+    values = tuple(evaluator(G, num_classes, seed=seed)["fid"] for seed in seeds)
+    mean = float(np.mean(values))
+    half = (
+        float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+        if len(values) > 1
+        else float("inf")
+    )
+    return FIDEstimate(mean, half, values, evaluator.floor)

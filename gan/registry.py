@@ -10,17 +10,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from pathlib import Path
 
 import mlflow.pyfunc
 import numpy as np
+import pandas as pd
 import torch
 
 GENERATOR_FILE = "generator.pt"
-# MLflow asks for type hints on predict() when the class is defined; the explicit
-# signature given at logging is the schema.
-warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
 
 
@@ -31,13 +28,15 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         state = torch.load(context.artifacts["generator"], weights_only=True, map_location="cpu")
         self.G, self.cfg = generator_from_state(state)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    # A DataFrame hint: MLflow then neither nags for hints nor infers a schema; the
+    # signature given at logging is the schema.
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from gan.sampling import sample
 
         rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
         batches = []
         for row in rows:
-            request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if v is not None}}
+            request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if not pd.isna(v)}}
             label = int(request["class"])
             truncation = float(request["truncation"]) or None
             images, _ = sample(
@@ -52,8 +51,14 @@ def signature(resolution: int, channels: int):
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, Schema, TensorSpec
 
+    # Only n is required; seed, class and truncation default as in REQUEST_COLUMNS.
     inputs = Schema(
-        [ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "class"), ColSpec("double", "truncation")]
+        [
+            ColSpec("long", "n"),
+            ColSpec("long", "seed", required=False),
+            ColSpec("long", "class", required=False),
+            ColSpec("double", "truncation", required=False),
+        ]
     )
     shape = (-1, resolution, resolution) if channels == 1 else (-1, resolution, resolution, 3)
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("uint8"), shape)]))
@@ -61,8 +66,6 @@ def signature(resolution: int, channels: int):
 
 def log_generator(run_id: str, name: str, G_ema_state: dict, config_json: str) -> str:
     """Log a generator as an MLflow model under ``run_id``; returns its models:/ URI."""
-    import pandas as pd
-
     from gan.config import Config
 
     cfg = Config.from_json(config_json)
@@ -126,6 +129,8 @@ def load_generator(model_uri: str):
     """(G, cfg) of a logged or registered generator model, with clear errors."""
     from mlflow.exceptions import MlflowException
 
+    # A per-file progress bar for a 2-file model buries the one line that matters.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         model = mlflow.pyfunc.load_model(model_uri)
     except MlflowException as err:

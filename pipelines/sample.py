@@ -3,6 +3,7 @@
     python pipelines/sample.py --checkpoint runs/train/checkpoints/best --n 2500 \
         --out samples.npz --grid grid.png --interp interp.png
     python pipelines/sample.py --checkpoint s3://bucket/run/checkpoints/best --class 7 --n 64 --grid sevens.png
+    python pipelines/sample.py --model models:/gan-generator@champion --n 64 --seed 3 --out s.npz --grid s.png
 """
 
 from __future__ import annotations
@@ -15,11 +16,15 @@ import fsspec
 from gan import checkpoint
 from gan.cli import fail
 from gan.sampling import class_grid, generator_from_state, interpolation, npz_bytes, png_bytes, sample
+from gan.tracking import TrackingError, check_reachable, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="checkpoint folder or state.pt, local path or URI")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="checkpoint folder or state.pt, local path or URI")
+    source.add_argument("--model", help="MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/generator")
+    parser.add_argument("--tracking-uri", help="for --model (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--n", type=int, default=100, help="number of images for --out (default 100)")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same images (default 0)")
     parser.add_argument("--class", dest="label", type=int, help="only this class (conditional models)")
@@ -32,8 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail("nothing to write: give --out, --grid and/or --interp")
 
     try:
-        state, _ = checkpoint.load(args.checkpoint)
-        G, cfg = generator_from_state(state)
+        G = load(args)
         outputs = {}
         if args.out:
             images, labels = sample(G, args.n, seed=args.seed, labels=args.label, truncation=args.truncation)
@@ -47,13 +51,28 @@ def main(argv: list[str] | None = None) -> int:
             outputs[args.grid] = png_bytes(images, columns)
         if args.interp:
             outputs[args.interp] = png_bytes(*interpolation(G, seed=args.seed))
-    except (checkpoint.CheckpointError, ValueError) as err:
+    except (checkpoint.CheckpointError, TrackingError, ValueError) as err:
         return fail(str(err))
     for path, payload in outputs.items():
         with fsspec.open(path, "wb") as handle:
             handle.write(payload)
         print(f"wrote {path}")
     return 0
+
+
+def load(args: argparse.Namespace):
+    """The EMA generator from a training checkpoint or a logged/registered model."""
+    if args.checkpoint:
+        state, _ = checkpoint.load(args.checkpoint)
+        return generator_from_state(state)[0]
+    import mlflow
+
+    from gan.registry import load_generator
+
+    uri = resolve_uri(args.tracking_uri)
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return load_generator(args.model)[0]
 
 
 if __name__ == "__main__":
