@@ -22,7 +22,9 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from gan.config import Config, ConfigError, override
 from gan.distributed import Scaling
 
-KINDS = {"choice": None, "loguniform": 2, "uniform": 2, "randint": 2}
+# Kinds of dimension and how many values each takes (None: one or more). A grid runs
+# every value for each of --trials samples of the rest of the space.
+KINDS = {"choice": None, "grid": None, "loguniform": 2, "uniform": 2, "randint": 2}
 
 # Everything the issue asks a GPU sweep to cover: both learning rates, Adam's betas, the
 # loss, the architecture, EMA and augmentation on/off.
@@ -62,6 +64,8 @@ class Dimension:
             return self.values[0]
         if self.kind == "choice":
             return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
         if self.kind == "randint":  # inclusive upper bound, as a user writes it
             return tune.randint(self.values[0], self.values[1] + 1)
         return getattr(tune, self.kind)(*self.values)
@@ -69,8 +73,8 @@ class Dimension:
     def describe(self) -> str:
         if self.kind == "constant":
             return repr(self.values[0])
-        if self.kind == "choice":
-            return "{" + ", ".join(map(repr, self.values)) + "}"
+        if self.kind in ("choice", "grid"):
+            return self.kind + "{" + ", ".join(map(repr, self.values)) + "}"
         return f"{self.kind}[{self.values[0]:g}, {self.values[1]:g}]"
 
 
@@ -116,7 +120,7 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"--space {text!r}: write SECTION.FIELD=VALUE or SECTION.FIELD=KIND:ARGS")
     kind, colon, args = value.partition(":")
     if colon and kind in KINDS:
-        separator = "," if kind == "choice" else ":"
+        separator = "," if kind in ("choice", "grid") else ":"
         return key.strip(), {kind: [_scalar(a) for a in args.split(separator)]}
     return key.strip(), _scalar(value)
 
@@ -266,21 +270,24 @@ def max_concurrent_trials(plan: Plan, cluster: dict[str, float]) -> int:
     fits = math.floor(cluster.get("CPU", 0) / (s.workers * s.cpus_per_worker) + 1e-9)
     if s.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / (s.workers * s.gpus_per_worker) + 1e-9))
-    return min(fits, plan.trials)
+    return fits
 
 
-def make_search(plan: Plan):
+def make_search(plan: Plan, max_concurrent: int):
+    """The search algorithm, holding at most ``max_concurrent`` trials at once (Tune ignores
+    TuneConfig.max_concurrent_trials for a BasicVariantGenerator passed in)."""
+    from ray.tune.search import ConcurrencyLimiter
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
     if plan.search == "random":
-        return BasicVariantGenerator(random_state=plan.seed)
+        return BasicVariantGenerator(random_state=plan.seed, max_concurrent=max_concurrent)
     try:
         from ray.tune.search.optuna import OptunaSearch
     except ImportError as err:
         raise ConfigError(f"--search optuna needs optuna: pip install 'gan[tune]' ({err})") from None
     from optuna.samplers import TPESampler
 
-    return OptunaSearch(sampler=TPESampler(seed=plan.seed))
+    return ConcurrencyLimiter(OptunaSearch(sampler=TPESampler(seed=plan.seed)), max_concurrent=max_concurrent)
 
 
 class LastRoundKeptASHA(ASHAScheduler):

@@ -183,8 +183,8 @@ def run_sweep(args: argparse.Namespace, base, space, plan: sweep.Plan) -> int:
                 trainable,
                 param_space={key: dim.to_tune() for key, dim in space.items()},
                 tune_config=tune.TuneConfig(
-                    metric="fid", mode="min", num_samples=plan.trials, max_concurrent_trials=concurrency,
-                    scheduler=sweep.make_scheduler(plan), search_alg=sweep.make_search(plan),
+                    metric="fid", mode="min", num_samples=plan.trials,
+                    scheduler=sweep.make_scheduler(plan), search_alg=sweep.make_search(plan, concurrency),
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
                 run_config=tune.RunConfig(

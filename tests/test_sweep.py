@@ -22,6 +22,8 @@ def test_space_entries_parse_to_dimensions():
     assert sweep.parse_override("model.width=choice:32,64") == ("model.width", {"choice": [32, 64]})
     assert sweep.parse_override("loss.augment=choice:,translation") == ("loss.augment", {"choice": ["", "translation"]})
     assert sweep.parse_override("model.family=resnet") == ("model.family", "resnet")
+    assert sweep.parse_override("loss.r1_gamma=grid:0,1e39") == ("loss.r1_gamma", {"grid": [0, 1e39]})
+    assert sweep.dimension("loss.kind", {"grid": ["ns", "hinge"]}).describe() == "grid{'ns', 'hinge'}"
 
 
 @pytest.mark.parametrize(
@@ -92,7 +94,6 @@ def test_concurrency_never_oversubscribes():
     assert sweep.max_concurrent_trials(sweep.Plan(), cpu) == 2
     assert sweep.max_concurrent_trials(sweep.Plan(scaling=Scaling(workers=2)), cpu) == 1
     assert sweep.max_concurrent_trials(sweep.Plan(scaling=Scaling(workers=3)), cpu) == 0
-    assert sweep.max_concurrent_trials(sweep.Plan(trials=1), {"CPU": 64}) == 1
     gpus = sweep.Plan(scaling=Scaling(workers=2, use_gpu=True, gpus_per_worker=1))
     assert sweep.max_concurrent_trials(gpus, {"CPU": 32, "GPU": 5}) == 2
     half = sweep.Plan(scaling=Scaling(workers=1, use_gpu=True, gpus_per_worker=0.5))
@@ -176,7 +177,7 @@ def test_optuna_search_samples_the_space(tmp_path):
         tuner = tune.Tuner(
             trainable,
             param_space={k: d.to_tune() for k, d in space.items()},
-            tune_config=tune.TuneConfig(metric="fid", mode="min", num_samples=3, search_alg=sweep.make_search(plan)),
+            tune_config=tune.TuneConfig(metric="fid", mode="min", num_samples=3, search_alg=sweep.make_search(plan, 1)),
             run_config=tune.RunConfig(storage_path=str(tmp_path)),
         )
         grid = tuner.fit()
@@ -214,3 +215,35 @@ def test_asha_cuts_weak_trials_but_never_at_the_last_round():
     assert last == TrialScheduler.CONTINUE  # and the last round is never cut
     plain = ASHAScheduler(time_attr="training_iteration", max_t=2, grace_period=1, reduction_factor=2)
     assert decisions(plain)[1] == TrialScheduler.STOP  # what plain ASHA would do there
+
+
+def test_search_holds_trials_to_the_concurrency(tmp_path):
+    """Tune ignores TuneConfig.max_concurrent_trials for a search algorithm passed in, so
+    make_search must limit it: with room for 2 trials and a limit of 1, none overlap."""
+    import time
+
+    import ray
+    from ray import tune
+
+    spans = tmp_path / "spans"
+    spans.mkdir()
+
+    def trainable(params):
+        start = time.time()
+        time.sleep(1.5)
+        (spans / f"{start}").write_text(f"{start} {time.time()}")
+        tune.report({"fid": 1.0})
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        tune.Tuner(
+            trainable,
+            param_space={"x": tune.uniform(0, 1)},
+            tune_config=tune.TuneConfig(num_samples=3, search_alg=sweep.make_search(sweep.Plan(trials=3), 1)),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "tune")),
+        ).fit()
+    finally:
+        ray.shutdown()
+    intervals = sorted(tuple(map(float, p.read_text().split())) for p in spans.iterdir())
+    assert len(intervals) == 3
+    assert all(later[0] >= earlier[1] for earlier, later in zip(intervals, intervals[1:], strict=False))
