@@ -20,23 +20,30 @@ RAY_PORT=${RAY_PORT:-6379}
 DASHBOARD_PORT=${DASHBOARD_PORT:-8265}
 [ -x .venv/bin/ray ] && export PATH="$PWD/.venv/bin:$PATH"
 
-stop_session() {  # $1: pid file of a session leader (setsid). Ray's workers start their own
-  [ -f "$1" ] || return 0  # process groups and a job's driver its own session, so stop every
-  local sid pids frontier  # process of the node's session and all their descendants.
-  sid=$(cat "$1")
-  pids=$(pgrep -s "$sid" || true)
+session_pids() {  # $1: session id. Ray's workers start their own process groups and a
+  local pids frontier  # job's driver its own session: the session and all descendants.
+  pids=$(pgrep -s "$1" || true)
   frontier=$pids
   while [ -n "$frontier" ]; do
     frontier=$(for p in $frontier; do pgrep -P "$p" || true; done)
     pids="$pids $frontier"
   done
-  [ -n "${pids// /}" ] && kill -TERM $pids 2>/dev/null || true
-  for _ in $(seq 40); do
-    alive=$(for p in $pids; do kill -0 "$p" 2>/dev/null && echo "$p"; done)
-    [ -z "$alive" ] && break
-    sleep 0.5
+  echo $pids
+}
+
+stop_session() {  # $1: pid file of a session leader (setsid): TERM, then KILL what is left
+  [ -f "$1" ] || return 0
+  local sid signal pids
+  sid=$(cat "$1")
+  for signal in TERM KILL KILL; do
+    pids=$(session_pids "$sid")
+    [ -z "$pids" ] && break
+    kill -"$signal" $pids 2>/dev/null || true
+    for _ in $(seq 20); do
+      [ -z "$(session_pids "$sid")" ] && break
+      sleep 0.5
+    done
   done
-  [ -n "${alive:-}" ] && kill -KILL $alive 2>/dev/null || true
   rm -f "$1"
 }
 

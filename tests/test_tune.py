@@ -32,14 +32,18 @@ def two_node_cluster(tmp_path, s3_server):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     script = ["bash", "cluster/local_cluster.sh"]
+    sessions = []
     try:
         subprocess.run([*script, "start"], cwd=ROOT, env=env, check=True, timeout=240, capture_output=True)
+        sessions = [int((tmp_path / "ray" / f"{node}.pid").read_text()) for node in ("head", "worker")]
         for line in (tmp_path / "ray" / "env").read_text().splitlines():
             key, _, value = line.removeprefix("export ").partition("=")
             env[key] = value
         yield env
     finally:
-        subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=120, capture_output=True)
+        subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=180, capture_output=True)
+    # A leftover Ray instance breaks later ones (Ray's clean-up actors refuse to pick one).
+    assert not [p for sid in sessions for p in _session_processes(sid)], "the local cluster left processes"
 
 
 def child_runs(client, experiment: str):
