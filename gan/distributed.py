@@ -117,6 +117,19 @@ class Scaling:
     """GPUs each worker holds when use_gpu (a fraction packs several trials on one GPU)."""
 
 
+def connect() -> None:
+    """Start local Ray, or join $RAY_ADDRESS (set under `ray job submit`); a clear error
+    naming the address when it cannot be reached."""
+    import ray
+
+    try:
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+    except ConnectionError as err:
+        raise ValueError(
+            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
+        ) from None
+
+
 def check_resources(scaling: Scaling) -> None:
     """Fail before any worker starts when the cluster cannot host the workers."""
     import ray

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import os
 import sys
 import time
 
@@ -106,9 +105,8 @@ def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: T
 
 
 def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
-    import ray
 
-    from gan.distributed import Scaling, check_resources, make_trainer, run_exists, storage_for
+    from gan.distributed import Scaling, check_resources, connect, make_trainer, run_exists, storage_for
 
     storage_path, filesystem = storage_for(args.storage, args.s3_endpoint)
     exists = run_exists(storage_path, filesystem, name)
@@ -120,12 +118,7 @@ def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: Tra
         raise ValueError(f"nothing to resume: no run {name!r} under {args.storage}")
     if args.workers < 1:
         raise ValueError(f"--workers {args.workers}: need at least 1")
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
-    except ConnectionError as err:
-        raise ValueError(
-            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
-        ) from None
+    connect()
     scaling = Scaling(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
     check_resources(scaling)
     print(f"Ray Train run {name!r}: {args.workers} worker(s), storage {args.storage}", flush=True)

@@ -23,7 +23,7 @@ import fsspec
 from gan import checkpoint, sweep
 from gan.cli import add_config_args, fail
 from gan.config import ConfigError, override, preset
-from gan.distributed import Scaling, run_exists, storage_for, storage_options
+from gan.distributed import Scaling, connect, run_exists, storage_for, storage_options
 from gan.sampling import class_grid, generator_from_state, png_bytes
 from gan.tracking import MLflowTracker, TrackingError, TrackingTarget, git_commit, prepare, resolve_uri, run_id_of
 
@@ -117,6 +117,8 @@ def kimg_per_round(args: argparse.Namespace, plan: sweep.Plan, concurrency: int)
     """--kimg-per-round, else what fits --budget-minutes if ASHA stops trials as expected."""
     if args.kimg_per_round:
         return args.kimg_per_round
+    if plan.scaling.use_gpu:
+        raise ConfigError("--budget-minutes sizes rounds for CPU workers; on GPUs give --kimg-per-round")
     work = sweep.expected_rounds(plan)
     img_per_s = CPU_IMG_PER_S * concurrency * plan.scaling.workers
     return round(args.budget_minutes * 60 * TRAINING_SHARE * img_per_s / work / 1000, 1)
@@ -127,12 +129,7 @@ def run_sweep(args: argparse.Namespace, base, space, plan: sweep.Plan) -> int:
     from ray import tune
 
     storage_path, filesystem = storage_for(args.storage, args.s3_endpoint)
-    try:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
-    except ConnectionError as err:
-        raise ValueError(
-            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
-        ) from None
+    connect()
     concurrency = args.max_concurrent or sweep.max_concurrent_trials(plan, ray.cluster_resources())
     if concurrency < 1:
         raise ValueError(
@@ -252,7 +249,16 @@ def report(args, name, base, space, plan, grid, parent, tracking, storage_path, 
         print(f"registered models:/{args.model_name}/{version.version} (run {best_run})", flush=True)
     parent.set_tags(tags)
     parent.close("FINISHED")
-    print(f"MLflow: experiment {args.experiment!r} at {tracking['uri']}, parent run {name!r}", flush=True)
+    where = f" --tracking-uri {tracking['uri']}"
+    print(
+        f"MLflow: experiment {args.experiment!r} at {tracking['uri']}, parent run {name!r}\n"
+        f"next:\n  python pipelines/promote.py --sweep {name} --experiment {args.experiment} "
+        f"--model-name {args.model_name}{where}\n"
+        f"  python pipelines/sample.py --model models:/{args.model_name}@champion --grid grid.png{where}\n"
+        f"  MLFLOW_TRACKING_URI={tracking['uri']} mlflow models serve -m models:/{args.model_name}@champion "
+        "--env-manager local -p 5001",
+        flush=True,
+    )
     return 0
 
 
