@@ -9,6 +9,7 @@ for evaluation), and only rank 0 attaches a checkpoint to its report.
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from dataclasses import dataclass
 from typing import Any
@@ -122,8 +123,15 @@ def connect() -> None:
     naming the address when it cannot be reached."""
     import ray
 
+    address = os.environ.get("RAY_ADDRESS")
+    if address and ":" in address and "://" not in address:  # host:port of a GCS: Ray would retry for minutes
+        host, _, port = address.rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {err}") from None
     try:
-        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True, configure_logging=False)
+        ray.init(address=address, log_to_driver=True, configure_logging=False)
     except ConnectionError as err:
         raise ValueError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"

@@ -338,9 +338,7 @@ def make_trial_runs_callback(tracking: dict[str, str] | None, sweep: str, plan: 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             if tracking is None:
                 return
-            error = trial.get_pickled_error()
-            reason = _first_line(error) if error is not None else f"see {trial.error_file}"
-            finish_run(self._target(trial), "FAILED", {"sweep.error": reason})
+            finish_run(self._target(trial), "FAILED", {"sweep.error": trial_error(trial)})
 
     return TrialRuns()
 
@@ -361,7 +359,7 @@ class TrialSummary:
 
     def status(self, plan: Plan) -> str:
         if self.outcome == "error":
-            return f"error: {self.error}"
+            return f"error: {self.error[:90]}" + ("..." if len(self.error) > 90 else "")
         if self.outcome == "stopped":
             return f"stopped by ASHA at round {self.rounds}/{plan.rounds}"
         return f"completed {self.rounds}/{plan.rounds} rounds"
@@ -408,10 +406,26 @@ def _first_line(error: BaseException) -> str:
     cause = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    text = str(cause).strip().splitlines()
-    # Ray wraps worker errors in text; the user's exception is the last line that names one.
-    named = [line.strip() for line in text if "Error:" in line]
-    return (named[-1] if named else (text[0] if text else type(cause).__name__))[:200]
+    return _error_line(str(cause)) or type(cause).__name__
+
+
+def _error_line(text: str) -> str:
+    """Ray wraps worker errors in text; the user's exception is the last line naming one."""
+    lines = text.strip().splitlines()
+    named = [line.strip() for line in lines if "Error:" in line]
+    return (named[-1] if named else (lines[0] if lines else ""))[:200]
+
+
+def trial_error(trial) -> str:
+    """Why a trial failed, from Tune's pickled error or its error file on the driver."""
+    error = trial.get_pickled_error()
+    if error is not None:
+        return _first_line(error)
+    try:
+        with open(trial.error_file) as handle:
+            return _error_line(handle.read()) or f"see {trial.error_file}"
+    except (OSError, TypeError):
+        return "see the Ray trial logs"
 
 
 def table(rows: list[TrialSummary], space: dict[str, Dimension], plan: Plan) -> str:

@@ -139,16 +139,20 @@ class MLflowTracker(Tracker):
             found = _find_run(self.client, experiment_id, target.run_name)
         except Exception as err:  # the store's own errors vary by backend
             raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+        # Evaluations the run already holds: a restarted worker evaluates them again.
+        self.logged_steps: set[int] = set()
         if found:
             self.run_id = found[0].info.run_id
             self.logged_params = dict(found[0].data.params)
             self.client.update_run(self.run_id, status="RUNNING")
+            self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, "fid")}
         else:
             identity = {RUN_NAME_TAG: target.run_name}
             if target.parent_run_id:
                 identity["mlflow.parentRunId"] = target.parent_run_id
             run = self.client.create_run(experiment_id, run_name=target.run_name, tags=identity)
             self.run_id, self.logged_params = run.info.run_id, {}
+        self.steps_before_start = frozenset(self.logged_steps)
         self.set_tags({"git_commit": git_commit(), **(tags or {})})
 
     def log_params(self, params: dict[str, Any]) -> None:
@@ -169,8 +173,13 @@ class MLflowTracker(Tracker):
             self._call("tags", self.client.log_batch, self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        """Once per step: a worker restarted from an earlier checkpoint (or from scratch,
+        when it died before its first checkpoint was registered) evaluates steps again."""
         from mlflow.entities import Metric
 
+        if step in self.logged_steps:
+            return
+        self.logged_steps.add(step)
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
@@ -178,17 +187,14 @@ class MLflowTracker(Tracker):
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a restart: log the evaluations a checkpoint holds but the run lacks (the
         process died between writing a checkpoint and logging its metrics)."""
-        try:
-            logged = {m.step for m in self.client.get_metric_history(self.run_id, "fid")}
-        except Exception:  # unreachable now: the queue covers what is logged next
-            return
         for metrics in history:
-            if int(metrics["images_seen"]) not in logged:
-                self.log_metrics(metrics, step=int(metrics["images_seen"]))
+            self.log_metrics(metrics, step=int(metrics["images_seen"]))
 
     def log_image(self, png: bytes, key: str, step: int) -> None:
         from PIL import Image
 
+        if step in self.steps_before_start:  # evaluated again after a restart
+            return
         self._call(
             f"{key} at step {step}", self.client.log_image, self.run_id, Image.open(io.BytesIO(png)), key=key, step=step
         )
@@ -252,9 +258,9 @@ def _find_run(client, experiment_id: str, run_name: str) -> list:
 
 
 def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None = None) -> str | None:
-    """Driver-side safety net: end the named run with ``status`` (and ``tags``) if it is
-    still RUNNING: a worker that died, or a trial that Tune stopped, cannot close its own
-    run. Returns the run's final status, or None when there is no such run."""
+    """Driver-side safety net: tag the named run with ``tags``, and end it with ``status``
+    if it is still RUNNING (a worker that died, or a trial that Tune stopped, cannot close
+    its own run). Returns the run's final status, or None when there is no such run."""
     from mlflow.entities import RunTag
     from mlflow.tracking import MlflowClient
 
@@ -263,10 +269,10 @@ def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None 
     if experiment is None:
         return None
     for run in _find_run(client, experiment.experiment_id, target.run_name):
+        if tags:  # the reason, also on a run its worker closed itself
+            client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         if run.info.status != "RUNNING":
             return run.info.status
-        if tags:
-            client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         client.set_terminated(run.info.run_id, status)
         return status
     return None

@@ -33,10 +33,11 @@ def ray_cluster():
         ray.shutdown()
 
 
-def fit(cfg, tmp_path, name, workers):
+def fit(cfg, tmp_path, name, workers, tracking=None):
     from gan.distributed import Scaling, make_trainer
 
-    trainer = make_trainer(cfg, Scaling(workers=workers), name=name, storage_path=str(tmp_path), max_failures=2)
+    trainer = make_trainer(cfg, Scaling(workers=workers), name=name, storage_path=str(tmp_path), max_failures=2,
+                           tracking=tracking)  # fmt: skip
     return trainer.fit()
 
 
@@ -82,7 +83,8 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    result = fit(cfg, tmp_path, "victim", workers=1)
+    tracking = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "victim", "run_name": "victim"}
+    result = fit(cfg, tmp_path, "victim", workers=1, tracking=tracking)
     thread.join(timeout=5)
     assert killed, "the test never saw a worker to kill"
     state, _ = checkpoint.load(result.checkpoint.path)
@@ -93,6 +95,15 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     assert len(steps) == 10
     kept = sorted(p.name for p in (tmp_path / "victim").glob("checkpoint_step*"))
     assert kept and all((tmp_path / "victim" / k / "state.pt").exists() for k in kept)
+    # The MLflow run has every evaluation exactly once across the restart.
+    from mlflow.tracking import MlflowClient
+
+    from gan.tracking import TrackingTarget, run_id_of
+
+    run_id = run_id_of(TrackingTarget(**tracking))
+    logged = [m.step for m in MlflowClient(tracking["uri"]).get_metric_history(run_id, "fid")]
+    assert sorted(logged) == [int(h["images_seen"]) for h in state["history"]]
+    assert MlflowClient(tracking["uri"]).get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):

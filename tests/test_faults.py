@@ -1,0 +1,226 @@
+"""What goes wrong on shared clusters, tried for real: a worker killed inside a Tune trial,
+a diverging trial, the S3 server down during checkpoint upload, bad input as a new user
+types it, and secrets that must not leak into anything a run writes."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from services import ROOT, free_port
+
+pytestmark = pytest.mark.integration
+TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
+
+
+def session_workers(sid: int) -> list[psutil.Process]:
+    """Ray Train worker processes started under the driver's session."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            if os.getsid(proc.pid) == sid and "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
+    """Trial 1 loses its worker after a checkpoint and finishes from it, with every
+    evaluation logged once; trial 2 diverges, fails with the step, and the sweep goes on."""
+    from mlflow.tracking import MlflowClient
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    command = [sys.executable, "pipelines/tune.py", "--trials", "1", "--rounds", "3", "--grace-rounds", "3", *TINY,
+               "--kimg-per-round", "3", "--space", "loss.r1_gamma=grid:0,1e39", "--space", "loss.r1_every=1",
+               "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "faults",
+               "--tracking-uri", tracking, "--experiment", "faults"]  # fmt: skip
+    log_path = tmp_path / "sweep.log"
+    with open(log_path, "w") as log:
+        driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
+    killed = []
+
+    def kill_first_worker_after_a_checkpoint():
+        deadline = time.time() + 400
+        while time.time() < deadline and driver.poll() is None:
+            # The second checkpoint on disk: the first is surely registered by now.
+            if len(glob.glob(str(tmp_path / "runs/faults/trials/*/checkpoint_*"))) >= 2:
+                workers = session_workers(driver.pid)
+                if workers:
+                    workers[0].kill()
+                    killed.append(workers[0].pid)
+                    return
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_first_worker_after_a_checkpoint, daemon=True)
+    killer.start()
+    try:
+        driver.wait(timeout=900)
+    finally:
+        if driver.poll() is None:
+            for proc in psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]:
+                proc.kill()
+    output = log_path.read_text()
+    assert driver.returncode == 0, output[-5000:]
+    assert killed, "no worker was killed"
+    assert "resuming from" in output  # the replacement worker restored the checkpoint
+
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("faults")
+    children = [r for r in client.search_runs([experiment.experiment_id]) if "mlflow.parentRunId" in r.data.tags]
+    by_gamma = {r.data.params["loss.r1_gamma"]: r for r in children}
+    healthy, diverged = by_gamma["0.0"], by_gamma["1e+39"]
+    assert healthy.info.status == "FINISHED"
+    steps = [m.step for m in client.get_metric_history(healthy.info.run_id, "fid")]
+    assert len(steps) == len(set(steps)) == 3, steps  # none missing, none twice
+    assert diverged.info.status == "FAILED"
+    assert "diverged" in diverged.data.tags["sweep.error"] and "at step" in diverged.data.tags["sweep.error"]
+    assert "error: " in output and "diverged" in output[output.find("done in") :]  # in the summary table
+
+
+def test_storage_outage_during_checkpoint_upload(tmp_path):
+    """The S3 server goes away for a few seconds while checkpoints are uploaded: the run
+    continues (a failed upload restarts the worker from the last whole checkpoint), it
+    finishes, and every checkpoint Ray registered is complete."""
+    import boto3
+    import ray
+    from moto.server import ThreadedMotoServer
+
+    from gan import checkpoint
+    from gan.config import override, preset
+    from gan.distributed import Scaling, make_trainer, storage_for
+
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
+    storage_path, filesystem = storage_for("s3://flaky/runs", endpoint)
+    cfg = override(preset("debug"), ["train.total_kimg=1.6", "eval.every_kimg=0.16", "eval.num_samples=100"])
+    outage = {}
+
+    def outage_after_first_checkpoint():
+        s3 = boto3.client("s3", endpoint_url=endpoint)
+        while True:
+            listed = s3.list_objects_v2(Bucket="flaky", Prefix="runs/outage/").get("Contents", [])
+            if any("checkpoint_step" in o["Key"] for o in listed):
+                break
+            time.sleep(0.1)
+        server.stop()
+        outage["start"] = time.time()
+        time.sleep(4)
+        server_again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server_again.start()
+        outage["server"] = server_again
+        outage["seconds"] = time.time() - outage["start"]
+
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    thread = threading.Thread(target=outage_after_first_checkpoint, daemon=True)
+    try:
+        thread.start()
+        trainer = make_trainer(cfg, Scaling(workers=1), name="outage", storage_path=storage_path,
+                               storage_filesystem=filesystem, max_failures=5)  # fmt: skip
+        result = trainer.fit()
+        thread.join(timeout=30)
+        assert outage["seconds"] >= 4
+        assert result.metrics["images_seen"] >= 1600
+        options = {"client_kwargs": {"endpoint_url": endpoint}}
+        for registered, _ in result.best_checkpoints:  # whole, loadable checkpoints only
+            state, meta = checkpoint.load(f"s3://{registered.path}", options)
+            assert state["loop"]["step"] == meta["step"]
+        assert result.checkpoint.path.endswith(f"checkpoint_step{int(result.metrics['step']):08d}")
+    finally:
+        ray.shutdown()
+        thread.join(timeout=30)
+        outage.get("server", server).stop()
+
+
+def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "pipelines/train.py", "--preset", "debug", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--set", "data.uri=embeded:mnist5k"], "embeded:mnist5k"),  # a typo in the scheme
+        (["--set", "data.uri=s3://no-such-bucket-gan/digits.npz", "--set",
+          'data.storage_options={"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}'], "no-such-bucket-gan"),
+        (["--set", "model.family=vit"], "model.family='vit' is not allowed"),
+        (["--set", "train.batch_size=0"], "train.batch_size=0 is not allowed"),
+    ],
+)  # fmt: skip
+def test_bad_input_as_a_new_user_types_it(args, message, tmp_path):
+    result = run_train("--in-process", "--no-tracking", "--storage", str(tmp_path), *args)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert not list(tmp_path.iterdir())  # failed before anything was written
+
+
+@pytest.mark.parametrize("kind", ["empty", "corrupt"])
+def test_empty_or_corrupt_dataset(kind, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    if kind == "corrupt":
+        (data / "digits.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
+    uri = str(data) if kind == "empty" else str(data / "digits.npz")
+    result = run_train("--in-process", "--no-tracking", "--storage", str(tmp_path / "runs"), "--set", f"data.uri={uri}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert uri in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unreachable_cluster_address(tmp_path):
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    started = time.time()
+    result = run_train("--no-tracking", "--storage", str(tmp_path), env=env)
+    assert result.returncode == 2 and "cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1" in result.stderr
+    assert time.time() - started < 120
+
+
+FAKE_SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIAFAKESECRET000001",
+    "AWS_SECRET_ACCESS_KEY": "fake/secret+key/0123456789abcdefABCDEF012",
+    "MLFLOW_TRACKING_PASSWORD": "fake-mlflow-password-4f1b",
+    "MLFLOW_TRACKING_TOKEN": "fake-mlflow-token-9c2e",
+    "HF_TOKEN": "hf_fakeTokenThatMustNotLeak123",
+}
+
+
+def test_no_secret_reaches_params_tags_artifacts_logs_or_checkpoints(tmp_path):
+    """A Ray Train run tracked in MLflow with fake secrets in its environment; then every
+    byte it wrote (store, artefacts, checkpoints, Ray's session logs, its output) is grepped."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="gan-secrets-", dir="/tmp"))  # short: Ray's unix sockets live there
+    env = {**os.environ, **FAKE_SECRETS, "RAY_TMPDIR": str(ray_tmp)}
+    try:
+        leaks = _secrets_written_by_a_run(tmp_path, ray_tmp, env)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert not leaks, leaks
+
+
+def _secrets_written_by_a_run(tmp_path: Path, ray_tmp: Path, env: dict) -> list:
+    result = run_train("--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                       "--set", "train.total_kimg=0.32", "--set", "eval.every_kimg=0.16", env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = [p for root in (tmp_path, ray_tmp) for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    assert any(p.name == "state.pt" for p in written) and any(p.name == "MLmodel" for p in written)
+    assert any("session_" in str(p) and p.suffix in (".log", ".out", ".err") for p in written)
+    leaks = []
+    for path in written:
+        data = path.read_bytes()
+        leaks += [(str(path), key) for key, value in FAKE_SECRETS.items() if value.encode() in data]
+    for key, value in FAKE_SECRETS.items():
+        if value in result.stdout + result.stderr:
+            leaks.append(("output", key))
+    return leaks
