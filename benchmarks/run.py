@@ -1,0 +1,219 @@
+"""The project's claims, measured on this machine, side by side; medians of repeated runs.
+
+    python benchmarks/run.py --quick                 # every benchmark, small budgets (under 10 minutes)
+    python benchmarks/run.py                         # the budgets RESULTS.md records (about 2 hours on 2 cores)
+    python benchmarks/run.py --only quality,overhead --repeats 3
+
+Benchmarks (each also runs alone with --only):
+  quality   default preset vs the textbook DCGAN recipe, same training seconds, same data,
+            same evaluator (2,500 samples), with the floor; and the time our default needs
+            to reach the textbook recipe's final FID
+  overhead  img/s of 1 Ray Train worker vs the same loop in-process on the same threads
+  scaling   1 vs 2 Ray Train workers: img/s and FID at equal images; bytes all-reduced per
+            step, and a projection to N GPU workers (assumptions printed with it)
+  tune      the same search space, seeds and trial count with ASHA and without early
+            stopping: best FID and worker-seconds
+  eval      FID evaluation time as a share of training time at the default interval, and
+            peak memory of the default training job
+Nothing here is a test: targets are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+
+# Budgets: (full, quick)
+QUALITY_SECONDS = (300, 45)
+OVERHEAD_SECONDS = (60, 20)
+SCALING_KIMG = (40, 6)
+TUNE_PLAN = (
+    ["--trials", "8", "--rounds", "4", "--kimg-per-round", "10"],
+    ["--trials", "4", "--rounds", "2", "--kimg-per-round", "1"],
+)
+EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is reached
+
+
+def train_once(*args: str) -> dict:
+    proc = subprocess.run([PY, "benchmarks/train_once.py", *args], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"train_once {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def time_to_reach(history: list[dict], target: float) -> float | None:
+    """Training seconds at the first evaluation with FID <= target (None: never)."""
+    return next((h["time/train_s"] for h in history if h["fid"] <= target), None)
+
+
+def quality(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    seconds = QUALITY_SECONDS[quick]
+    sets = ["--set", f"eval.every_kimg={EVAL_EVERY_KIMG}"]
+    runs = {
+        recipe: [
+            train_once(
+                "--preset", recipe, "--seconds", str(seconds), "--threads", "2", *sets, "--set", f"train.seed={seed}"
+            )
+            for seed in range(repeats)
+        ]  # fmt: skip
+        for recipe in ("dcgan", "textbook")
+    }
+    ours, textbook = (median(r["fid"] for r in runs[k]) for k in ("dcgan", "textbook"))
+    reach = [time_to_reach(r["history"], textbook) for r in runs["dcgan"]]
+    reached = [t for t in reach if t is not None]
+    floor = runs["dcgan"][0]["fid_floor"]
+    rows = [
+        (f"FID after {seconds}s, default (dcgan)", f"{ours:.1f}", f"runs {[round(r['fid'], 1) for r in runs['dcgan']]}, floor {floor:.2f}"),
+        (f"FID after {seconds}s, textbook DCGAN", f"{textbook:.1f}", f"runs {[round(r['fid'], 1) for r in runs['textbook']]}, floor {runs['textbook'][0]['fid_floor']:.2f}"),
+        ("ours / textbook FID (target <= 0.5)", f"{ours / textbook:.2f}", ""),
+        ("seconds for ours to reach textbook's FID (target < 1/3 of budget)",
+         f"{median(reached):.0f}" if len(reached) == len(reach) else "not reached",
+         f"runs {[None if t is None else round(t) for t in reach]}, budget {seconds}s, evaluated every {EVAL_EVERY_KIMG} kimg"),
+        ("img/s, default / textbook", f"{median(r['img_per_s'] for r in runs['dcgan']):.0f} / "
+         f"{median(r['img_per_s'] for r in runs['textbook']):.0f}", "2 threads, in-process"),
+    ]  # fmt: skip
+    return rows
+
+
+def overhead(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    seconds = str(OVERHEAD_SECONDS[quick])
+    sets = ["--set", "eval.every_kimg=1000", "--set", "eval.num_samples=500", "--seconds", seconds, "--threads", "1"]
+    local = [train_once(*sets)["img_per_s"] for _ in range(repeats)]
+    ray = [train_once(*sets, "--ray-workers", "1")["img_per_s"] for _ in range(repeats)]
+    return [
+        ("img/s in-process, 1 thread", f"{median(local):.0f}", f"runs {[round(x) for x in local]}"),
+        ("img/s Ray Train, 1 worker x 1 CPU", f"{median(ray):.0f}", f"runs {[round(x) for x in ray]}"),
+        ("Ray / in-process (target >= 0.9)", f"{median(ray) / median(local):.2f}", f"{seconds}s of training each"),
+    ]
+
+
+def communication_bytes() -> tuple[int, int]:
+    """Parameters of the default G and D: DDP all-reduces every gradient once per step."""
+    from gan.config import preset
+    from gan.models import build_models
+
+    cfg = preset("dcgan")
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    return count(G), count(D)
+
+
+def scaling(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    kimg = str(SCALING_KIMG[quick])
+    sets = ["--kimg", kimg, "--threads", "1", "--set", f"eval.every_kimg={kimg}"]
+    one = [train_once(*sets, "--ray-workers", "1") for _ in range(repeats)]
+    two = [train_once(*sets, "--ray-workers", "2") for _ in range(repeats)]
+    g, d = communication_bytes()
+    step_bytes = 4 * (g + d)  # float32 gradients: D's in the D step, G's in the G step
+    step_s = 64 / median(r["img_per_s"] for r in one)  # one global batch of 64 on one worker
+    rows = [
+        ("img/s, 1 worker", f"{median(r['img_per_s'] for r in one):.0f}", f"runs {[round(r['img_per_s']) for r in one]}"),
+        ("img/s, 2 workers", f"{median(r['img_per_s'] for r in two):.0f}", f"runs {[round(r['img_per_s']) for r in two]}"),
+        (f"FID at {kimg} kimg, 1 / 2 workers", f"{median(r['fid'] for r in one):.1f} / {median(r['fid'] for r in two):.1f}", "same global batch 64"),
+        ("bytes all-reduced per step", f"{step_bytes / 1e6:.2f} MB", f"G {g:,} + D {d:,} float32 parameters"),
+    ]  # fmt: skip
+    for n, bandwidth in ((8, 10e9), (8, 100e9)):
+        ring = 2 * (n - 1) / n * step_bytes / bandwidth
+        rows.append((f"projected all-reduce time per step, {n} GPUs at {bandwidth / 1e9:.0f} GB/s",
+                     f"{ring * 1e3:.2f} ms", f"ring all-reduce 2(N-1)/N x bytes / bandwidth; CPU step here {step_s * 1e3:.0f} ms"))  # fmt: skip
+    return rows
+
+
+def tune(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    plan = TUNE_PLAN[quick]
+    rounds = plan[plan.index("--rounds") + 1]
+    results = {}
+    for label, grace in (("ASHA", "1"), ("no early stopping", rounds)):
+        with tempfile.TemporaryDirectory(prefix="gan-bench-tune-") as tmp:
+            started = time.monotonic()
+            proc = subprocess.run([PY, "pipelines/tune.py", *plan, "--grace-rounds", grace, "--storage", tmp,
+                                   "--no-tracking", "--name", "bench"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"tune ({label}) failed:\n{proc.stderr[-3000:]}")
+            best = float(re.search(r"best: trial \S+, FID ([\d.]+)", proc.stdout).group(1))
+            worker_s = float(re.search(r"worker-seconds (\d+)", proc.stdout).group(1))
+            results[label] = (best, worker_s, time.monotonic() - started)
+    (asha_fid, asha_s, asha_wall), (full_fid, full_s, full_wall) = results["ASHA"], results["no early stopping"]
+    return [
+        ("best FID, ASHA / no early stopping", f"{asha_fid:.1f} / {full_fid:.1f}", f"{' '.join(plan)}, search seed 0"),
+        ("ASHA best within 10% of full search's (target)", f"{asha_fid / full_fid - 1:+.1%}", ""),
+        (
+            "worker-seconds, ASHA / no early stopping",
+            f"{asha_s:.0f} / {full_s:.0f}",
+            f"wall {asha_wall:.0f}s / {full_wall:.0f}s",
+        ),
+        ("ASHA compute share (target <= 40%)", f"{asha_s / full_s:.0%}", ""),
+    ]
+
+
+def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    from gan.config import preset
+
+    default_every = preset("dcgan").eval.every_kimg
+    seconds = str(QUALITY_SECONDS[quick])
+    runs = [
+        train_once("--seconds", seconds, "--threads", "2", "--set", f"eval.every_kimg={EVAL_EVERY_KIMG}")
+        for _ in range(repeats)
+    ]
+    per_eval = median(median(h["time/eval_s"] for h in r["history"]) for r in runs)
+    img_per_s = median(r["img_per_s"] for r in runs)
+    share = per_eval / (default_every * 1000 / img_per_s)
+    return [
+        ("seconds per FID evaluation (2,500 samples)", f"{per_eval:.1f}", f"{img_per_s:.0f} img/s training"),
+        (f"evaluation share at every {default_every:g} kimg (target < 10%)", f"{share:.1%}", "eval seconds / training seconds between evals"),
+        ("peak memory of the default training job", f"{median(r['peak_rss_mib'] for r in runs):.0f} MiB", "RSS, in-process, 2 threads"),
+    ]  # fmt: skip
+
+
+BENCHMARKS = {"quality": quality, "overhead": overhead, "scaling": scaling, "tune": tune, "eval": eval_cost}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small budgets, one run each (under 10 minutes)")
+    parser.add_argument(
+        "--only", default=",".join(BENCHMARKS), help=f"comma-separated subset of {', '.join(BENCHMARKS)}"
+    )
+    parser.add_argument("--repeats", type=int, help="runs per measurement (default 3, quick 1)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    args = parser.parse_args()
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
+    repeats = args.repeats or (1 if args.quick else 3)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    ).stdout.strip()
+    print(f"commit {commit}, {'quick' if args.quick else 'full'} budgets, {repeats} run(s) per measurement", flush=True)
+    table: dict[str, list] = {}
+    for name in names:
+        started = time.monotonic()
+        print(f"\n== {name} ...", flush=True)
+        table[name] = BENCHMARKS[name](args.quick, repeats)
+        for row in table[name]:
+            print(f"  {row[0]:<70} {row[1]:>14}   {row[2]}", flush=True)
+        print(f"  ({time.monotonic() - started:.0f}s)", flush=True)
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps({"commit": commit, "quick": args.quick, "repeats": repeats, "rows": table}, indent=2)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""One training run for the benchmarks, in a fresh process so its peak memory is its own.
+
+Prints one JSON line: the evaluation history, images, training seconds, img/s and peak RSS.
+    python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
+    python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+
+from gan.config import override, preset
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="dcgan")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--seconds", type=float, help="training-time budget (evaluation excluded)")
+    parser.add_argument("--kimg", type=float, help="images budget instead")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process) or CPUs per Ray worker")
+    parser.add_argument("--ray-workers", type=int, default=0, help="0 = in-process, else Ray Train workers")
+    args = parser.parse_args()
+    sets = list(args.overrides)
+    sets += [f"train.time_budget_s={args.seconds}"] if args.seconds else []
+    sets += [f"train.total_kimg={args.kimg}"] if args.kimg else []
+    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp:
+        if args.ray_workers:
+            history = with_ray(override(preset(args.preset), sets), args.ray_workers, args.threads, tmp)
+        else:
+            cfg = override(preset(args.preset), [*sets, f"train.threads={args.threads}"])
+            history = in_process(cfg, tmp)
+    last = history[-1]
+    peak_kib = max(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    )
+    print(
+        json.dumps(
+            {
+                "history": [
+                    {k: h[k] for k in ("kimg", "fid", "fid_floor", "time/train_s", "time/eval_s")} for h in history
+                ],
+                "images": last["images_seen"],
+                "train_s": last["time/train_s"],
+                "img_per_s": last["images_seen"] / last["time/train_s"],
+                "fid": last["fid"],
+                "fid_floor": last["fid_floor"],
+                "peak_rss_mib": peak_kib / 1024,
+            }
+        )
+    )
+    return 0
+
+
+def in_process(cfg, out: str) -> list[dict]:
+    from gan.trainer import LocalSession, Trainer
+
+    return Trainer(cfg, LocalSession(out, quiet=True)).train().history
+
+
+def with_ray(cfg, workers: int, cpus: int, out: str) -> list[dict]:
+    import ray
+
+    from gan.distributed import Scaling, make_trainer
+
+    ray.init(num_cpus=max(2, workers * cpus), include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        trainer = make_trainer(cfg, Scaling(workers=workers, cpus_per_worker=cpus), name="bench", storage_path=out)
+        result = trainer.fit()
+    finally:
+        ray.shutdown()
+    frame = result.metrics_dataframe
+    return frame.to_dict("records")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
