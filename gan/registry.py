@@ -81,6 +81,8 @@ def log_generator(run_id: str, name: str, G_ema_state: dict, config_json: str) -
                 signature=signature(cfg.data.resolution, cfg.data.channels),
                 input_example=pd.DataFrame([{"n": 2, "seed": 0, "class": -1, "truncation": 0.0}]),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "fsspec", "pillow"],
+                # In the MLmodel file, so the registry UI shows what the generator is.
+                metadata={"config": cfg.to_dict(), "classes": list(range(cfg.model.num_classes))},
             )
     return info.model_uri
 

@@ -309,13 +309,28 @@ def make_scheduler(plan: Plan) -> LastRoundKeptASHA:
     )
 
 
+def stopped_reason(rounds: int, plan: Plan, kimg: float, fid: float) -> str:
+    return f"ASHA after round {rounds} of {plan.rounds} (kimg {kimg:.1f}, fid {fid:.2f})"
+
+
+def close_stopped_runs(rows: list, tracking: dict[str, str], sweep: str, plan: Plan) -> None:
+    """After the sweep, the same for every stopped trial whose run is still RUNNING: a
+    worker restarted while Tune was stopping its trial reopens the run."""
+    from gan.tracking import STOPPED_TAG, TrackingTarget, finish_run
+
+    for row in rows:
+        if row.outcome == "stopped":
+            target = TrackingTarget(tracking["uri"], tracking["experiment"], child_run_name(sweep, row.trial_id))
+            finish_run(target, "KILLED", {STOPPED_TAG: stopped_reason(row.rounds, plan, row.kimg, row.fid)})
+
+
 def make_trial_runs_callback(tracking: dict[str, str] | None, sweep: str, plan: Plan):
     """A driver-side Tune callback that ends each trial's MLflow child run with the right
     status: KILLED (tagged with the round) when ASHA stopped it, FAILED on an error. A
     trial that completed closed its own run FINISHED after logging its models."""
     from ray.tune import Callback
 
-    from gan.tracking import TrackingTarget, finish_run
+    from gan.tracking import STOPPED_TAG, TrackingTarget, finish_run
 
     class TrialRuns(Callback):
         def _target(self, trial) -> TrackingTarget:
@@ -332,8 +347,8 @@ def make_trial_runs_callback(tracking: dict[str, str] | None, sweep: str, plan: 
             result = trial.last_result or {}
             rounds = int(result.get("training_iteration", 0))
             if rounds < plan.rounds:
-                reason = f"ASHA after round {rounds} of {plan.rounds} (kimg {result.get('kimg', 0):.1f}, fid {result.get('fid', float('nan')):.2f})"
-                finish_run(self._target(trial), "KILLED", {"sweep.stopped_early": reason})
+                reason = stopped_reason(rounds, plan, result.get("kimg", 0), result.get("fid", math.nan))
+                finish_run(self._target(trial), "KILLED", {STOPPED_TAG: reason})
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             if tracking is None:

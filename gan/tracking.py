@@ -21,6 +21,7 @@ from typing import Any
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "gan.run_name"
+STOPPED_TAG = "sweep.stopped_early"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 
 
@@ -144,7 +145,8 @@ class MLflowTracker(Tracker):
         if found:
             self.run_id = found[0].info.run_id
             self.logged_params = dict(found[0].data.params)
-            self.client.update_run(self.run_id, status="RUNNING")
+            if STOPPED_TAG not in found[0].data.tags:  # a trial ASHA stopped stays stopped
+                self.client.update_run(self.run_id, status="RUNNING")
             self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, "fid")}
         else:
             identity = {RUN_NAME_TAG: target.run_name}

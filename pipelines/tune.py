@@ -213,6 +213,8 @@ def report(args, name, base, space, plan, grid, parent, tracking, storage_path, 
     _write(f"{folder}/summary.txt", summary.encode(), options)
     _write(f"{folder}/fid_vs_kimg.png", plot, options)
     worker_s = sum(row.time_s for row in rows) * plan.scaling.workers
+    if tracking:
+        sweep.close_stopped_runs(rows, tracking, name, plan)
     if not ok:
         if parent:
             parent.log_artifact(summary.encode(), "summary.txt")

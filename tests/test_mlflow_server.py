@@ -108,3 +108,43 @@ def test_production_server_requires_authentication(postgres, bucket, s3_server, 
         stop_server(proc)
     assert password not in (tmp_path / "prod.log").read_text()
     assert not list(Path("/tmp").glob("mlflow-auth-*.ini"))  # the generated config is gone
+
+
+def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, tmp_path):
+    """The server stops after the 2nd evaluation and comes back after the 6th: training and
+    checkpoints never wait for it, and afterwards the run holds every evaluation, FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from gan.config import override, preset
+    from gan.tracking import MLflowTracker, TrackingTarget
+    from gan.trainer import LocalSession, Trainer
+
+    name, _ = bucket
+    env = server_env(postgres, name, s3_server, free_port())
+    url = f"http://127.0.0.1:{env['PORT']}"
+    server = {"proc": start_server(env, tmp_path / "server.log")}
+
+    class OutageSession(LocalSession):
+        evaluations = 0
+
+        def report(self, metrics, snapshot):
+            super().report(metrics, snapshot)  # the checkpoint lands first, server or not
+            self.evaluations += 1
+            if self.evaluations == 2:
+                stop_server(server["proc"])
+            if self.evaluations == 6:
+                server["proc"] = start_server(env, tmp_path / "server.log")
+
+    cfg = override(preset("debug"), ["train.total_kimg=1.6", "eval.every_kimg=0.16", "eval.num_samples=100"])
+    try:
+        tracker = MLflowTracker(TrackingTarget(url, "outage-training", "run"))
+        session = OutageSession(str(tmp_path / "run"), quiet=True)
+        result = Trainer(cfg, session, tracker=tracker).train()
+        assert session.evaluations == 10 and len(result.history) == 10
+        assert len(list((tmp_path / "run" / "grids").iterdir())) == 10  # every evaluation was written
+        client = MlflowClient(url)
+        steps = sorted(m.step for m in client.get_metric_history(tracker.run_id, "fid"))
+        assert steps == [int(h["images_seen"]) for h in result.history]  # the gap was filled
+        assert client.get_run(tracker.run_id).info.status == "FINISHED" and tracker.pending == []
+    finally:
+        stop_server(server["proc"])

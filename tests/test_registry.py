@@ -91,6 +91,12 @@ def test_promotion_gate_and_rollback(registry):
     assert version.description.startswith("dcgan GAN generator") and version.tags["classes"] == ",".join(
         map(str, range(10))
     )
+    import mlflow.models
+
+    mlflow.set_tracking_uri(url)
+    info = mlflow.models.get_model_info(f"models:/{NAME}@champion")
+    assert info.metadata["config"]["model"]["family"] == "dcgan" and info.metadata["classes"] == list(range(10))
+    assert info.signature is not None and info.saved_input_example_info is not None
 
 
 def test_sampling_a_registered_model(registry, tmp_path):

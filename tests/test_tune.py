@@ -138,7 +138,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
             statuses = _trial_statuses(sweep_dir)
             done = [t for t, s in statuses.items() if s == "TERMINATED"]
             running = [t for t, s in statuses.items() if s == "RUNNING"]
-            if done and running and glob.glob(str(sweep_dir / "trials" / running[0] / "checkpoint_*")):
+            # Two checkpoints on disk: the first is surely registered with Ray by now.
+            if done and running and len(glob.glob(str(sweep_dir / "trials" / running[0] / "checkpoint_*"))) >= 2:
                 break
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
