@@ -85,7 +85,9 @@ class MinibatchStd(nn.Module):
         # Groups of consecutive samples: a rank's half of a batch holds whole groups, so
         # 2 workers x b see the same groups as 1 worker x 2b.
         grouped = h.reshape(n // g, g, *h.shape[1:])
-        std = grouped.var(dim=1, unbiased=False).add(1e-8).sqrt().mean(dim=tuple(range(1, h.dim())))
+        # By hand: torch.var over a non-innermost dim is ~100x slower on CPU (10 ms here).
+        var = (grouped - grouped.mean(dim=1, keepdim=True)).square().mean(dim=1)
+        std = var.add(1e-8).sqrt().mean(dim=tuple(range(1, h.dim())))
         extra = std.repeat_interleave(g).reshape(n, *([1] * (h.dim() - 1))).expand(n, 1, *h.shape[2:])
         return torch.cat([h, extra], dim=1)
 
