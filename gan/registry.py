@@ -161,14 +161,14 @@ def versions_of_run(client, name: str, run_id: str) -> list:
     return client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
 
 
-def check_model_exists(client, name: str) -> None:
-    from mlflow.exceptions import MlflowException
+def model_exists(client, name: str) -> bool:
+    return bool(client.search_registered_models(f"name = '{name}'"))
 
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
+
+def check_model_exists(client, name: str) -> None:
+    if not model_exists(client, name):
         known = ", ".join(m.name for m in client.search_registered_models(max_results=20)) or "none"
-        raise RegistryError(f"no registered model {name!r} (registered: {known})") from None
+        raise RegistryError(f"no registered model {name!r} (registered: {known})")
 
 
 def set_aliases(client, name: str, version: str, reason: str) -> str | None:

@@ -258,10 +258,9 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     trainer.fit()
 
 
-def trial_resources(plan: Plan) -> dict[str, float]:
-    """The trial function only waits on its Train run, whose workers hold the CPUs and GPUs;
-    Tune needs some resource in the bundle, so it holds a little memory instead."""
-    return {"CPU": 0, "memory": 128 * 2**20}
+# The trial function only waits on its Train run, whose workers hold the CPUs and GPUs;
+# Tune needs some resource in the bundle, so it holds a little memory instead.
+TRIAL_RESOURCES = {"CPU": 0, "memory": 128 * 2**20}
 
 
 def max_concurrent_trials(plan: Plan, cluster: dict[str, float]) -> int:

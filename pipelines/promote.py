@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def resolve_candidate(client, args: argparse.Namespace) -> Candidate:
     from mlflow.exceptions import MlflowException
 
-    from gan.registry import check_model_exists, logged_model_uri, versions_of_run
+    from gan.registry import check_model_exists, logged_model_uri, model_exists, versions_of_run
 
     if args.version:
         check_model_exists(client, args.model_name)
@@ -113,8 +113,7 @@ def resolve_candidate(client, args: argparse.Namespace) -> Candidate:
     model_uri = logged_model_uri(run, "generator_best")
     if model_uri is None:
         raise RegistryError(f"{label} has no generator_best model (did it finish?)")
-    registered = versions_of_run(client, args.model_name, run_id) if client.search_registered_models(
-        f"name = '{args.model_name}'") else []  # fmt: skip
+    registered = versions_of_run(client, args.model_name, run_id) if model_exists(client, args.model_name) else []
     version = max(registered, key=lambda v: int(v.version)) if registered else None
     if version is not None:
         return Candidate(f"models:/{args.model_name}/{version.version}", run_id, version.version,
@@ -143,10 +142,9 @@ def evaluate(model_uri: str, args: argparse.Namespace, evaluators: dict):
 
 
 def promote(client, args: argparse.Namespace, uri: str, candidate: Candidate) -> int:
-    from gan.registry import register, set_aliases, version_by_alias
+    from gan.registry import model_exists, register, set_aliases, version_by_alias
 
-    champion = version_by_alias(client, args.model_name, CHAMPION) if client.search_registered_models(
-        f"name = '{args.model_name}'") else None  # fmt: skip
+    champion = version_by_alias(client, args.model_name, CHAMPION) if model_exists(client, args.model_name) else None
     if champion is not None and candidate.version == champion.version:
         print(f"{candidate.label} is already {args.model_name}@{CHAMPION}; nothing to do")
         return 0

@@ -166,7 +166,7 @@ def run_sweep(args: argparse.Namespace, base, space, plan: sweep.Plan) -> int:
     # Trials run in their own working folders: a local storage folder must be absolute.
     storage = args.storage if filesystem else storage_path
     setup = sweep.TrialSetup(base.to_json(), plan, name, storage, args.s3_endpoint, tracking)
-    trainable = tune.with_resources(tune.with_parameters(sweep.run_trial, setup=setup), sweep.trial_resources(plan))
+    trainable = tune.with_resources(tune.with_parameters(sweep.run_trial, setup=setup), sweep.TRIAL_RESOURCES)
     started = time.monotonic()
     try:
         if args.resume:
