@@ -46,9 +46,7 @@ TUNE_PLAN = (
 EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is reached
 
 
-@functools.cache
 def train_once(*args: str) -> dict:
-    """Cached: the eval benchmark reads the quality benchmark's runs of the default."""
     proc = subprocess.run([PY, "benchmarks/train_once.py", *args], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"train_once {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
@@ -64,6 +62,7 @@ def time_to_reach(history: list[dict], target: float) -> float | None:
     return next((h["time/train_s"] for h in history if h["fid"] <= target), None)
 
 
+@functools.cache  # the eval benchmark reads the quality benchmark's runs of the default
 def timed_runs(recipe: str, quick: bool, repeats: int) -> list[dict]:
     """``repeats`` runs of ``recipe`` for the quality budget, seeds 0, 1, ..., in-process."""
     seconds = str(QUALITY_SECONDS[quick])
