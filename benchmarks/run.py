@@ -1,7 +1,7 @@
 """The project's claims, measured on this machine, side by side; medians of repeated runs.
 
     python benchmarks/run.py --quick                 # every benchmark, small budgets (under 10 minutes)
-    python benchmarks/run.py                         # the budgets RESULTS.md records (about 2 hours on 2 cores)
+    python benchmarks/run.py                         # the budgets RESULTS.md records (about 1.5 hours on 2 cores)
     python benchmarks/run.py --only quality,overhead --repeats 3
 
 Benchmarks (each also runs alone with --only):
