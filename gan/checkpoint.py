@@ -1,9 +1,13 @@
 """Full-state checkpoints over fsspec: everything needed to continue bit-for-bit.
 
 A checkpoint is a directory holding ``state.pt`` (torch.save of tensors and plain
-Python values only, so it loads with ``torch.load(weights_only=True)``) and
-``meta.json`` (step, metrics, fingerprints: readable without torch). Writes go to a
-temporary name first and are renamed into place, so a reader never sees a partial file.
+Python values only, so it loads with ``torch.load(weights_only=True)``), ``meta.json``
+(step, metrics, fingerprints: readable without torch) and ``grid.png`` (samples). Writes
+go to a temporary name first and are renamed into place, so a reader never sees a
+partial file.
+
+One layout for a run's outputs, in-process or under Ray Train: the run folder holds
+``checkpoint_step<N>/`` directories; ``find`` tells the latest from the best (by FID).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -21,27 +26,40 @@ from gan.config import Config
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+GRID_FILE = "grid.png"
+DIR_PREFIX = "checkpoint_step"
 
 
 class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or from an incompatible config."""
 
 
-def write_dir(directory: str, state: dict[str, Any], meta: dict[str, Any]) -> None:
-    """Write state.pt and meta.json into a local directory (Ray uploads it from there)."""
+def dir_name(step: int) -> str:
+    return f"{DIR_PREFIX}{step:08d}"
+
+
+def write_dir(directory: str, state: dict[str, Any], meta: dict[str, Any], grid_png: bytes = b"") -> None:
+    """Write state.pt, meta.json and grid.png into a local directory (Ray uploads it from there)."""
     os.makedirs(directory, exist_ok=True)
     torch.save(state, os.path.join(directory, STATE_FILE))
     with open(os.path.join(directory, META_FILE), "w") as handle:
         json.dump(meta, handle, indent=2, sort_keys=True)
+    if grid_png:
+        with open(os.path.join(directory, GRID_FILE), "wb") as handle:
+            handle.write(grid_png)
 
 
-def save(uri: str, state: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None) -> None:
-    """Write a checkpoint directory at ``uri`` (local or any fsspec URI), atomically per file."""
+def save(
+    uri: str, state: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None, grid_png: bytes = b""
+) -> None:
+    """Write a checkpoint directory at ``uri`` (local or any fsspec URI), atomically per file;
+    meta.json last, so a directory with meta.json holds a whole checkpoint."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
     fs.makedirs(root, exist_ok=True)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    for name, payload in ((STATE_FILE, buffer.getvalue()), (META_FILE, json.dumps(meta, indent=2).encode())):
+    files = [(STATE_FILE, buffer.getvalue())] + ([(GRID_FILE, grid_png)] if grid_png else [])
+    for name, payload in [*files, (META_FILE, json.dumps(meta, indent=2).encode())]:
         target = f"{root.rstrip('/')}/{name}"
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
         fs.pipe_file(tmp, payload)
@@ -49,12 +67,16 @@ def save(uri: str, state: dict[str, Any], meta: dict[str, Any], storage_options:
 
 
 def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(state, meta) from a checkpoint directory or a state.pt file at ``uri``."""
+    """(state, meta) from a checkpoint directory, a state.pt file, or the best checkpoint
+    of a run folder at ``uri``."""
     try:
         fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         state_path = root if root.endswith(".pt") else f"{root.rstrip('/')}/{STATE_FILE}"
         if not fs.exists(state_path):
-            raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE_FILE})")
+            best = None if root.endswith(".pt") else find(uri, storage_options).best
+            if best is None:
+                raise CheckpointError(f"{uri}: no checkpoint here (expected {STATE_FILE} or {DIR_PREFIX}* folders)")
+            return load(best, storage_options)
         raw = fs.cat_file(state_path)
     except CheckpointError:
         raise
@@ -67,6 +89,37 @@ def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any],
     meta_path = state_path.rsplit("/", 1)[0] + "/" + META_FILE
     meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
     return state, meta
+
+
+@dataclass(frozen=True)
+class Found:
+    """The checkpoints of a run folder, as full URIs (None when it holds none)."""
+
+    latest: str | None
+    best: str | None
+    all: tuple[str, ...]
+
+
+def find(run_uri: str, storage_options: dict | None = None) -> Found:
+    """The latest (most images seen) and best (lowest FID) whole checkpoints under ``run_uri``."""
+    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+    scheme = run_uri.split("://", 1)[0] + "://" if "://" in run_uri else ""
+    try:
+        dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(DIR_PREFIX))
+    except FileNotFoundError:
+        dirs = []
+    metas = {}
+    for path in dirs:
+        try:
+            metas[path] = json.loads(fs.cat_file(f"{path}/{META_FILE}"))
+        except (FileNotFoundError, ValueError):  # being written, or torn: not a whole checkpoint
+            continue
+    if not metas:
+        return Found(None, None, ())
+    latest = max(metas, key=lambda p: metas[p].get("images_seen", 0))
+    best = min(metas, key=lambda p: (metas[p].get("fid", float("inf")), -metas[p].get("images_seen", 0)))
+    full = lambda p: scheme + p if scheme and "://" not in p else p
+    return Found(full(latest), full(best), tuple(full(p) for p in metas))
 
 
 def config_of(state: dict[str, Any]) -> Config:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,9 +19,10 @@ import torch.nn as nn
 
 from gan import checkpoint
 from gan.config import Config
+from gan.plan import Scaling
+from gan.storage import Storage
+from gan.tracking import TrackingTarget
 from gan.trainer import Snapshot, Trainer
-
-GRID_FILE = "grid.png"
 
 
 def ddp_wrap(module: nn.Module, device: torch.device) -> nn.Module:
@@ -73,13 +73,11 @@ class RaySession:
             self._train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="gan-ckpt-") as directory:
-            checkpoint.write_dir(directory, snapshot.state, snapshot.meta)
-            with open(os.path.join(directory, GRID_FILE), "wb") as handle:
-                handle.write(snapshot.grid_png)
+            checkpoint.write_dir(directory, snapshot.state, snapshot.meta, snapshot.grid_png)
             self._train.report(
                 metrics,
                 checkpoint=self._train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=f"checkpoint_step{int(metrics['step']):08d}",
+                checkpoint_dir_name=checkpoint.dir_name(int(metrics["step"])),
             )
         print(
             f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f} (best {metrics['best_fid']:.2f}, "
@@ -91,7 +89,7 @@ class RaySession:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker: the same Trainer, behind a RaySession; rank 0
     tracks the run (a restarted worker finds the same MLflow run by its name)."""
-    from gan.tracking import MLflowTracker, NullTracker, TrackingTarget
+    from gan.tracking import MLflowTracker, NullTracker
 
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:
@@ -105,17 +103,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "ray.experiment": session.context.get_experiment_name(),
             "ray.node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
         }
-        tracker = MLflowTracker(TrackingTarget(**loop_config["tracking"]), tags=ray_tags)
+        tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags)
     Trainer(cfg, session, tracker=tracker).train()
-
-
-@dataclass(frozen=True)
-class Scaling:
-    workers: int = 1
-    use_gpu: bool = False
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 1.0
-    """GPUs each worker holds when use_gpu (a fraction packs several trials on one GPU)."""
 
 
 def connect() -> None:
@@ -167,7 +156,7 @@ def make_trainer(
     keep_checkpoints: int = 2,
     max_failures: int = 3,
     callbacks: list | None = None,
-    tracking: dict[str, str] | None = None,
+    tracking: TrackingTarget | None = None,
 ):
     """A TorchTrainer for ``cfg``; it resumes from its latest checkpoint when a run
     with the same name already exists under ``storage_path`` (Train V2 restoration)."""
@@ -206,46 +195,32 @@ def make_trainer(
     )
 
 
-def storage_options(uri: str, endpoint_url: str | None = None) -> dict:
-    """fsspec options for reading what Ray wrote under ``uri`` (the S3 endpoint, if any)."""
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    return {"client_kwargs": {"endpoint_url": endpoint_url}} if uri.startswith("s3://") and endpoint_url else {}
+def fit(cfg: Config, scaling: Scaling, storage: Storage, name: str, tracking: TrackingTarget | None) -> float:
+    """Train ``cfg`` as the Ray Train run ``name`` under ``storage`` (continuing it when it
+    exists); returns the best FID. A worker's user error (bad data, divergence) is raised
+    as itself, not as Ray's wrapper, and the run's MLflow run is closed when no worker can."""
+    from gan.cli import USER_ERRORS
+    from gan.tracking import finish_run
 
-
-def run_exists(storage_path: str, filesystem, name: str) -> bool:
-    """Whether Ray already wrote a run (or sweep) called ``name`` under ``storage_path``."""
-    import pyarrow.fs
-
-    fs = filesystem or pyarrow.fs.LocalFileSystem()
-    return fs.get_file_info(f"{storage_path}/{name}").type != pyarrow.fs.FileType.NotFound
-
-
-def storage_for(uri: str, endpoint_url: str | None = None):
-    """(storage_path, pyarrow filesystem or None) for Ray, checked before any worker starts.
-
-    s3:// goes through s3fs so a custom endpoint (an S3 API server, MinIO) works; Ray then
-    takes the path without its scheme. Raises ValueError naming the bucket or folder."""
-    if not uri.startswith("s3://"):
-        path = os.path.abspath(uri)
-        try:
-            os.makedirs(path, exist_ok=True)
-        except OSError as err:
-            raise ValueError(f"cannot create storage folder {path}: {err.strerror}") from None
-        return path, None
-    import botocore.exceptions
-    import s3fs
-    from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-    endpoint_url = endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint_url} if endpoint_url else {})
-    bucket = uri[len("s3://") :].split("/", 1)[0]
-    where = f"s3://{bucket}" + (f" at {endpoint_url}" if endpoint_url else "")
+    connect()
+    check_resources(scaling)
+    storage_path, filesystem = storage.ray_args()
+    trainer = make_trainer(
+        cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking
+    )
     try:
-        fs.ls(bucket, refresh=True)
-    except FileNotFoundError:
-        raise ValueError(f"bucket {where} does not exist; create it or fix the --storage URI") from None
-    except PermissionError as err:
-        raise ValueError(f"no access to {where} (check AWS credentials): {err}") from None
-    except (OSError, botocore.exceptions.BotoCoreError) as err:
-        raise ValueError(f"cannot reach {where}: {type(err).__name__}: {err}") from None
-    return uri[len("s3://") :].rstrip("/"), PyFileSystem(FSSpecHandler(fs))
+        result = trainer.fit()
+    except KeyboardInterrupt:
+        if tracking:
+            finish_run(tracking, "KILLED")
+        raise
+    except Exception as err:
+        if tracking:  # a worker that died cannot close its own run
+            finish_run(tracking, "FAILED")
+        cause = err
+        while cause.__cause__ is not None:
+            cause = cause.__cause__
+        if isinstance(cause, USER_ERRORS):
+            raise cause from None
+        raise
+    return min(metrics["best_fid"] for _, metrics in result.best_checkpoints)

@@ -64,10 +64,17 @@ def signature(resolution: int, channels: int):
     return ModelSignature(inputs=inputs, outputs=Schema([TensorSpec(np.dtype("uint8"), shape)]))
 
 
-def log_generator(run_id: str, name: str, G_ema_state: dict, config_json: str) -> str:
+def use(tracking_uri: str) -> None:
+    """MLflow's fluent API (log_model, register_model, load_model, search_logged_models)
+    reads a process-wide tracking URI; this module is the only one that sets it."""
+    mlflow.set_tracking_uri(tracking_uri)
+
+
+def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, config_json: str) -> str:
     """Log a generator as an MLflow model under ``run_id``; returns its models:/ URI."""
     from gan.config import Config
 
+    use(tracking_uri)
     cfg = Config.from_json(config_json)
     with tempfile.TemporaryDirectory(prefix="gan-model-") as tmp:
         path = os.path.join(tmp, GENERATOR_FILE)
@@ -97,8 +104,9 @@ def describe(cfg) -> str:
     )
 
 
-def logged_model_uri(run, name: str) -> str | None:
+def logged_model_uri(tracking_uri: str, run, name: str) -> str | None:
     """The models:/ URI of the model called ``name`` that ``run`` logged, or None."""
+    use(tracking_uri)
     found = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
@@ -112,7 +120,7 @@ def register(tracking_uri: str, model_uri: str, name: str, cfg, tags: dict[str, 
     returns the ModelVersion. Existing versions and aliases are never touched."""
     from mlflow.tracking import MlflowClient
 
-    mlflow.set_tracking_uri(tracking_uri)
+    use(tracking_uri)
     class_tags = {"classes": ",".join(map(str, range(cfg.model.num_classes)))} if cfg.model.num_classes else {}
     version = mlflow.register_model(model_uri, name, tags={**class_tags, **{k: str(v) for k, v in tags.items()}})
     client = MlflowClient(tracking_uri)
@@ -127,10 +135,12 @@ class RegistryError(ValueError):
 CHAMPION, PREVIOUS = "champion", "previous"
 
 
-def load_generator(model_uri: str):
+def load_generator(model_uri: str, tracking_uri: str | None = None):
     """(G, cfg) of a logged or registered generator model, with clear errors."""
     from mlflow.exceptions import MlflowException
 
+    if tracking_uri:
+        use(tracking_uri)
     # A per-file progress bar for a 2-file model buries the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:

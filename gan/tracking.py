@@ -39,6 +39,9 @@ class TrackingTarget:
     parent_run_id: str = ""
     """A sweep's trials are child runs of the sweep's run."""
 
+    def child(self, run_name: str, parent_run_id: str) -> TrackingTarget:
+        return TrackingTarget(self.uri, self.experiment, run_name, parent_run_id)
+
 
 class Tracker:
     """The tracking interface. This base logs nothing: it is what ranks that do not log,
@@ -209,12 +212,9 @@ class MLflowTracker(Tracker):
 
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None:
         """The generator as an MLflow model (pyfunc; samples at any batch size)."""
-        import mlflow
-
         from gan.registry import log_generator
 
-        mlflow.set_tracking_uri(self.client.tracking_uri)
-        self._call(f"model {name}", log_generator, self.run_id, name, G_ema_state, config_json)
+        self._call(f"model {name}", log_generator, self.target.uri, self.run_id, name, G_ema_state, config_json)
 
     def close(self, status: str) -> None:
         if status not in STATUSES:

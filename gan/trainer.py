@@ -8,7 +8,6 @@ wrapping, gradient reduction, where checkpoints and metrics go) sits behind a
 from __future__ import annotations
 
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -243,24 +242,28 @@ class Trainer:
 
 
 class LocalSession:
-    """One process, no Ray: checkpoints and grids go to ``out_dir`` (local or fsspec URI)."""
+    """One process, no Ray: checkpoints go to ``run_uri`` (local or fsspec URI) in the
+    layout Ray Train uses, keeping the latest and the best, as Ray does."""
 
     rank = 0
     world_size = 1
 
-    def __init__(self, out_dir: str, resume: bool = False, device: str = "cpu", quiet: bool = False) -> None:
-        self.out_dir = out_dir.rstrip("/")
+    def __init__(
+        self,
+        run_uri: str,
+        resume: bool = False,
+        device: str = "cpu",
+        quiet: bool = False,
+        storage_options: dict | None = None,
+    ) -> None:
+        self.run_uri = run_uri.rstrip("/")
         self.device = torch.device(device)
         self.resume = resume
         self.quiet = quiet
+        self.options = storage_options or {}
 
-    @property
-    def latest_uri(self) -> str:
-        return f"{self.out_dir}/checkpoints/latest"
-
-    @property
-    def best_uri(self) -> str:
-        return f"{self.out_dir}/checkpoints/best"
+    def found(self) -> checkpoint.Found:
+        return checkpoint.find(self.run_uri, self.options)
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
@@ -269,23 +272,24 @@ class LocalSession:
         return values
 
     def restore(self) -> dict[str, Any] | None:
-        if not self.resume:
+        latest = self.found().latest if self.resume else None
+        if latest is None:
+            if self.resume:
+                print(f"{self.run_uri} holds no checkpoint yet: starting from scratch", flush=True)
             return None
-        state, _ = checkpoint.load(self.latest_uri)
-        print(f"resuming from {self.latest_uri} (step {state['loop']['step']})", flush=True)
+        state, _ = checkpoint.load(latest, self.options)
+        print(f"resuming from {latest} (step {state['loop']['step']})", flush=True)
         return state
 
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
         if snapshot is None:
             return
-        checkpoint.save(self.latest_uri, snapshot.state, snapshot.meta)
-        if snapshot.is_best:
-            checkpoint.save(self.best_uri, snapshot.state, snapshot.meta)
-        grid_dir = f"{self.out_dir}/grids"
-        if "://" not in grid_dir:
-            os.makedirs(grid_dir, exist_ok=True)
-        with fsspec.open(f"{grid_dir}/kimg{metrics['kimg']:08.1f}.png", "wb") as handle:
-            handle.write(snapshot.grid_png)
+        uri = f"{self.run_uri}/{checkpoint.dir_name(int(metrics['step']))}"
+        checkpoint.save(uri, snapshot.state, snapshot.meta, self.options, grid_png=snapshot.grid_png)
+        found = self.found()
+        fs = fsspec.core.url_to_fs(self.run_uri, **self.options)[0]
+        for old in set(found.all) - {found.latest, found.best}:
+            fs.rm(old, recursive=True)
         if not self.quiet:
             marker = "  * new best" if snapshot.is_best else ""
             print(

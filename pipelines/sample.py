@@ -1,8 +1,8 @@
 """Sample a trained generator: .npz of images (and labels), a PNG grid, an interpolation.
 
-    python pipelines/sample.py --checkpoint runs/train/checkpoints/best --n 2500 \
-        --out samples.npz --grid grid.png --interp interp.png
-    python pipelines/sample.py --checkpoint s3://bucket/run/checkpoints/best --class 7 --n 64 --grid sevens.png
+    python pipelines/sample.py --checkpoint runs/train-dcgan-1a2b3c4d --n 2500 \
+        --out samples.npz --grid grid.png --interp interp.png          # a run folder: its best checkpoint
+    python pipelines/sample.py --checkpoint s3://bucket/run/checkpoint_step00001250 --class 7 --n 64 --grid sevens.png
     python pipelines/sample.py --model models:/gan-generator@champion --n 64 --seed 3 --out s.npz --grid s.png
 """
 
@@ -22,7 +22,9 @@ from gan.tracking import TrackingError, check_reachable, resolve_uri
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="checkpoint folder or state.pt, local path or URI")
+    source.add_argument(
+        "--checkpoint", help="run folder (its best checkpoint), checkpoint folder or state.pt; path or URI"
+    )
     source.add_argument("--model", help="MLflow model URI: models:/NAME@champion, models:/NAME/3, runs:/ID/generator")
     parser.add_argument("--tracking-uri", help="for --model (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")
     parser.add_argument("--n", type=int, default=100, help="number of images for --out (default 100)")
@@ -65,14 +67,11 @@ def load(args: argparse.Namespace):
     if args.checkpoint:
         state, _ = checkpoint.load(args.checkpoint)
         return generator_from_state(state)[0]
-    import mlflow
-
     from gan.registry import load_generator
 
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return load_generator(args.model)[0]
+    return load_generator(args.model, uri)[0]
 
 
 if __name__ == "__main__":

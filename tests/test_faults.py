@@ -97,7 +97,8 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
 
     from gan import checkpoint
     from gan.config import override, preset
-    from gan.distributed import Scaling, make_trainer, storage_for
+    from gan.distributed import Scaling, make_trainer
+    from gan.storage import Storage
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -106,7 +107,7 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
-    storage_path, filesystem = storage_for("s3://flaky/runs", endpoint)
+    storage_path, filesystem = Storage.open("s3://flaky/runs", endpoint).ray_args()
     cfg = override(preset("debug"), ["train.total_kimg=1.6", "eval.every_kimg=0.16", "eval.num_samples=100"])
     outage = {}
 

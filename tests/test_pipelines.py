@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gan import checkpoint
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,13 +32,22 @@ def trained(tmp_path_factory):
     return storage / "r", proc.stdout
 
 
+def latest(out):
+    return Path(checkpoint.find(str(out)).latest)
+
+
 def test_train_writes_checkpoints_grids_and_says_where(trained):
     out, stdout = trained
-    assert (out / "checkpoints/best/state.pt").exists() and (out / "checkpoints/latest/state.pt").exists()
-    assert sorted((out / "grids").glob("*.png")) and (out / "checkpoints/best/interpolation.png").exists()
-    meta = json.loads((out / "checkpoints/latest/meta.json").read_text())
+    found = checkpoint.find(str(out))
+    best, newest = Path(found.best), Path(found.latest)
+    # The layout Ray Train writes too: checkpoint_step<N>/ folders, the latest and the best kept.
+    assert newest.name == "checkpoint_step00000020" and set(found.all) <= {found.best, found.latest}
+    for folder in (best, newest):
+        assert (folder / "state.pt").exists() and (folder / "grid.png").exists()
+    assert (best / "interpolation.png").exists()
+    meta = json.loads((newest / "meta.json").read_text())
     assert meta["images_seen"] >= 320 and len(meta["dataset_fingerprint"]) == 64
-    assert str(out / "checkpoints/best") in stdout and "best FID" in stdout
+    assert str(best) in stdout and "best FID" in stdout
 
 
 TRAIN = ("pipelines/train.py", "--in-process", "--preset", "debug", "--name", "r", "--storage")
@@ -90,10 +101,10 @@ def test_logged_generator_samples_any_batch_size(trained):
 
 def test_existing_run_is_not_overwritten(trained):
     out, _ = trained
-    before = (out / "checkpoints/latest/state.pt").read_bytes()
+    before = (latest(out) / "state.pt").read_bytes()
     proc = run(*TRAIN, str(out.parent), "--no-tracking", check=False)
     assert proc.returncode == 2 and "already holds a run: pass --resume" in proc.stderr
-    assert (out / "checkpoints/latest/state.pt").read_bytes() == before
+    assert (latest(out) / "state.pt").read_bytes() == before
 
 
 def test_resume_continues_the_same_run(trained, tmp_path):
@@ -104,7 +115,7 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     assert tracked.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320, 480, 640]
     assert tracked.data.tags["resumed_with.train.total_kimg"] == "0.64"
-    meta = json.loads((out / "checkpoints/latest/meta.json").read_text())
+    meta = json.loads((latest(out) / "meta.json").read_text())
     assert meta["images_seen"] == 640
 
 
@@ -117,7 +128,7 @@ def test_resume_with_incompatible_config_fails_clearly(trained):
 
 def test_sample_npz_grid_and_same_seed_same_images(trained, tmp_path):
     out, _ = trained
-    ckpt = str(out / "checkpoints/best")
+    ckpt = str(out)  # a run folder samples its best checkpoint
     for name in ("a", "b"):
         run(
             "pipelines/sample.py",
@@ -153,7 +164,7 @@ def test_sample_rejects_out_of_range_class(trained, tmp_path):
     proc = run(
         "pipelines/sample.py",
         "--checkpoint",
-        str(out / "checkpoints/best"),
+        str(Path(checkpoint.find(str(out)).best)),
         "--class",
         "12",
         "--out",

@@ -17,6 +17,7 @@ import torch
 
 from gan import checkpoint
 from gan.config import override, preset
+from gan.tracking import TrackingTarget
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +84,7 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
 
     thread = threading.Thread(target=killer, daemon=True)
     thread.start()
-    tracking = {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "victim", "run_name": "victim"}
+    tracking = TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "victim", "victim")
     result = fit(cfg, tmp_path, "victim", workers=1, tracking=tracking)
     thread.join(timeout=5)
     assert killed, "the test never saw a worker to kill"
@@ -98,12 +99,12 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     # The MLflow run has every evaluation exactly once across the restart.
     from mlflow.tracking import MlflowClient
 
-    from gan.tracking import TrackingTarget, run_id_of
+    from gan.tracking import run_id_of
 
-    run_id = run_id_of(TrackingTarget(**tracking))
-    logged = [m.step for m in MlflowClient(tracking["uri"]).get_metric_history(run_id, "fid")]
+    run_id = run_id_of(tracking)
+    logged = [m.step for m in MlflowClient(tracking.uri).get_metric_history(run_id, "fid")]
     assert sorted(logged) == [int(h["images_seen"]) for h in state["history"]]
-    assert MlflowClient(tracking["uri"]).get_run(run_id).info.status == "FINISHED"
+    assert MlflowClient(tracking.uri).get_run(run_id).info.status == "FINISHED"
 
 
 def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):

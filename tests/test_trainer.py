@@ -21,8 +21,8 @@ def test_resume_from_disk_is_bit_for_bit(tiny_cfg, digits, tmp_path):
     assert resumed.loop.step == 20
     resumed.train()
 
-    a, _ = checkpoint.load(str(tmp_path / "a/checkpoints/latest"))
-    b, _ = checkpoint.load(str(tmp_path / "b/checkpoints/latest"))
+    a, _ = checkpoint.load(checkpoint.find(str(tmp_path / "a")).latest)
+    b, _ = checkpoint.load(checkpoint.find(str(tmp_path / "b")).latest)
     assert a["loop"]["step"] == b["loop"]["step"] == 40
     for net in ("G", "D", "G_ema"):
         for key, value in a["loop"][net].items():

@@ -1,0 +1,209 @@
+"""Promotion to the registry's ``champion`` alias behind a quality gate, and rollback.
+
+The candidate and the current champion are scored again on fresh latents (several seeds,
+the project's evaluator); ``decide`` (pure arithmetic) lets the candidate win only when
+its mean FID is lower by the margin. The decision and its evidence become tags of the
+candidate's model version; the old champion keeps the alias ``previous``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+from gan.metrics import FIDEstimate
+from gan.registry import (
+    CHAMPION,
+    PREVIOUS,
+    RegistryError,
+    check_model_exists,
+    load_generator,
+    logged_model_uri,
+    model_exists,
+    register,
+    set_aliases,
+    version_by_alias,
+    versions_of_run,
+)
+from gan.tracking import RUN_NAME_TAG, git_commit
+
+
+@dataclass(frozen=True)
+class Candidate:
+    model_uri: str
+    run_id: str
+    version: str | None
+    """Registered version, if it is one already."""
+    label: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    promoted: bool
+    reason: str
+
+
+def decide(candidate: FIDEstimate, champion: FIDEstimate | None, margin: float) -> Decision:
+    """Promote when there is no champion, or when the candidate's mean FID is at least
+    ``margin`` (relative) below the champion's."""
+    if champion is None:
+        return Decision(True, "no champion yet")
+    needed = champion.mean * (1 - margin)
+    if candidate.mean <= needed:
+        return Decision(
+            True, f"FID {candidate.mean:.2f} beats the champion's {champion.mean:.2f} by more than {margin:.0%}"
+        )
+    return Decision(
+        False, f"FID {candidate.mean:.2f} is not below {needed:.2f} (champion {champion.mean:.2f} - {margin:.0%})"
+    )
+
+
+def resolve_candidate(
+    client, tracking_uri: str, model_name: str, *, run=None, sweep=None, experiment=None, version=None, best_of=None
+) -> Candidate:
+    """The model to promote from one of: a run id, a sweep (its best trial), a registered
+    version, or the best finished run of an experiment."""
+    from mlflow.exceptions import MlflowException
+
+    if version:
+        check_model_exists(client, model_name)
+        try:
+            found = client.get_model_version(model_name, version)
+        except MlflowException:
+            raise RegistryError(f"{model_name} has no version {version}") from None
+        return Candidate(
+            f"models:/{model_name}/{found.version}", found.run_id, found.version, f"version {found.version}"
+        )
+    if sweep:
+        exp = client.get_experiment_by_name(experiment)
+        parents = client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{sweep}'") if exp else []
+        if not parents or not parents[0].data.tags.get("best_run_id"):
+            raise RegistryError(f"no finished sweep {sweep!r} in experiment {experiment!r}")
+        run, label = parents[0].data.tags["best_run_id"], f"best trial of sweep {sweep}"
+    elif best_of:
+        exp = client.get_experiment_by_name(best_of)
+        if exp is None:
+            raise RegistryError(f"no experiment {best_of!r}")
+        runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED' and metrics.best_fid > 0",
+                                  order_by=["metrics.best_fid ASC"], max_results=50)  # fmt: skip
+        runs = [r for r in runs if logged_model_uri(tracking_uri, r, "generator_best")]
+        if not runs:
+            raise RegistryError(f"experiment {best_of!r} has no finished run with a generator_best model")
+        run, label = runs[0].info.run_id, f"best run of experiment {best_of}"
+    else:
+        label = f"run {run}"
+    try:
+        found_run = client.get_run(run)
+    except MlflowException:
+        raise RegistryError(f"no run {run!r} at this tracking server") from None
+    model_uri = logged_model_uri(tracking_uri, found_run, "generator_best")
+    if model_uri is None:
+        raise RegistryError(f"{label} has no generator_best model (did it finish?)")
+    registered = versions_of_run(client, model_name, run) if model_exists(client, model_name) else []
+    latest = max(registered, key=lambda v: int(v.version)) if registered else None
+    if latest is not None:
+        return Candidate(f"models:/{model_name}/{latest.version}", run, latest.version,
+                         f"{label} (version {latest.version})")  # fmt: skip
+    return Candidate(model_uri, run, None, label)
+
+
+class Scorer:
+    """FID with an interval on fresh seeds; one evaluator (real statistics) per dataset."""
+
+    def __init__(self, tracking_uri: str, seeds: int, num_samples: int | None) -> None:
+        self.tracking_uri, self.num_samples = tracking_uri, num_samples
+        # Fresh latents: never the seed FID was tracked with during training.
+        self.seeds = [10_000 + i for i in range(seeds)]
+        self.evaluators: dict = {}
+
+    def __call__(self, model_uri: str):
+        """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model."""
+        from gan.data import load_dataset
+        from gan.metrics import Evaluator, fid_estimate
+
+        G, cfg = load_generator(model_uri, self.tracking_uri)
+        eval_cfg = cfg.eval if self.num_samples is None else dataclasses.replace(cfg.eval, num_samples=self.num_samples)
+        key = (cfg.data, eval_cfg)
+        if key not in self.evaluators:
+            data = load_dataset(cfg.data)
+            self.evaluators[key] = (Evaluator(eval_cfg, data), data.fingerprint)
+        evaluator, fingerprint = self.evaluators[key]
+        return fid_estimate(evaluator, G, cfg.model.num_classes, self.seeds), cfg, fingerprint, evaluator.sha256
+
+
+def promote(client, candidate: Candidate, model_name: str, scorer: Scorer, margin: float, dry_run: bool) -> int:
+    """Score, decide, record the evidence and move the aliases; 0 promoted, 1 refused."""
+    champion = version_by_alias(client, model_name, CHAMPION) if model_exists(client, model_name) else None
+    if champion is not None and candidate.version == champion.version:
+        print(f"{candidate.label} is already {model_name}@{CHAMPION}; nothing to do")
+        return 0
+    print(f"scoring the candidate, {candidate.label} ({len(scorer.seeds)} fresh seeds)...", flush=True)
+    cand_fid, cfg, fingerprint, evaluator_sha = scorer(candidate.model_uri)
+    champ_fid = None
+    if champion is not None:
+        print(f"scoring the champion, version {champion.version}...", flush=True)
+        champ_fid, _, champ_fingerprint, _ = scorer(f"models:/{model_name}/{champion.version}")
+        if champ_fingerprint != fingerprint:
+            raise RegistryError(
+                f"the candidate was trained on dataset {fingerprint[:12]} and the champion on {champ_fingerprint[:12]}: "
+                "their FIDs do not compare; register the candidate under another --model-name"
+            )
+    decision = decide(cand_fid, champ_fid, margin)
+    evidence = {
+        "promotion.decision": "promoted" if decision.promoted else "refused",
+        "promotion.reason": decision.reason,
+        "promotion.fid": str(cand_fid),
+        "promotion.fid_values": ",".join(f"{v:.3f}" for v in cand_fid.values),
+        "promotion.champion_version": champion.version if champion else "",
+        "promotion.champion_fid": str(champ_fid) if champ_fid else "",
+        "promotion.margin": str(margin),
+        "promotion.time": _now(),
+        "dataset_fingerprint": fingerprint,
+        "evaluator_sha256": evaluator_sha,
+        "git_commit": git_commit(),
+        "source_run": candidate.run_id,
+    }
+    print(f"\ncandidate  {candidate.label}: FID {cand_fid}")
+    if champ_fid is not None:
+        print(f"champion   version {champion.version}: FID {champ_fid}")
+    print(f"decision   {'PROMOTE' if decision.promoted else 'REFUSE'}: {decision.reason}")
+    if dry_run:
+        print("dry run: nothing changed")
+        return 0
+    version = candidate.version
+    if version is None:
+        version = register(scorer.tracking_uri, candidate.model_uri, model_name, cfg,
+                           {"source_run": candidate.run_id}).version  # fmt: skip
+    for key, value in evidence.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    if not decision.promoted:
+        print(f"version {version} keeps its evidence in its tags; {model_name}@{CHAMPION} unchanged")
+        return 1
+    old = set_aliases(client, model_name, version, decision.reason)
+    kept = f"; version {old} is now @{PREVIOUS} (undo: promote.py --rollback)" if old else ""
+    print(f"{model_name}@{CHAMPION} -> version {version}{kept}")
+    return 0
+
+
+def rollback(client, model_name: str, dry_run: bool) -> int:
+    """Swap ``champion`` and ``previous``, so running it again undoes the rollback."""
+    check_model_exists(client, model_name)
+    champion = version_by_alias(client, model_name, CHAMPION)
+    previous = version_by_alias(client, model_name, PREVIOUS)
+    if previous is None:
+        raise RegistryError(f"{model_name} has no @{PREVIOUS} version to roll back to")
+    print(f"{model_name}@{CHAMPION}: version {champion.version if champion else '-'} -> {previous.version}")
+    if dry_run:
+        print("dry run: nothing changed")
+        return 0
+    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    if champion is not None:
+        client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
+        client.set_model_version_tag(model_name, champion.version, "promotion.rolled_back", _now())
+    print(f"rolled back: {model_name}@{CHAMPION} is version {previous.version}")
+    return 0
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,115 @@
+"""Where runs and sweeps keep their files: a local (or shared) folder or an ``s3://`` URI.
+
+Every path this module hands out is a full URI (``/abs/path`` or ``s3://bucket/key``).
+Ray takes a storage path without its scheme plus a pyarrow filesystem for object
+stores, and returns checkpoint paths without the scheme: ``ray_args`` and ``full`` are
+the only two places that convert, so callers never add a scheme back by hand.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import fsspec
+
+SCHEMES = ("s3",)
+"""Object stores a run can use; anything else with ``://`` is refused, never a local folder."""
+
+
+@dataclass(frozen=True)
+class Storage:
+    uri: str
+    """Root of runs and sweeps: an absolute folder or ``s3://bucket/prefix``."""
+    endpoint_url: str | None = None
+    """S3 API endpoint (MinIO, an S3 server on loopback); None for AWS itself."""
+
+    @classmethod
+    def parse(cls, uri: str, endpoint_url: str | None = None) -> Storage:
+        """Validate the form of ``uri`` without touching it; ValueError names what to pass."""
+        if not uri:
+            raise ValueError("--storage is empty: pass a folder or s3://bucket/prefix")
+        scheme, sep, rest = uri.partition("://")
+        if sep:
+            if scheme not in SCHEMES:
+                hint = f" (schemes are lower case: {scheme.lower()}://)" if scheme.lower() in SCHEMES else ""
+                raise ValueError(f"--storage {uri}: unsupported scheme {scheme}://{hint}; use s3:// or a folder")
+            if not rest.split("/", 1)[0]:
+                raise ValueError(f"--storage {uri}: no bucket name")
+            return cls(uri.rstrip("/"), endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+        return cls(os.path.abspath(uri), None)
+
+    @classmethod
+    def open(cls, uri: str, endpoint_url: str | None = None) -> Storage:
+        """Parse, then check it can be used (the bucket exists, the folder can be created)."""
+        storage = cls.parse(uri, endpoint_url)
+        storage.check()
+        return storage
+
+    @property
+    def is_remote(self) -> bool:
+        return "://" in self.uri
+
+    @property
+    def options(self) -> dict:
+        """fsspec options (the S3 endpoint, if any)."""
+        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.uri, **self.options)[0]
+
+    def join(self, *parts: str) -> str:
+        return "/".join([self.uri, *(p.strip("/") for p in parts)])
+
+    def exists(self, *parts: str) -> bool:
+        """Whether a run or sweep folder is there (what --resume continues)."""
+        return self.filesystem().exists(self.join(*parts))
+
+    def claim(self, name: str, resume: bool, what: str = "run") -> None:
+        """A new ``name`` must not exist and a resumed one must: nothing the user has is
+        overwritten, and a typo in --name is not silently a fresh start."""
+        exists = self.exists(name)
+        if exists and not resume:
+            raise ValueError(f"{self.join(name)} already holds a {what}: pass --resume to continue it, or --name")
+        if resume and not exists:
+            raise ValueError(f"nothing to resume: no {what} {name!r} under {self.uri}")
+
+    def write(self, uri: str, data: bytes) -> None:
+        fs, path = fsspec.core.url_to_fs(uri, **self.options)
+        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+        fs.pipe_file(path, data)
+
+    def ray_args(self, *parts: str):
+        """(storage_path, storage_filesystem) as Ray Train and Tune take them."""
+        if not self.is_remote:
+            return self.join(*parts), None
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        return self.join(*parts).split("://", 1)[1], PyFileSystem(FSSpecHandler(self.filesystem()))
+
+    def full(self, ray_path: str) -> str:
+        """A path Ray returned (schemeless for object stores) as a full URI."""
+        if not self.is_remote or "://" in ray_path:
+            return ray_path
+        return f"{self.uri.split('://', 1)[0]}://{ray_path.lstrip('/')}"
+
+    def check(self) -> None:
+        """Fail before any worker starts, naming the bucket or folder."""
+        if not self.is_remote:
+            try:
+                os.makedirs(self.uri, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"cannot create storage folder {self.uri}: {err.strerror}") from None
+            return
+        import botocore.exceptions
+
+        bucket = self.uri.split("://", 1)[1].split("/", 1)[0]
+        where = f"s3://{bucket}" + (f" at {self.endpoint_url}" if self.endpoint_url else "")
+        try:
+            self.filesystem().ls(bucket, refresh=True)
+        except FileNotFoundError:
+            raise ValueError(f"bucket {where} does not exist; create it or fix the --storage URI") from None
+        except PermissionError as err:
+            raise ValueError(f"no access to {where} (check AWS credentials): {err}") from None
+        except (OSError, botocore.exceptions.BotoCoreError) as err:
+            raise ValueError(f"cannot reach {where}: {type(err).__name__}: {err}") from None

@@ -1,0 +1,99 @@
+"""Run storage: full URIs everywhere, schemes checked, one layout for a run's checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gan import checkpoint
+from gan.storage import Storage
+
+
+@pytest.mark.parametrize(
+    "uri, message",
+    [
+        ("S3://bucket/runs", "schemes are lower case: s3://"),
+        ("gs://bucket/runs", "unsupported scheme gs://"),
+        ("hdfs://nn/runs", "unsupported scheme hdfs://"),
+        ("s3:///runs", "no bucket name"),
+        ("", "--storage is empty"),
+    ],
+)
+def test_a_bad_scheme_is_an_error_never_a_local_folder(uri, message, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        Storage.parse(uri)
+    assert not any(tmp_path.iterdir()), "nothing may be created for a refused URI"
+
+
+def test_local_storage_is_absolute_and_ray_paths_come_back_whole(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    local = Storage.parse("runs")
+    assert local.uri == str(tmp_path / "runs") and not local.is_remote
+    assert local.ray_args("sweep", "trials") == (f"{tmp_path}/runs/sweep/trials", None)
+    assert local.full(f"{tmp_path}/runs/x") == f"{tmp_path}/runs/x"
+
+    remote = Storage.parse("s3://bucket/runs/", "http://127.0.0.1:9")
+    path, filesystem = remote.ray_args("sweep")
+    assert path == "bucket/runs/sweep" and filesystem is not None  # Ray wants it without the scheme
+    assert (
+        remote.full("bucket/runs/sweep/t1/checkpoint_step00000010")
+        == "s3://bucket/runs/sweep/t1/checkpoint_step00000010"
+    )
+    assert remote.options == {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_claim_refuses_to_overwrite_and_to_resume_nothing(tmp_path):
+    storage = Storage.open(str(tmp_path / "runs"))
+    with pytest.raises(ValueError, match="nothing to resume: no run 'r'"):
+        storage.claim("r", resume=True)
+    storage.claim("r", resume=False)
+    storage.write(storage.join("r", "checkpoint_step00000001", "meta.json"), b"{}")
+    with pytest.raises(ValueError, match="already holds a sweep: pass --resume"):
+        storage.claim("r", resume=False, what="sweep")
+    storage.claim("r", resume=True)
+
+
+def test_s3_storage_is_checked_and_written_over_http(bucket, s3_server):
+    name, _ = bucket
+    with pytest.raises(ValueError, match="bucket s3://no-such-bucket-gan at http://127.0.0.1"):
+        Storage.open("s3://no-such-bucket-gan/runs", s3_server)
+    storage = Storage.open(f"s3://{name}/runs", s3_server)
+    assert not storage.exists("sweep")
+    storage.write(storage.join("sweep", "summary.txt"), b"table")
+    assert storage.exists("sweep")
+    assert storage.filesystem().cat_file(storage.join("sweep", "summary.txt")) == b"table"
+
+
+def _save(run, step: int, fid: float, options=None) -> None:
+    state = {"loop": {"step": step}, "w": torch.full((2,), float(step))}
+    meta = {"step": step, "images_seen": step * 16, "fid": fid}
+    checkpoint.save(f"{run}/{checkpoint.dir_name(step)}", state, meta, options, grid_png=b"png")
+
+
+def test_find_tells_latest_from_best_and_skips_torn_checkpoints(tmp_path):
+    run = str(tmp_path / "run")
+    assert checkpoint.find(run) == checkpoint.Found(None, None, ())
+    for step, fid in ((10, 50.0), (20, 30.0), (30, 40.0)):
+        _save(run, step, fid)
+    (tmp_path / "run" / checkpoint.dir_name(40)).mkdir()  # a checkpoint being written: no meta.json yet
+    (tmp_path / "run" / checkpoint.dir_name(40) / "state.pt").write_bytes(b"partial")
+    found = checkpoint.find(run)
+    assert found.latest.endswith("checkpoint_step00000030") and found.best.endswith("checkpoint_step00000020")
+    assert len(found.all) == 3
+    # A run folder loads as its best checkpoint.
+    state, meta = checkpoint.load(run)
+    assert state["loop"]["step"] == 20 and meta["fid"] == 30.0
+    assert json.loads((tmp_path / "run/checkpoint_step00000030/meta.json").read_text())["step"] == 30
+    assert (tmp_path / "run/checkpoint_step00000030/grid.png").read_bytes() == b"png"
+
+
+def test_find_returns_full_uris_on_s3(bucket, s3_server):
+    name, options = bucket
+    run = f"s3://{name}/runs/r"
+    _save(run, 10, 9.0, options)
+    found = checkpoint.find(run, options)
+    assert found.best == f"s3://{name}/runs/r/checkpoint_step00000010"
+    assert checkpoint.load(found.best, options)[1]["fid"] == 9.0
