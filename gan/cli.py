@@ -36,6 +36,8 @@ def add_run_args(parser: argparse.ArgumentParser, what: str, experiment: str) ->
         "--storage", default="runs", help=f"folder or s3:// URI for {what}s and checkpoints (default runs/)"
     )
     out.add_argument("--s3-endpoint", help="S3 API endpoint URL (default $AWS_ENDPOINT_URL or AWS)")
+    out.add_argument("--shared-storage", action="store_true",
+                     help="--storage is a folder every node of the cluster mounts (NFS, a shared volume)")  # fmt: skip
     out.add_argument("--name", help=f"{what} name (default: preset + config hash, so a rerun finds it)")
     out.add_argument("--resume", action="store_true", help=f"continue the {what} from its latest checkpoints")
     out.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)")

@@ -107,9 +107,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     Trainer(cfg, session, tracker=tracker).train()
 
 
-def connect() -> None:
+def connect(storage: Storage) -> None:
     """Start local Ray, or join $RAY_ADDRESS (set under `ray job submit`); a clear error
-    naming the address when it cannot be reached."""
+    naming the address when it cannot be reached, or when ``storage`` is a folder that
+    the cluster's other nodes cannot see."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
@@ -125,6 +126,7 @@ def connect() -> None:
         raise ValueError(
             f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
         ) from None
+    storage.check_cluster(sum(1 for node in ray.nodes() if node["Alive"]))
 
 
 def check_resources(scaling: Scaling) -> None:
@@ -202,7 +204,7 @@ def fit(cfg: Config, scaling: Scaling, storage: Storage, name: str, tracking: Tr
     from gan.cli import USER_ERRORS
     from gan.tracking import finish_run
 
-    connect()
+    connect(storage)
     check_resources(scaling)
     storage_path, filesystem = storage.ray_args()
     trainer = make_trainer(

@@ -23,9 +23,11 @@ class Storage:
     """Root of runs and sweeps: an absolute folder or ``s3://bucket/prefix``."""
     endpoint_url: str | None = None
     """S3 API endpoint (MinIO, an S3 server on loopback); None for AWS itself."""
+    shared: bool = False
+    """A local path that every node of the cluster mounts (NFS, a shared volume)."""
 
     @classmethod
-    def parse(cls, uri: str, endpoint_url: str | None = None) -> Storage:
+    def parse(cls, uri: str, endpoint_url: str | None = None, shared: bool = False) -> Storage:
         """Validate the form of ``uri`` without touching it; ValueError names what to pass."""
         if not uri:
             raise ValueError("--storage is empty: pass a folder or s3://bucket/prefix")
@@ -37,12 +39,12 @@ class Storage:
             if not rest.split("/", 1)[0]:
                 raise ValueError(f"--storage {uri}: no bucket name")
             return cls(uri.rstrip("/"), endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
-        return cls(os.path.abspath(uri), None)
+        return cls(os.path.abspath(uri), None, shared)
 
     @classmethod
-    def open(cls, uri: str, endpoint_url: str | None = None) -> Storage:
+    def open(cls, uri: str, endpoint_url: str | None = None, shared: bool = False) -> Storage:
         """Parse, then check it can be used (the bucket exists, the folder can be created)."""
-        storage = cls.parse(uri, endpoint_url)
+        storage = cls.parse(uri, endpoint_url, shared)
         storage.check()
         return storage
 
@@ -92,6 +94,15 @@ class Storage:
         if not self.is_remote or "://" in ray_path:
             return ray_path
         return f"{self.uri.split('://', 1)[0]}://{ray_path.lstrip('/')}"
+
+    def check_cluster(self, nodes: int) -> None:
+        """Ray Train needs storage every node reads: a node-local folder on a cluster of
+        several nodes fails only after training, when Ray gathers the checkpoints."""
+        if nodes > 1 and not self.is_remote and not self.shared:
+            raise ValueError(
+                f"--storage {self.uri} is a local folder, but the Ray cluster has {nodes} nodes that cannot read "
+                "each other's disks: pass --storage s3://bucket/prefix, or --shared-storage if every node mounts it"
+            )
 
     def check(self) -> None:
         """Fail before any worker starts, naming the bucket or folder."""

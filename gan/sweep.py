@@ -176,16 +176,18 @@ class TrialRuns(tune.Callback):
     completed closed its own run FINISHED after logging its models."""
 
     def __init__(self, setup: TrialSetup) -> None:
-        self.setup = setup
+        self.trial_setup = setup  # not "setup": tune.Callback.setup is a hook
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
         rounds = int(result.get("training_iteration", 0))
-        if self.setup.plan.stopped_early(rounds):
-            close_trial_run(self.setup, trial.trial_id, rounds, result.get("kimg", 0), result.get("fid", math.nan))
+        if self.trial_setup.plan.stopped_early(rounds):
+            close_trial_run(
+                self.trial_setup, trial.trial_id, rounds, result.get("kimg", 0), result.get("fid", math.nan)
+            )
 
     def on_trial_error(self, iteration, trials, trial, **info) -> None:
-        target = self.setup.trial_tracking(trial.trial_id)
+        target = self.trial_setup.trial_tracking(trial.trial_id)
         if target is not None:
             finish_run(target, "FAILED", {"sweep.error": trial_error(trial)})
 

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
-        storage = Storage.open(args.storage, args.s3_endpoint)
+        storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
         target = None if args.no_tracking else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name)
         if target is not None:

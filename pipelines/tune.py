@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             reduction_factor=args.reduction_factor, search=args.search, seed=args.search_seed, scaling=scaling,
             kimg_per_round=args.kimg_per_round or 1.0,
         )  # fmt: skip
-        storage = Storage.parse(args.storage, args.s3_endpoint)
+        storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
     except ValueError as err:
         return fail(str(err))
     if args.dry_run:
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri
 
     storage.check()
-    connect()
+    connect(storage)
     max_concurrent = sweep.concurrency(plan, args.max_concurrent)
     if not args.kimg_per_round:
         plan = dataclasses.replace(plan, kimg_per_round=plans.kimg_per_round(plan, args.budget_minutes, max_concurrent))

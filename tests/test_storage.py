@@ -97,3 +97,12 @@ def test_find_returns_full_uris_on_s3(bucket, s3_server):
     found = checkpoint.find(run, options)
     assert found.best == f"s3://{name}/runs/r/checkpoint_step00000010"
     assert checkpoint.load(found.best, options)[1]["fid"] == 9.0
+
+
+def test_a_node_local_folder_is_refused_on_a_cluster_of_several_nodes(tmp_path):
+    local = Storage.parse(str(tmp_path / "runs"))
+    local.check_cluster(1)  # one node: its own disk is everyone's
+    with pytest.raises(ValueError, match="cluster has 2 nodes .* --storage s3://bucket/prefix, or --shared-storage"):
+        local.check_cluster(2)
+    Storage.parse(str(tmp_path / "runs"), shared=True).check_cluster(8)
+    Storage.parse("s3://bucket/runs").check_cluster(8)

@@ -58,6 +58,14 @@ def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow
     from mlflow.tracking import MlflowClient
 
     url, bucket_name = mlflow_server
+    # A relative --storage resolves to each node's own copy of the working dir: refused
+    # before any trial starts, with what to pass instead.
+    refused = subprocess.run([RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py",
+                              *TINY, "--no-tracking"], cwd=ROOT, env=two_node_cluster, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+    said = refused.stdout + refused.stderr
+    assert refused.returncode != 0 and "the Ray cluster has 2 nodes" in said and "--storage s3://" in said, said[-3000:]
+    assert "Traceback" not in said and "Trial status" not in said
     command = [RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py", "--trials", "4",
                "--rounds", "2", *TINY, "--kimg-per-round", "0.5", "--storage", f"s3://{bucket_name}/sweeps", "--tracking-uri", url,
                "--experiment", "e2e", "--model-name", "digits-e2e"]  # fmt: skip
