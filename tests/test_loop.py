@@ -60,8 +60,9 @@ def test_training_is_seeded_and_changes_parameters(tiny_cfg, digits):
     a, b = make_loop(tiny_cfg, digits), make_loop(tiny_cfg, digits)
     before = params(a.nets.G).clone()
     for _ in range(3):
-        stats = a.train_step()
+        a.train_step()
         b.train_step()
+    stats = a.read_stats()
     assert {"loss/d", "loss/g", "d/real", "d/fake"} <= set(stats)
     assert all(math.isfinite(v) for v in stats.values())
     assert not torch.equal(params(a.nets.G), before)
@@ -72,7 +73,9 @@ def test_training_is_seeded_and_changes_parameters(tiny_cfg, digits):
 @pytest.mark.parametrize("kind", ["ns", "hinge", "wgan-gp"])
 def test_every_loss_and_r1_trains(tiny_cfg, digits, kind):
     cfg = override(tiny_cfg, [f"loss.kind={kind}", "loss.r1_gamma=1", "loss.r1_every=1", "model.d_norm=none"])
-    stats = make_loop(cfg, digits).train_step()
+    loop = make_loop(cfg, digits)
+    loop.train_step()
+    stats = loop.read_stats()
     assert "loss/d/r1" in stats and all(math.isfinite(v) for v in stats.values())
     assert ("loss/d/gp" in stats) == (kind == "wgan-gp")
 
@@ -104,12 +107,25 @@ def _roundtrip(state):
 
 
 def test_divergence_is_detected_with_the_step(tiny_cfg, digits):
+    """Steps do not read values; the read at a later (logging) step names the bad one."""
     loop = make_loop(tiny_cfg, digits)
     loop.train_step()
     with torch.no_grad():
         next(loop.nets.D.parameters()).fill_(float("nan"))
-    with pytest.raises(DivergenceError, match="became NaN/Inf at step 2"):
-        loop.train_step()
+    for _ in range(3):
+        loop.train_step()  # no exception here: nothing waits for the device
+    with pytest.raises(DivergenceError, match=r"loss/d.* became NaN/Inf at step 2 \(32 images seen\)"):
+        loop.read_stats()
+
+
+def test_first_bad_step_is_the_earliest_over_ranks(tiny_cfg, digits):
+    loop = make_loop(tiny_cfg, digits)
+    loop.train_step()
+    # Another rank saw a NaN at step 1: its row of the gather says so.
+    other = lambda t: torch.cat([t, t.clone().index_fill_(1, torch.tensor([t.shape[1] - 1]), 1.0)])
+    loop.all_gather = other
+    with pytest.raises(DivergenceError, match="at step 1"):
+        loop.read_stats()
 
 
 def test_batch_must_divide_over_workers(tiny_cfg, digits):
@@ -133,7 +149,8 @@ def test_bf16_autocast_trains_and_keeps_float32_state(tiny_cfg, digits):
     cfg = override(tiny_cfg, ["train.bf16=true", "loss.r1_gamma=1", "loss.r1_every=1"])
     loop = make_loop(cfg, digits)
     before = params(loop.nets.G).clone()
-    stats = loop.train_step()
+    loop.train_step()
+    stats = loop.read_stats()
     assert all(math.isfinite(v) for v in stats.values())
     assert not torch.equal(params(loop.nets.G), before)
     assert all(p.dtype == torch.float32 for p in loop.nets.G.parameters())
