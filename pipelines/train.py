@@ -41,9 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--time-budget-s", type=float, help="stop after this many seconds of training")
     parser.add_argument("--steps", type=int, help="stop after this many G steps (sets train.total_kimg)")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default 1, or one per GPU with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: on one machine, all)")
     parser.add_argument("--storage", default="runs", help="folder or s3:// URI for runs (default runs/)")
     parser.add_argument("--s3-endpoint", help="S3 API endpoint URL (default $AWS_ENDPOINT_URL or AWS)")
     parser.add_argument("--name", help="run name (default: preset + config hash, so reruns resume)")
@@ -106,7 +106,7 @@ def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: T
 
 def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: TrackingTarget | None):
 
-    from gan.distributed import Scaling, check_resources, connect, make_trainer, run_exists, storage_for
+    from gan.distributed import check_resources, connect, local_scaling, make_trainer, run_exists, storage_for
 
     storage_path, filesystem = storage_for(args.storage, args.s3_endpoint)
     exists = run_exists(storage_path, filesystem, name)
@@ -116,12 +116,13 @@ def train_with_ray(cfg: Config, args: argparse.Namespace, name: str, target: Tra
         )
     if args.resume and not exists:
         raise ValueError(f"nothing to resume: no run {name!r} under {args.storage}")
-    if args.workers < 1:
+    if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers {args.workers}: need at least 1")
     connect()
-    scaling = Scaling(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
+    scaling = local_scaling(args.workers, args.gpu, args.cpus_per_worker)
     check_resources(scaling)
-    print(f"Ray Train run {name!r}: {args.workers} worker(s), storage {args.storage}", flush=True)
+    workers = f"{scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
+    print(f"Ray Train run {name!r}: {workers}, storage {args.storage}", flush=True)
     tracking = dataclasses.asdict(target) if target else None
     trainer = make_trainer(
         cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking
