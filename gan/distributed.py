@@ -26,6 +26,23 @@ from gan.trainer import Snapshot, Trainer
 GRID_FILE = "grid.png"
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks. Every rank's loss depends on the sum, so the gradient each rank
+    needs is the sum over ranks of theirs: the backward is an all-reduce too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Batch norm over the global batch for gloo/CPU workers (torch's SyncBatchNorm runs
     on GPUs only). Mean and variance come from all-reduced sums; the all-reduce is
@@ -39,8 +56,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _AllReduceSum.apply
         dims = [0, *range(2, x.dim())]
         shape = [1, -1] + [1] * (x.dim() - 2)
         count = x.numel() // x.shape[1] * dist.get_world_size()  # every rank holds the same batch size
@@ -90,6 +106,19 @@ def ddp_wrap(module: nn.Module, device: torch.device, *, sync_bn: bool = False) 
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
 
 
+def _for_backend(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # gloo reduces CPU tensors, NCCL device tensors.
+    return values.to(device) if dist.get_backend() == "nccl" else values.detach().cpu().clone()
+
+
+def all_gather(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's ``values`` (same shape on each), concatenated along dim 0 in rank order."""
+    on_backend = _for_backend(values, device).contiguous()
+    parts = [torch.empty_like(on_backend) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, on_backend)
+    return torch.cat(parts).to(values.device)
+
+
 class RaySession:
     def __init__(self) -> None:
         import ray.train
@@ -103,25 +132,15 @@ class RaySession:
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
         return ddp_wrap(module, self.device, sync_bn=sync_batchnorm) if self.world_size > 1 else module
 
-    def _for_backend(self, values: torch.Tensor) -> torch.Tensor:
-        # gloo reduces CPU tensors, NCCL device tensors.
-        return values.to(self.device) if dist.get_backend() == "nccl" else values.detach().cpu().clone()
-
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return values
-        on_backend = self._for_backend(values)
+        on_backend = _for_backend(values, self.device)
         dist.all_reduce(on_backend)
         return (on_backend / self.world_size).to(values.device)
 
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``values``, concatenated along dim 0 in rank order."""
-        if self.world_size == 1:
-            return values
-        on_backend = self._for_backend(values).contiguous()
-        parts = [torch.empty_like(on_backend) for _ in range(self.world_size)]
-        dist.all_gather(parts, on_backend)
-        return torch.cat(parts).to(values.device)
+        return values if self.world_size == 1 else all_gather(values, self.device)
 
     def restore(self) -> dict[str, Any] | None:
         ckpt = self._train.get_checkpoint()
