@@ -103,6 +103,9 @@ class Trainer:
         D_reg = None
         if cfg.train.compile:
             D_reg = D_train  # R1 and the gradient penalty differentiate twice: compiled graphs cannot
+            # Spectral norm makes a new class per D, so every Trainer in a process adds graphs;
+            # past the recompile limit dynamo runs eager and a resumed run stops matching.
+            torch.compiler.reset()
             G_train, D_train = torch.compile(G_train), torch.compile(D_train)
         # After wrapping: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
         self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=G_train, D_train=D_train, D_reg=D_reg)
