@@ -97,7 +97,7 @@ def train_in_process(cfg: Config, args: argparse.Namespace, name: str, target: T
     out = f"{args.storage.rstrip('/')}/{name}"
     if not args.resume and fsspec.core.url_to_fs(out)[0].exists(f"{out}/checkpoints/latest"):
         raise ValueError(f"{out} already holds a run: pass --resume to continue it, or --name for a new one")
-    session = LocalSession(out, resume=args.resume)
+    session = LocalSession(out, resume=args.resume, device="cuda" if args.gpu else "cpu")
     trainer = Trainer(cfg, session, tracker=MLflowTracker(target) if target else None)
     _announce(cfg, trainer)
     result = trainer.train()
