@@ -1,8 +1,10 @@
 """One training run for the benchmarks, in a fresh process so its peak memory is its own.
 
-Prints one JSON line: the evaluation history, images, training seconds, img/s and peak RSS.
+Prints one JSON line: the evaluation history, images, training seconds, img/s (overall, and
+of the last logging window: the steady state, after any compilation) and peak RSS.
     python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
+    python benchmarks/train_once.py --seconds 40 --ray-default     # what `python pipelines/train.py` reserves
 """
 
 from __future__ import annotations
@@ -24,12 +26,15 @@ def main() -> int:
     parser.add_argument("--kimg", type=float, help="images budget instead")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (in-process) or CPUs per Ray worker")
     parser.add_argument("--ray-workers", type=int, default=0, help="0 = in-process, else Ray Train workers")
+    parser.add_argument("--ray-default", action="store_true", help="Ray Train with pipelines/train.py's defaults")
     args = parser.parse_args()
     sets = list(args.overrides)
     sets += [f"train.time_budget_s={args.seconds}"] if args.seconds else []
     sets += [f"train.total_kimg={args.kimg}"] if args.kimg else []
     with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp:
-        if args.ray_workers:
+        if args.ray_default:
+            history = with_ray_defaults(override(preset(args.preset), sets), tmp)
+        elif args.ray_workers:
             history = with_ray(override(preset(args.preset), sets), args.ray_workers, args.threads, tmp)
         else:
             cfg = override(preset(args.preset), [*sets, f"train.threads={args.threads}"])
@@ -47,6 +52,7 @@ def main() -> int:
                 "images": last["images_seen"],
                 "train_s": last["time/train_s"],
                 "img_per_s": last["images_seen"] / last["time/train_s"],
+                "img_per_s_last_window": last["throughput/img_per_s"],
                 "fid": last["fid"],
                 "fid_floor": last["fid_floor"],
                 "peak_rss_mib": peak_kib / 1024,
@@ -75,6 +81,22 @@ def with_ray(cfg, workers: int, cpus: int, out: str) -> list[dict]:
         ray.shutdown()
     frame = result.metrics_dataframe
     return frame.to_dict("records")
+
+
+def with_ray_defaults(cfg, out: str) -> list[dict]:
+    """As `python pipelines/train.py` runs: local Ray on the whole machine, default scaling."""
+    import ray
+
+    from gan.distributed import local_scaling, make_trainer
+
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        scaling = local_scaling(None, False, None)
+        print(f"default scaling: {scaling}", file=sys.stderr)
+        result = make_trainer(cfg, scaling, name="bench", storage_path=out).fit()
+    finally:
+        ray.shutdown()
+    return result.metrics_dataframe.to_dict("records")
 
 
 if __name__ == "__main__":

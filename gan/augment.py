@@ -1,8 +1,8 @@
 """Differentiable augmentation for D's inputs (DiffAugment, Zhao et al. 2020), digit-safe.
 
 Only translation and a small cutout: flips and 90-degree turns change a digit's meaning.
-Random parameters come from an explicit torch.Generator, drawn for the *global* batch and
-sliced per rank, so training does not depend on the number of workers.
+Random parameters come from an explicit torch.Generator on the run's device, drawn for the
+*global* batch and sliced per rank, so training does not depend on the number of workers.
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ class DiffAugment:
         self.generator, self.rank, self.world_size = generator, rank, world_size
 
     def _draw(self, low: int, high: int, n: int) -> torch.Tensor:
-        values = torch.randint(low, high, (n * self.world_size,), generator=self.generator)
+        values = torch.randint(
+            low, high, (n * self.world_size,), generator=self.generator, device=self.generator.device
+        )
         return values[self.rank * n : (self.rank + 1) * n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -132,6 +132,9 @@ class OptimConfig:
     """Adam beta2 for both networks."""
     d_steps: int = 1
     """D updates per G update."""
+    adam_impl: str = "auto"
+    """Adam's implementation: 'auto' (torch's choice: foreach on GPU, a loop on CPU),
+    'for-loop', 'foreach' (one kernel per group of tensors) or 'fused' (one kernel, GPU or CPU)."""
 
     def __post_init__(self) -> None:
         for name in ("lr_g", "lr_d"):
@@ -140,6 +143,7 @@ class OptimConfig:
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
         _check(1 <= self.d_steps <= 10, "optim.d_steps", "must be in [1, 10]", self.d_steps)
+        _choice("optim.adam_impl", self.adam_impl, ("auto", "for-loop", "foreach", "fused"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -157,10 +161,29 @@ class TrainConfig:
     log_every_steps: int = 50
     """Print/report losses every this many steps."""
     threads: int = 0
-    """torch intra-op threads per worker (0 = leave torch's default)."""
+    """torch intra-op threads per worker (0 = leave torch's default; a Ray Train worker then
+    uses the CPUs it reserved)."""
     bf16: bool = False
     """bf16 autocast for the forward passes of G and D (meant for GPUs; also runs on CPU).
     Losses, penalties, optimizer state and EMA stay float32."""
+    compile: bool = False
+    """torch.compile G and D for the training steps (CPU too, where a C compiler is
+    installed). The first steps pay the compilation; R1 and the gradient penalty run eager."""
+    channels_last: bool = False
+    """Channels-last memory format for G, D and the real batches (faster convolutions on
+    tensor cores; on CPU it depends on the model)."""
+    foreach_ema: bool = True
+    """Update the EMA generator with one foreach kernel per group of tensors instead of one
+    per tensor; the same numbers."""
+    sync_batchnorm: bool = True
+    """With more than one worker, batch norm uses the statistics of the whole global batch
+    (SyncBatchNorm), so N workers x b train like 1 x N*b. No effect on one worker or on
+    models without batch norm."""
+    tf32: bool = True
+    """GPU only: TF32 tensor cores for float32 matmuls and convolutions."""
+    cudnn_benchmark: bool = True
+    """GPU only: let cuDNN time its convolution algorithms once and keep the fastest
+    (results can then differ in the last bits between runs)."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= 65536, "train.batch_size", "must be in [1, 65536]", self.batch_size)

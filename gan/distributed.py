@@ -2,8 +2,9 @@
 
 The only module that imports ray.train. Each worker runs the same ``Trainer`` as an
 in-process run, behind a ``RaySession``: G and D are separate DDP modules (gloo on CPU,
-NCCL on GPU), buffers are not broadcast (BN statistics stay per rank and are averaged
-for evaluation), and only rank 0 attaches a checkpoint to its report.
+NCCL on GPU), batch norm is synchronised over ranks (``train.sync_batchnorm``; otherwise
+BN statistics stay per rank and are averaged for evaluation), and only rank 0 attaches
+a checkpoint to its report.
 """
 
 from __future__ import annotations
@@ -25,15 +26,97 @@ from gan.tracking import TrackingTarget
 from gan.trainer import Snapshot, Trainer
 
 
-def ddp_wrap(module: nn.Module, device: torch.device) -> nn.Module:
-    """DDP without per-step buffer broadcasts (BN statistics stay per rank), after one
-    broadcast of every buffer from rank 0: with broadcast_buffers=False DDP syncs only
-    parameters at construction, and spectral norm's power-iteration vectors are buffers
-    drawn from each rank's own seed."""
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks. Every rank's loss depends on the sum, so the gradient each rank
+    needs is the sum over ranks of theirs: the backward is an all-reduce too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm over the global batch for gloo/CPU workers (torch's SyncBatchNorm runs
+    on GPUs only). Mean and variance come from all-reduced sums; the all-reduce is
+    differentiable (its backward all-reduces the gradient), so autograd gives each rank
+    the gradient of the sum of all ranks' losses, as with one process and the whole batch."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        all_reduce = _AllReduceSum.apply
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        count = x.numel() // x.shape[1] * dist.get_world_size()  # every rank holds the same batch size
+        mean = all_reduce(x.sum(dims)) / count
+        centred = x - mean.view(shape)
+        var = all_reduce(centred.square().sum(dims)) / count  # two passes: no cancellation
+        y = centred * torch.rsqrt(var + self.eps).view(shape)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                momentum = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.lerp_(mean, momentum)
+                self.running_var.lerp_(var * count / max(count - 1, 1), momentum)
+        return y
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every batch norm layer in ``module`` replaced in place by its synchronised form
+    (torch's SyncBatchNorm on GPUs, CPUSyncBatchNorm on CPUs), weights and buffers kept."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, CPUSyncBatchNorm):
+            synced = CPUSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(device)
+            synced.load_state_dict(child.state_dict())
+            synced.train(child.training)
+            setattr(module, name, synced)
+        else:
+            sync_batchnorm(child, device)
+    return module
+
+
+def ddp_wrap(module: nn.Module, device: torch.device, *, sync_bn: bool = False) -> nn.Module:
+    """DDP without per-step buffer broadcasts, after one broadcast of every buffer from
+    rank 0: with broadcast_buffers=False DDP syncs only parameters at construction, and
+    spectral norm's power-iteration vectors are buffers drawn from each rank's own seed.
+    ``sync_bn`` turns batch norm into SyncBatchNorm in place (``module`` keeps it too)."""
+    if sync_bn:
+        sync_batchnorm(module, device)
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=0)
     device_ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+
+
+def _for_backend(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    # gloo reduces CPU tensors, NCCL device tensors.
+    return values.to(device) if dist.get_backend() == "nccl" else values.detach().cpu().clone()
+
+
+def all_gather(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Every rank's ``values`` (same shape on each), concatenated along dim 0 in rank order."""
+    on_backend = _for_backend(values, device).contiguous()
+    parts = [torch.empty_like(on_backend) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, on_backend)
+    return torch.cat(parts).to(values.device)
 
 
 class RaySession:
@@ -46,16 +129,18 @@ class RaySession:
         self.device = ray.train.torch.get_device()
         self._train = ray.train
 
-    def wrap(self, module: nn.Module) -> nn.Module:
-        return ddp_wrap(module, self.device) if self.world_size > 1 else module
+    def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
+        return ddp_wrap(module, self.device, sync_bn=sync_batchnorm) if self.world_size > 1 else module
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
         if self.world_size == 1:
             return values
-        # gloo reduces CPU tensors, NCCL device tensors.
-        on_device = values.to(self.device) if dist.get_backend() == "nccl" else values.clone()
-        dist.all_reduce(on_device)
-        return (on_device / self.world_size).to(values.device)
+        on_backend = _for_backend(values, self.device)
+        dist.all_reduce(on_backend)
+        return (on_backend / self.world_size).to(values.device)
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
+        return values if self.world_size == 1 else all_gather(values, self.device)
 
     def restore(self) -> dict[str, Any] | None:
         ckpt = self._train.get_checkpoint()
@@ -92,7 +177,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     from gan.tracking import MLflowTracker, NullTracker
 
     cfg = Config.from_json(loop_config["config"])
-    if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:
+    if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:  # the CPUs this worker reserved
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     session = RaySession()
     tracker = NullTracker()
@@ -105,6 +190,35 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         }
         tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags)
     Trainer(cfg, session, tracker=tracker).train()
+
+
+def default_scaling(
+    nodes: list[dict[str, float]], workers: int | None = None, use_gpu: bool = False, cpus: float | None = None
+) -> Scaling:
+    """What a plain ``pipelines/train.py`` reserves, given the Ray nodes' resources
+    (``ray.nodes()[i]["Resources"]``) and what the user set (None = not set).
+
+    On one node the run uses the node: one worker takes all its CPUs, or with ``use_gpu``
+    one worker per GPU shares them out. On several nodes a worker cannot span nodes: CPU
+    workers keep one CPU each, GPU workers the CPUs per GPU of the leanest GPU node."""
+    gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+    if workers is None:
+        workers = (int(sum(n["GPU"] for n in gpu_nodes)) or 1) if use_gpu else 1
+    if cpus is None:
+        if use_gpu and gpu_nodes:
+            cpus = min(n.get("CPU", 1) // n["GPU"] for n in gpu_nodes)
+        elif len(nodes) == 1:
+            cpus = nodes[0].get("CPU", 1) // workers
+        else:
+            cpus = 1
+    return Scaling(workers=workers, use_gpu=use_gpu, cpus_per_worker=max(1.0, float(cpus)))
+
+
+def local_scaling(workers: int | None, use_gpu: bool, cpus: float | None) -> Scaling:
+    """``default_scaling`` over the Ray cluster this process is connected to."""
+    import ray
+
+    return default_scaling([n["Resources"] for n in ray.nodes() if n["Alive"]], workers, use_gpu, cpus)
 
 
 def connect(storage: Storage) -> None:
@@ -197,15 +311,31 @@ def make_trainer(
     )
 
 
-def fit(cfg: Config, scaling: Scaling, storage: Storage, name: str, tracking: TrackingTarget | None) -> float:
+def fit(
+    cfg: Config,
+    storage: Storage,
+    name: str,
+    tracking: TrackingTarget | None,
+    workers: int | None = None,
+    use_gpu: bool = False,
+    cpus_per_worker: float | None = None,
+) -> float:
     """Train ``cfg`` as the Ray Train run ``name`` under ``storage`` (continuing it when it
-    exists); returns the best FID. A worker's user error (bad data, divergence) is raised
-    as itself, not as Ray's wrapper, and the run's MLflow run is closed when no worker can."""
+    exists) on the cluster's resources (``default_scaling`` for what is not given); returns
+    the best FID. A worker's user error (bad data, divergence) is raised as itself, not as
+    Ray's wrapper, and the run's MLflow run is closed when no worker can."""
     from gan.cli import USER_ERRORS
     from gan.tracking import finish_run
 
     connect(storage)
+    scaling = local_scaling(workers, use_gpu, cpus_per_worker)
     check_resources(scaling)
+    print(
+        f"Ray Train run {name!r}: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
+        + (f" + {scaling.gpus_per_worker:g} GPU" if scaling.use_gpu else "")
+        + f", storage {storage.join(name)}",
+        flush=True,
+    )
     storage_path, filesystem = storage.ray_args()
     trainer = make_trainer(
         cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking

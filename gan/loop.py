@@ -3,7 +3,12 @@
 All randomness of a step (which images, z, fake labels, augmentation) is drawn for the
 *global* batch from a generator every rank holds in the same state, and each rank takes
 its own rows. So N workers x batch b trains exactly like 1 worker x batch N*b, and a
-result does not depend on how many workers produced it.
+result does not depend on how many workers produced it. That generator lives on the run's
+device, and so does the dataset when it fits (uint8, converted per batch on the device).
+
+Nothing in a step waits for the device: statistics stay device tensors and a cheap
+on-device check records the first step where one became NaN/Inf. ``read_stats`` (called
+at logging steps) gathers them over ranks, reads them once, and names that step.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from gan.config import Config
 from gan.data import ImageDataset
 from gan.losses import GANLoss
 
-ReduceMean = Callable[[torch.Tensor], torch.Tensor]
+Gather = Callable[[torch.Tensor], torch.Tensor]
+"""All-gather over ranks: each rank's tensor, concatenated along dim 0 in rank order."""
+
+DATA_DEVICE_SHARE = 0.25  # the dataset moves to an accelerator when it takes at most this share of free memory
 
 
 class DivergenceError(RuntimeError):
@@ -37,11 +45,35 @@ def ema_beta(batch_size: int, half_life_kimg: float) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float) -> None:
-    for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
-        p_ema.lerp_(p.detach(), 1.0 - beta)
-    for b_ema, b in zip(ema.buffers(), model.buffers(), strict=True):
+def update_ema(ema: nn.Module, model: nn.Module, beta: float, foreach: bool = False) -> None:
+    ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
+    ema_buffers, buffers = list(ema.buffers()), list(model.buffers())
+    if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
+        raise ValueError("EMA and model differ in structure")
+    if foreach:  # one kernel launch per group instead of one per tensor
+        torch._foreach_lerp_(ema_params, params, 1.0 - beta)
+        if buffers:
+            torch._foreach_copy_(ema_buffers, buffers)
+        return
+    for p_ema, p in zip(ema_params, params, strict=True):
+        p_ema.lerp_(p, 1.0 - beta)
+    for b_ema, b in zip(ema_buffers, buffers, strict=True):
         b_ema.copy_(b)
+
+
+def adam(params, cfg, lr: float) -> torch.optim.Adam:
+    """Adam with the implementation ``optim.adam_impl`` names ('auto': torch's choice)."""
+    impl = {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    return torch.optim.Adam(params, lr=lr, betas=(cfg.beta1, cfg.beta2), **impl[cfg.adam_impl])
+
+
+def fits_on(device: torch.device, nbytes: int) -> bool:
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return nbytes <= DATA_DEVICE_SHARE * free
+    return False
 
 
 def make_ema(G: nn.Module) -> nn.Module:
@@ -57,6 +89,9 @@ class Nets:
     G_ema: nn.Module
     G_train: nn.Module
     D_train: nn.Module
+    D_reg: nn.Module | None = None
+    """D for penalties that differentiate twice (R1, gradient penalty): compiled graphs
+    cannot; None means D_train."""
 
 
 class GANLoop:
@@ -68,38 +103,45 @@ class GANLoop:
         *,
         rank: int = 0,
         world_size: int = 1,
-        reduce_mean: ReduceMean = lambda t: t,
+        all_gather: Gather = lambda t: t,
         device: torch.device | str = "cpu",
     ) -> None:
         if cfg.train.batch_size % world_size:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {world_size} workers")
         if cfg.train.batch_size > len(data):
             raise ValueError(f"train.batch_size={cfg.train.batch_size} exceeds the {len(data)} images in the dataset")
-        self.cfg, self.nets, self.data = cfg, nets, data
-        self.rank, self.world_size, self.reduce_mean = rank, world_size, reduce_mean
+        self.cfg, self.nets = cfg, nets
+        self.rank, self.world_size, self.all_gather = rank, world_size, all_gather
         self.device = torch.device(device)
         self.global_batch = cfg.train.batch_size
         self.local_batch = cfg.train.batch_size // world_size
         self.rows = slice(rank * self.local_batch, (rank + 1) * self.local_batch)
         self.num_classes = cfg.model.num_classes
+        # uint8 on the device when it fits: a batch is then an index and a conversion there.
+        nbytes = data.images.numel() + (0 if data.labels is None else data.labels.numel() * 8)
+        self.data_device = self.device if fits_on(self.device, nbytes) else torch.device("cpu")
+        self.images = data.images.to(self.data_device)
+        self.labels = None if data.labels is None else data.labels.to(self.data_device)
         # One generator for everything random in a step, in the same state on every rank.
-        self.rng = torch.Generator().manual_seed(cfg.train.seed)
+        self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
         self.loss = GANLoss(cfg.loss, DiffAugment(cfg.loss.augment, self.rng, rank, world_size), self.autocast)
-        betas = (cfg.optim.beta1, cfg.optim.beta2)
-        self.opt_g = torch.optim.Adam(nets.G.parameters(), lr=cfg.optim.lr_g, betas=betas)
-        self.opt_d = torch.optim.Adam(nets.D.parameters(), lr=cfg.optim.lr_d, betas=betas)
+        self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
+        self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.step = 0
         self.images_seen = 0
         self.epoch = 0
         self.cursor = 0
         self.perm = self._permutation(0)
+        self._last: dict[str, torch.Tensor] = {}
+        self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.data), generator=g)
+        g = torch.Generator(device=self.data_device).manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
+        return torch.randperm(len(self.images), generator=g, device=self.data_device)
 
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cursor + self.global_batch > len(self.perm):  # drop the ragged tail
@@ -108,22 +150,25 @@ class GANLoop:
             self.perm = self._permutation(self.epoch)
         idx = self.perm[self.cursor : self.cursor + self.global_batch][self.rows]
         self.cursor += self.global_batch
-        real = self.data.to_float(idx).to(self.device, non_blocking=True)
-        labels = self.data.labels[idx].to(self.device) if self.num_classes else None
+        real = self.images[idx].to(self.device, non_blocking=True)
+        real = real.float().div_(127.5).sub_(1.0).contiguous(memory_format=self.memory_format)
+        labels = self.labels[idx].to(self.device, non_blocking=True) if self.num_classes else None
         return real, labels
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        z = torch.randn(self.global_batch, self.cfg.model.z_dim, generator=self.rng)[self.rows]
+        z = torch.randn(self.global_batch, self.cfg.model.z_dim, generator=self.rng, device=self.device)[self.rows]
         labels = None
         if self.num_classes:
-            labels = torch.randint(0, self.num_classes, (self.global_batch,), generator=self.rng)[self.rows]
-            labels = labels.to(self.device)
-        return z.to(self.device), labels
+            shape = (self.global_batch,)
+            labels = torch.randint(0, self.num_classes, shape, generator=self.rng, device=self.device)[self.rows]
+        return z, labels
 
     # --- one step -------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
-        """One G update after ``optim.d_steps`` D updates; returns rank-averaged stats."""
+    def train_step(self) -> None:
+        """One G update after ``optim.d_steps`` D updates. Queues work on the device and
+        returns without waiting for it; ``read_stats`` reads the statistics."""
         n = self.nets
+        D_reg = n.D_reg or n.D_train
         stats: dict[str, torch.Tensor] = {}
         n.G.requires_grad_(False)
         n.D.requires_grad_(True)
@@ -132,13 +177,13 @@ class GANLoop:
             z, fake_labels = self._latents()
             alpha = None
             if self.cfg.loss.kind == "wgan-gp":
-                alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng)[self.rows].to(self.device)
+                alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng, device=self.device)[self.rows]
             with torch.no_grad(), self.autocast():
                 fake = n.G_train(z, fake_labels).float()
             self.opt_d.zero_grad(set_to_none=True)
-            stats.update(self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha))
+            stats.update(self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha, D_penalty=D_reg))
             if self.cfg.loss.r1_gamma > 0 and self.step % self.cfg.loss.r1_every == 0:
-                stats.update(self.loss.d_reg(n.D_train, real, labels))
+                stats.update(self.loss.d_reg(D_reg, real, labels))
             self.opt_d.step()
             self.images_seen += self.global_batch
 
@@ -154,22 +199,33 @@ class GANLoop:
             stats.update(self.loss.g_main(n.D_train, fake, fake_labels))
         self.opt_g.step()
         n.D.requires_grad_(True)
-        update_ema(n.G_ema, n.G, self.beta)
+        update_ema(n.G_ema, n.G, self.beta, foreach=self.cfg.train.foreach_ema)
         self.step += 1
-        return self._reduce(stats)
+        self._watch(stats)
 
-    def _reduce(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
-        names = sorted(stats)
-        values = self.reduce_mean(torch.stack([stats[k].float().cpu() for k in names]))
-        out = dict(zip(names, values.tolist(), strict=True))
-        bad = [k for k, v in out.items() if not math.isfinite(v)]
-        if bad:
+    def _watch(self, stats: dict[str, torch.Tensor]) -> None:
+        """Keep the step's statistics and remember, on the device, the first bad step."""
+        finite = torch.isfinite(torch.stack([v.float() for v in stats.values()])).all()
+        self._first_bad = torch.where(~finite & (self._first_bad < 0), self.step, self._first_bad)
+        self._last = stats
+
+    def read_stats(self) -> dict[str, float]:
+        """The last step's statistics, averaged over ranks: one gather, one device read.
+        Raises DivergenceError naming the first step (on any rank) where one went NaN/Inf."""
+        names = sorted(self._last)
+        local = torch.stack([self._last[k].float() for k in names] + [self._first_bad.float()])
+        ranks = self.all_gather(local.unsqueeze(0)).double().tolist()
+        bad_steps = [int(row[-1]) for row in ranks if row[-1] >= 0]
+        if bad_steps:
+            step = min(bad_steps)
+            last = [sum(row[i] for row in ranks) for i in range(len(names))]
+            bad = [k for k, v in zip(names, last, strict=True) if not math.isfinite(v)] or ["a statistic"]
             raise DivergenceError(
-                f"training diverged: {', '.join(bad)} became NaN/Inf at step {self.step} "
-                f"({self.images_seen} images seen); lower the learning rates "
+                f"training diverged: {', '.join(bad)} became NaN/Inf at step {step} "
+                f"({step * self.global_batch * self.cfg.optim.d_steps} images seen); lower the learning rates "
                 f"(optim.lr_g={self.cfg.optim.lr_g}, optim.lr_d={self.cfg.optim.lr_d})"
             )
-        return out
+        return {k: sum(row[i] for row in ranks) / len(ranks) for i, k in enumerate(names)}
 
     # --- state ----------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -195,4 +251,10 @@ class GANLoop:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.perm = self._permutation(self.epoch)
-        self.rng.set_state(state["rng"])
+        try:
+            self.rng.set_state(state["rng"])
+        except RuntimeError:
+            raise ValueError(
+                f"the checkpoint's random state is not a {self.device.type} generator's: "
+                "resume on the kind of device that wrote it"
+            ) from None

@@ -67,15 +67,16 @@ class GANLoss:
         self.augment = augment or (lambda x: x)
         self.autocast = autocast or contextlib.nullcontext
 
-    def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None) -> dict[str, torch.Tensor]:
-        """D on real vs (detached) fake images; WGAN-GP adds its penalty here."""
+    def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None, D_penalty=None) -> dict[str, torch.Tensor]:
+        """D on real vs (detached) fake images; WGAN-GP adds its penalty here, through
+        ``D_penalty`` when given (the same D, not compiled: the penalty differentiates twice)."""
         with self.autocast():
             real_logits = D(self.augment(real), real_labels).float()
             fake_logits = D(self.augment(fake), fake_labels).float()
         loss = d_adversarial(self.cfg.kind, real_logits, fake_logits)
         stats = {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
         if self.cfg.kind == "wgan-gp":
-            penalty = gradient_penalty(D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
+            penalty = gradient_penalty(D_penalty or D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
             stats["loss/d/gp"] = penalty.detach()
             loss = loss + penalty
         loss.backward()

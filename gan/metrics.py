@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,12 +22,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torchmetrics.image.fid import FrechetInceptionDistance
-from torchmetrics.image.kid import KernelInceptionDistance
+from torchmetrics.image.kid import poly_mmd
 
 from gan.config import EvalConfig
 from gan.data import ImageDataset
-from gan.sampling import to_uint8
+from gan.sampling import latents, to_uint8
 
 EVALUATOR_FILE = "digits_evaluator.pt"
 SPLIT_SEED = 20140610  # fixed, independent of training seeds: the same real sets always
@@ -68,16 +68,30 @@ class DigitClassifier(nn.Module):
         return self.classify(self.features(images))
 
 
-class _FeatureAdapter(nn.Module):
-    """What torchmetrics calls: uint8 images in, features out."""
+class _DigitFeatures(nn.Module):
+    """uint8 images in, the classifier's features out; holds the classifier as a
+    submodule so ``.to(device)`` moves it."""
 
-    def __init__(self, extract, num_features: int) -> None:
+    def __init__(self, model: DigitClassifier) -> None:
         super().__init__()
-        self.extract = extract
+        self.model = model
+        self.num_features = model.num_features
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.features(images)
+
+
+class _ScriptedFeatures(nn.Module):
+    """A user's TorchScript extractor (float images in [0, 1]) behind the uint8 interface;
+    a module, so ``.to(device)`` moves its weights."""
+
+    def __init__(self, scripted: nn.Module, num_features: int) -> None:
+        super().__init__()
+        self.scripted = scripted
         self.num_features = num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.extract(images)
+        return self.scripted(images.float() / 255.0).flatten(1)
 
 
 def evaluator_path() -> Path:
@@ -96,80 +110,147 @@ def load_backbone(cfg: EvalConfig) -> tuple[nn.Module, str]:
     """(feature module taking uint8 NCHW, sha256 of its weights)."""
     if cfg.backbone == "digits":
         model, sha = load_digit_classifier()
-        return _FeatureAdapter(model.features, model.num_features), sha
+        return _DigitFeatures(model), sha
     with fsspec.open(cfg.backbone_uri, "rb") as handle:
         raw = handle.read()
     scripted = torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
-
-    def extract(images: torch.Tensor) -> torch.Tensor:
-        return scripted(images.float() / 255.0).flatten(1)
-
     with torch.no_grad():
-        dim = extract(torch.zeros(1, 3, 299, 299, dtype=torch.uint8)).shape[1]
-    return _FeatureAdapter(extract, dim), hashlib.sha256(raw).hexdigest()
+        dim = scripted(torch.zeros(1, 3, 299, 299, device="cpu")).flatten(1).shape[1]
+    return _ScriptedFeatures(scripted, dim), hashlib.sha256(raw).hexdigest()
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Disjoint reference and held-out index sets of equal size (at most num_samples)."""
     n = min(num_samples, n_images // 2)
-    perm = torch.randperm(n_images, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
+    perm = torch.randperm(n_images, generator=g, device="cpu")
     return perm[:n], perm[n : 2 * n]
 
 
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+def shard(n: int, rank: int, world_size: int) -> tuple[int, int, int]:
+    """(start, stop, padded share): rank's slice of n items, every share the same length
+    (the last rank's tail is padding) so features can be all-gathered."""
+    per = -(-n // world_size)
+    start = min(rank * per, n)
+    return start, min(start + per, n), per
+
+
 @torch.no_grad()
-def generate(G: nn.Module, n: int, *, seed: int, num_classes: int, batch: int = 500, device="cpu") -> torch.Tensor:
-    """n uint8 images from G; labels cycle through the classes so every class is scored."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
-        z = torch.randn(m, G.z_dim, generator=g).to(device)
-        labels = (torch.arange(start, start + m) % num_classes).to(device) if num_classes else None
-        out.append(to_uint8(G(z, labels)).cpu())
-    return torch.cat(out)
+def generate(
+    G: nn.Module,
+    n: int,
+    *,
+    seed: int,
+    num_classes: int,
+    batch: int = 500,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+) -> torch.Tensor:
+    """This rank's share of n uint8 images from G, on ``device``; labels cycle through the
+    classes so every class is scored. Image i is the same whatever the number of ranks."""
+    start, stop, per = shard(n, rank, world_size)
+    z = latents(n, G.z_dim, seed, device=device)[start:stop]
+    labels = torch.arange(start, stop, device=device) % num_classes if num_classes else None
+    out = [
+        to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch]))
+        for i in range(0, stop - start, batch)
+    ]
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8, device=device)
+
+
+def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
+    """The eigenvalue form torchmetrics uses: ||mu1 - mu2||^2 + Tr(s1 + s2 - 2 sqrt(s1 s2))."""
+    a = (mu1 - mu2).square().sum()
+    c = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float(a + sigma1.trace() + sigma2.trace() - 2 * c)
+
+
+def gaussian(features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and covariance in float64, as torchmetrics accumulates them."""
+    f = features.double()
+    n = f.shape[0]
+    mean = f.sum(0) / n
+    cov = (f.t() @ f - n * torch.outer(mean, mean)) / (n - 1)
+    return mean, cov
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int = 100, seed: int = EVAL_SEED) -> float:
+    """KID: mean polynomial-kernel MMD over random subsets, drawn from a generator seeded
+    with ``seed`` on the features' device (as torchmetrics does with the global RNG)."""
+    g = torch.Generator(device=real.device).manual_seed(seed)
+    scores = []
+    for _ in range(subsets):
+        f_real = real[torch.randperm(len(real), generator=g, device=real.device)[:subset_size]]
+        f_fake = fake[torch.randperm(len(fake), generator=g, device=real.device)[:subset_size]]
+        scores.append(poly_mmd(f_real, f_fake))
+    return float(torch.stack(scores).mean())
 
 
 class Evaluator:
-    """Holds the real statistics; each call scores a generator on the same latents."""
+    """Holds the real statistics on the run's device; each call scores a generator on the
+    same latents. Split over ranks, each generates its share and the features are
+    gathered (StyleGAN's metric code does the same), so every rank reports the same value."""
 
-    def __init__(self, cfg: EvalConfig, data: ImageDataset, device="cpu") -> None:
-        self.cfg, self.device = cfg, device
+    def __init__(self, cfg: EvalConfig, data: ImageDataset, device: torch.device | str = "cpu") -> None:
+        self.cfg, self.device = cfg, torch.device(device)
         self.backbone, self.sha256 = load_backbone(cfg)
+        self.backbone = self.backbone.to(self.device)
         ref_idx, held_idx = split_real(len(data), cfg.num_samples)
         if len(ref_idx) < 2:
             raise ValueError(f"the dataset has {len(data)} images; FID needs at least 4")
         self.num_real = len(ref_idx)
-        kid_subset = min(cfg.kid_subset_size, self.num_real)
-        self.fid = FrechetInceptionDistance(feature=self.backbone, reset_real_features=False, sync_on_compute=False)
-        self.kid = KernelInceptionDistance(
-            feature=self.backbone, subset_size=kid_subset, reset_real_features=False, sync_on_compute=False
-        )
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            for metric in (self.fid, self.kid):
-                metric.update(data.images[ref_idx], real=True)
-            # The floor: the FID a perfect generator would get at this sample count.
-            self.fid.update(data.images[held_idx], real=False)
-            self.floor = float(self.fid.compute())
-            self.fid.reset()
+        self.kid_subset = min(cfg.kid_subset_size, self.num_real)
+        self.real_features = self.features(data.images[ref_idx].to(self.device))
+        self.real_gaussian = gaussian(self.real_features)
+        # The floor: the FID a perfect generator would get at this sample count.
+        held = self.features(data.images[held_idx].to(self.device))
+        self.floor = frechet_distance(*gaussian(held), *self.real_gaussian)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        return torch.cat([self.backbone(images[i : i + batch]).float() for i in range(0, len(images), batch)])
+
+    def score_features(self, fake: torch.Tensor) -> dict[str, float]:
+        fid = frechet_distance(*gaussian(fake), *self.real_gaussian)
+        kid_mean = kid(self.real_features, fake, min(self.kid_subset, len(fake)))
+        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor}
 
     def score_images(self, images: torch.Tensor) -> dict[str, float]:
-        # fork_rng: KID's random subsets must not move the training RNG.
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(EVAL_SEED)
-            self.fid.update(images, real=False)
-            self.kid.update(images, real=False)
-            fid = float(self.fid.compute())
-            kid_mean, _ = self.kid.compute()
-            self.fid.reset()
-            self.kid.reset()
-        return {"fid": fid, "kid": float(kid_mean), "fid_floor": self.floor}
+        return self.score_features(self.features(images.to(self.device)))
 
-    def __call__(self, G: nn.Module, num_classes: int, seed: int = EVAL_SEED) -> dict[str, float]:
+    def __call__(
+        self,
+        G: nn.Module,
+        num_classes: int,
+        seed: int = EVAL_SEED,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Gather | None = None,
+    ) -> dict[str, float]:
+        """Score G; with ``world_size`` > 1 this rank makes its share and ``gather``
+        (an all-gather over ranks, concatenated in rank order) brings the features together."""
         was_training = G.training
         G.eval()
-        images = generate(G, self.cfg.num_samples, seed=seed, num_classes=num_classes, device=self.device)
+        n = self.cfg.num_samples
+        images = generate(
+            G, n, seed=seed, num_classes=num_classes, device=self.device, rank=rank, world_size=world_size
+        )
         G.train(was_training)
-        return self.score_images(images)
+        if world_size == 1:
+            return self.score_features(self.features(images))
+        if gather is None:
+            raise ValueError(f"world_size={world_size} needs a gather function")
+        start, stop, per = shard(n, rank, world_size)
+        padded = torch.zeros(per, self.backbone.num_features, device=self.device)
+        if stop > start:
+            padded[: stop - start] = self.features(images)
+        # Rank r's rows hold images r*per.. in order, so the gathered set is the one-rank set.
+        return self.score_features(gather(padded)[:n])
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,9 @@
 
 Images come back as uint8 numpy arrays, N x H x W for grayscale and N x H x W x 3 for
 RGB, the format ``pipelines/sample.py`` writes to .npz (key 'images', plus 'labels').
+Everything runs on the generator's device (or the one given); images leave it once, as
+uint8, to be returned. Latents are drawn by a CPU generator and moved over once: the
+same seed then gives the same images on a CPU and on a GPU.
 """
 
 from __future__ import annotations
@@ -31,10 +34,17 @@ def generator_from_state(state: dict) -> tuple[nn.Module, Config]:
     return G.eval().requires_grad_(False), cfg
 
 
-def latents(n: int, z_dim: int, seed: int, truncation: float | None = None) -> torch.Tensor:
-    """Standard normal z; with ``truncation`` t, entries beyond |t| are redrawn."""
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=g)
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def latents(
+    n: int, z_dim: int, seed: int, truncation: float | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Standard normal z on ``device``; with ``truncation`` t, entries beyond |t| are redrawn.
+    Drawn on the CPU (n x z_dim numbers) so a seed means the same z on every device."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g, device="cpu")
     if truncation is not None:
         if truncation <= 0:
             raise ValueError(f"truncation={truncation} must be > 0")
@@ -42,8 +52,8 @@ def latents(n: int, z_dim: int, seed: int, truncation: float | None = None) -> t
             outside = z.abs() > truncation
             if not outside.any():
                 break
-            z[outside] = torch.randn(int(outside.sum()), generator=g)
-    return z
+            z[outside] = torch.randn(int(outside.sum()), generator=g, device="cpu")
+    return z.to(device)
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:
@@ -67,30 +77,37 @@ def sample(
     labels: torch.Tensor | int | None = None,
     truncation: float | None = None,
     batch: int = 500,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """n images from G. ``labels``: one class for all, a tensor of n, or None (cycle
-    through all classes for conditional G). Same seed, same images."""
+    """n images from G on ``device`` (default: G's). ``labels``: one class for all, a
+    tensor of n, or None (cycle through all classes for conditional G). Same seed, same images."""
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
+    device = torch.device(device) if device is not None else device_of(G)
     num_classes = G.num_classes
     if isinstance(labels, int):
-        labels = torch.full((n,), labels, dtype=torch.long)
+        labels = torch.full((n,), labels, dtype=torch.long, device=device)
     elif labels is None and num_classes:
-        labels = torch.arange(n) % num_classes
+        labels = torch.arange(n, device=device) % num_classes
+    elif labels is not None:
+        labels = labels.to(device)
     check_labels(labels, num_classes)
-    z = latents(n, G.z_dim, seed, truncation)
-    with one_thread():
+    z = latents(n, G.z_dim, seed, truncation, device=device)
+    with one_thread(device):
         chunks = [
             to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
         ]
     images = to_numpy(torch.cat(chunks))
-    return images, None if labels is None else labels.numpy()
+    return images, None if labels is None else labels.cpu().numpy()
 
 
 @contextlib.contextmanager
-def one_thread():
+def one_thread(device: torch.device | str = "cpu"):
     """Same seed, same pixels: one CPU thread fixes the order of every float sum, so a
     busy machine cannot shift a value across a uint8 rounding boundary."""
+    if torch.device(device).type != "cpu":
+        yield
+        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -101,14 +118,14 @@ def one_thread():
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:
     """uint8 N x C x H x W tensor -> N x H x W (C=1) or N x H x W x 3."""
-    arr = images.permute(0, 2, 3, 1).numpy()
+    arr = images.permute(0, 2, 3, 1).cpu().numpy()
     return arr[..., 0] if arr.shape[-1] == 1 else arr
 
 
 def class_grid(G: nn.Module, per_class: int = 10, seed: int = 0) -> tuple[np.ndarray, int]:
     """(images, columns): one row per class for conditional G, else a square grid."""
     if G.num_classes:
-        labels = torch.arange(G.num_classes).repeat_interleave(per_class)
+        labels = torch.arange(G.num_classes, device=device_of(G)).repeat_interleave(per_class)
         images, _ = sample(G, len(labels), seed=seed, labels=labels)
         return images, per_class
     n = per_class * per_class
@@ -119,13 +136,14 @@ def class_grid(G: nn.Module, per_class: int = 10, seed: int = 0) -> tuple[np.nda
 @torch.no_grad()
 def interpolation(G: nn.Module, steps: int = 10, rows: int = 4, seed: int = 0) -> tuple[np.ndarray, int]:
     """Spherical interpolation between pairs of latents, one row per pair (same class)."""
-    z = latents(2 * rows, G.z_dim, seed)
+    device = device_of(G)
+    z = latents(2 * rows, G.z_dim, seed, device=device)
     a, b = z[:rows], z[rows:]
-    t = torch.linspace(0, 1, steps).view(1, steps, 1)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, 1)
     an, bn = a / a.norm(dim=1, keepdim=True), b / b.norm(dim=1, keepdim=True)
     omega = torch.acos((an * bn).sum(1).clamp(-1 + 1e-6, 1 - 1e-6)).view(rows, 1, 1)
     path = (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / torch.sin(omega)
-    labels = (torch.arange(rows) % G.num_classes).repeat_interleave(steps) if G.num_classes else None
+    labels = (torch.arange(rows, device=device) % G.num_classes).repeat_interleave(steps) if G.num_classes else None
     images = to_uint8(G(path.reshape(rows * steps, -1), labels))
     return to_numpy(images), steps
 

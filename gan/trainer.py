@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from gan import checkpoint
-from gan.config import Config
+from gan.config import Config, TrainConfig
 from gan.data import ImageDataset, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
 from gan.metrics import Evaluator
@@ -42,8 +42,9 @@ class Session(Protocol):
     world_size: int
     device: torch.device
 
-    def wrap(self, module: nn.Module) -> nn.Module: ...
+    def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module: ...
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
     def restore(self) -> dict[str, Any] | None: ...
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
 
@@ -58,6 +59,15 @@ def check_data_fits(cfg: Config, data: ImageDataset) -> None:
         raise ValueError(
             f"{data.source} has labels up to {data.num_classes - 1} but model.num_classes={cfg.model.num_classes}"
         )
+
+
+def configure_backends(train: TrainConfig, device: torch.device) -> None:
+    """TF32 and cuDNN autotuning, on CUDA only: CPU runs keep torch's settings."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = train.tf32
+    torch.backends.cudnn.allow_tf32 = train.tf32
+    torch.backends.cudnn.benchmark = train.cudnn_benchmark
 
 
 @dataclass
@@ -80,18 +90,31 @@ class Trainer:
         check_data_fits(cfg, self.data)
         # Per-rank seed for anything outside the loop's shared generator.
         torch.manual_seed(cfg.train.seed * session.world_size + session.rank)
-        G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
-        G, D = G.to(session.device), D.to(session.device)
-        G_train, D_train = session.wrap(G), session.wrap(D)
+        configure_backends(cfg.train, session.device)
+        # Built on the CPU, then moved: the same seed gives the same initial weights on any device.
+        with torch.device("cpu"):
+            G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+        memory_format = torch.channels_last if cfg.train.channels_last else torch.preserve_format
+        G = G.to(session.device, memory_format=memory_format)
+        D = D.to(session.device, memory_format=memory_format)
+        G_train = session.wrap(G, sync_batchnorm=cfg.train.sync_batchnorm)
+        D_train = session.wrap(D, sync_batchnorm=cfg.train.sync_batchnorm)
+        D_reg = None
+        if cfg.train.compile:
+            D_reg = D_train  # R1 and the gradient penalty differentiate twice: compiled graphs cannot
+            # Spectral norm makes a new class per D, so every Trainer in a process adds graphs;
+            # past the recompile limit dynamo runs eager and a resumed run stops matching.
+            torch.compiler.reset()
+            G_train, D_train = torch.compile(G_train), torch.compile(D_train)
         # After wrapping: DDP has broadcast rank 0's weights, so every rank's EMA starts equal.
-        self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=G_train, D_train=D_train)
+        self.nets = Nets(G=G, D=D, G_ema=make_ema(G), G_train=G_train, D_train=D_train, D_reg=D_reg)
         self.loop = GANLoop(
             cfg,
             self.nets,
             self.data,
             rank=session.rank,
             world_size=session.world_size,
-            reduce_mean=session.reduce_mean,
+            all_gather=session.all_gather,
             device=session.device,
         )
         self.evaluator = Evaluator(cfg.eval, self.data, device=session.device)
@@ -141,20 +164,27 @@ class Trainer:
         }
 
     # --- running --------------------------------------------------------------------
-    def _done(self) -> bool:
+    def _over_time(self) -> bool:
+        """Whether the time budget is spent; every rank must stop at the same step, so the
+        ranks agree on it (one all-reduce, at logging steps only)."""
         t = self.cfg.train
-        over_time = t.time_budget_s > 0 and self.train_time_s >= t.time_budget_s
-        # Every rank must stop at the same step: agree on the elapsed time.
-        over_time = bool(self.session.reduce_mean(torch.tensor([float(over_time)])).item() > 0)
-        return self.loop.images_seen >= t.total_kimg * 1000 or over_time
+        over = t.time_budget_s > 0 and self.train_time_s >= t.time_budget_s
+        flag = torch.full((1,), float(over), device=self.session.device)
+        return bool(self.session.reduce_mean(flag).item() > 0)
 
     def evaluate(self, stats: dict[str, float], img_per_s: float) -> dict[str, float]:
-        # BN running stats differ per rank; average them so every rank scores the same G_ema.
+        # BN running stats differ per rank without SyncBatchNorm; average them so every rank scores the same G_ema.
         for buffer in self.nets.G_ema.buffers():
             if buffer.is_floating_point():
-                buffer.copy_(self.session.reduce_mean(buffer.detach().cpu()).to(buffer.device))
+                buffer.copy_(self.session.reduce_mean(buffer.detach()))
         start = time.monotonic()
-        scores = self.evaluator(self.nets.G_ema, self.cfg.model.num_classes)
+        scores = self.evaluator(
+            self.nets.G_ema,
+            self.cfg.model.num_classes,
+            rank=self.session.rank,
+            world_size=self.session.world_size,
+            gather=self.session.all_gather,
+        )
         eval_s = time.monotonic() - start
         improved = scores["fid"] < self.best_fid
         self.best_fid = min(self.best_fid, scores["fid"])
@@ -200,28 +230,42 @@ class Trainer:
         return result
 
     def _train(self) -> Result:
+        """Steps run without waiting for the device; logging and evaluation steps read the
+        statistics (a sync point), and only then are the seconds of training counted."""
         cfg = self.cfg
         every_img = cfg.eval.every_kimg * 1000
+        total_img = cfg.train.total_kimg * 1000
         next_eval = (math.floor(self.loop.images_seen / every_img) + 1) * every_img
         window_start, window_images = time.monotonic(), 0
         stats: dict[str, float] = {}
         img_per_s = 0.0
         evaluated_at = self.loop.images_seen if self.history else -1
-        while not self._done():
-            tick = time.monotonic()
-            stats = self.loop.train_step()
-            self.train_time_s += time.monotonic() - tick
+        over_time = cfg.train.time_budget_s > 0 and self._over_time()
+        tick = time.monotonic()
+        while self.loop.images_seen < total_img and not over_time:
+            self.loop.train_step()
             window_images += cfg.train.batch_size * cfg.optim.d_steps
-            if self.loop.step % cfg.train.log_every_steps == 0:
+            log_now = self.loop.step % cfg.train.log_every_steps == 0
+            eval_now = self.loop.images_seen >= next_eval
+            if not (log_now or eval_now):
+                continue
+            stats = self.loop.read_stats()  # waits for the device: the seconds up to here are training
+            self.train_time_s += time.monotonic() - tick
+            if log_now:
                 img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
                 window_start, window_images = time.monotonic(), 0
                 self._progress(stats, img_per_s)
-            if self.loop.images_seen >= next_eval:
+                over_time = cfg.train.time_budget_s > 0 and self._over_time()
+            if eval_now:
                 self.evaluate(stats, img_per_s)
                 evaluated_at = self.loop.images_seen
                 next_eval += every_img * max(1, math.ceil((self.loop.images_seen - next_eval + 1) / every_img))
                 window_start, window_images = time.monotonic(), 0
+            tick = time.monotonic()
         if evaluated_at != self.loop.images_seen:
+            if self.loop.step:
+                stats = self.loop.read_stats()
+            self.train_time_s += time.monotonic() - tick
             self.evaluate(stats, img_per_s)
         return Result(self.loop.step, self.loop.images_seen, self.best_fid, self.history)
 
@@ -265,10 +309,13 @@ class LocalSession:
     def found(self) -> checkpoint.Found:
         return checkpoint.find(self.run_uri, self.options)
 
-    def wrap(self, module: nn.Module) -> nn.Module:
+    def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
         return module
 
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
     def restore(self) -> dict[str, Any] | None:

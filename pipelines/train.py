@@ -34,9 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     add_config_args(parser)
     parser.add_argument("--time-budget-s", type=float, help="stop after this many seconds of training")
     parser.add_argument("--steps", type=int, help="stop after this many G steps (sets train.total_kimg)")
-    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (default 1)")
+    parser.add_argument("--workers", type=int, help="Ray Train workers (default 1, or one per GPU with --gpu)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per worker, NCCL")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker (default 1)")
+    parser.add_argument("--cpus-per-worker", type=float, help="CPUs reserved per worker (default: on one machine, all)")
     parser.add_argument("--in-process", action="store_true", help="train in this process, without Ray")
     add_run_args(parser, "run", experiment="gan")
     args, cfg = parse_config(parser, argv, budget_overrides)
@@ -49,13 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if target is not None:
             prepare(target)
         if args.in_process:
-            best_fid = train_in_process(cfg, storage, name, target, args.resume)
+            best_fid = train_in_process(cfg, storage, name, target, args.resume, args.gpu)
         else:
-            from gan.distributed import Scaling, fit
+            from gan.distributed import fit
 
-            scaling = Scaling(workers=args.workers, use_gpu=args.gpu, cpus_per_worker=args.cpus_per_worker)
-            print(f"Ray Train run {name!r}: {args.workers} worker(s), storage {storage.join(name)}", flush=True)
-            best_fid = fit(cfg, scaling, storage, name, target)
+            best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker)
         found = checkpoint.find(storage.join(name), storage.options)
         state, _ = checkpoint.load(found.best, storage.options)
     except USER_ERRORS as err:
@@ -86,10 +84,14 @@ def budget_overrides(args: argparse.Namespace, cfg: Config) -> list[str]:
     return sets
 
 
-def train_in_process(cfg: Config, storage: Storage, name: str, target: TrackingTarget | None, resume: bool) -> float:
+def train_in_process(
+    cfg: Config, storage: Storage, name: str, target: TrackingTarget | None, resume: bool, gpu: bool
+) -> float:
     from gan.trainer import LocalSession, Trainer
 
-    session = LocalSession(storage.join(name), resume=resume, storage_options=storage.options)
+    session = LocalSession(
+        storage.join(name), resume=resume, device="cuda" if gpu else "cpu", storage_options=storage.options
+    )
     trainer = Trainer(cfg, session, tracker=MLflowTracker(target) if target else None)
     print(
         f"training {cfg.name}: {cfg.model.family} on {trainer.data.source} "
