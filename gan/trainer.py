@@ -172,6 +172,14 @@ class Trainer:
         flag = torch.full((1,), float(over), device=self.session.device)
         return bool(self.session.reduce_mean(flag).item() > 0)
 
+    def _steps_left(self, seconds_per_step: float) -> int:
+        """Steps until the time budget is spent at the current pace, agreed over ranks (one
+        all-reduce, at logging steps): the run then stops at that step without checking
+        again, instead of overshooting by up to a logging interval."""
+        left = (self.cfg.train.time_budget_s - self.train_time_s) / max(seconds_per_step, 1e-9)
+        agreed = self.session.reduce_mean(torch.full((1,), left, device=self.session.device)).item()
+        return max(0, math.floor(agreed))
+
     def evaluate(self, stats: dict[str, float], img_per_s: float) -> dict[str, float]:
         # BN running stats differ per rank without SyncBatchNorm; average them so every rank scores the same G_ema.
         for buffer in self.nets.G_ema.buffers():
@@ -240,28 +248,34 @@ class Trainer:
         stats: dict[str, float] = {}
         img_per_s = 0.0
         evaluated_at = self.loop.images_seen if self.history else -1
-        over_time = cfg.train.time_budget_s > 0 and self._over_time()
-        tick = time.monotonic()
-        while self.loop.images_seen < total_img and not over_time:
+        budget = cfg.train.time_budget_s > 0
+        stop_step = self.loop.step if budget and self._over_time() else math.inf
+        tick, steps_since_tick = time.monotonic(), 0
+        while self.loop.images_seen < total_img and self.loop.step < stop_step:
             self.loop.train_step()
+            steps_since_tick += 1
             window_images += cfg.train.batch_size * cfg.optim.d_steps
             log_now = self.loop.step % cfg.train.log_every_steps == 0
             eval_now = self.loop.images_seen >= next_eval
             if not (log_now or eval_now):
                 continue
             stats = self.loop.read_stats()  # waits for the device: the seconds up to here are training
-            self.train_time_s += time.monotonic() - tick
+            segment_s = time.monotonic() - tick
+            self.train_time_s += segment_s
             if log_now:
                 img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
                 window_start, window_images = time.monotonic(), 0
                 self._progress(stats, img_per_s)
-                over_time = cfg.train.time_budget_s > 0 and self._over_time()
+                if budget and stop_step == math.inf:
+                    steps_left = self._steps_left(segment_s / steps_since_tick)
+                    if steps_left < cfg.train.log_every_steps:
+                        stop_step = self.loop.step + steps_left
             if eval_now:
                 self.evaluate(stats, img_per_s)
                 evaluated_at = self.loop.images_seen
                 next_eval += every_img * max(1, math.ceil((self.loop.images_seen - next_eval + 1) / every_img))
                 window_start, window_images = time.monotonic(), 0
-            tick = time.monotonic()
+            tick, steps_since_tick = time.monotonic(), 0
         if evaluated_at != self.loop.images_seen:
             if self.loop.step:
                 stats = self.loop.read_stats()

@@ -86,3 +86,17 @@ def _tracked_status(tmp_path, tiny_cfg, digits, error):
 @pytest.mark.parametrize(("error", "status"), [(_Stop("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_failed_and_stopped_runs_end_with_the_right_status(tmp_path, tiny_cfg, digits, error, status):
     assert _tracked_status(tmp_path, tiny_cfg, digits, error) == status
+
+
+def test_time_budget_stops_at_the_step_where_it_runs_out(tiny_cfg, digits, tmp_path):
+    """Without a check (or an all-reduce) every step: at a logging step the ranks agree on
+    how many steps the budget still holds at the current pace, and stop there."""
+    cfg = override(tiny_cfg, ["train.time_budget_s=10"])
+    trainer = Trainer(cfg, LocalSession(str(tmp_path), quiet=True), data=digits)
+    trainer.train_time_s = 9.0
+    assert trainer._steps_left(seconds_per_step=0.1) == 10
+    assert trainer._steps_left(seconds_per_step=2.0) == 0
+    trainer.train_time_s = 12.0  # already over: no step left, never negative
+    assert trainer._steps_left(seconds_per_step=0.1) == 0
+    result = trainer.train()
+    assert result.step == 0 and len(result.history) == 1  # over budget at the start: evaluate only
