@@ -11,7 +11,8 @@ Benchmarks (each also runs alone with --only):
   overhead  img/s of the default `python pipelines/train.py` (Ray Train, default scaling) vs
             the best in-process setting (every core), and of the old default (1 worker x 1 CPU)
   speed     img/s in-process with each speed option on (compile, channels_last, fused and
-            foreach Adam), against the defaults; steady state, after compilation
+            foreach Adam, foreach EMA off), against the defaults, in interleaved rounds after
+            warm-up (compilation), every core
   scaling   1 vs 2 Ray Train workers: img/s and FID at equal images; bytes all-reduced per
             step, and a projection to N GPU workers (assumptions printed with it)
   tune      the same search space, seeds and trial count with ASHA and without early
@@ -41,7 +42,8 @@ PY = sys.executable
 # Budgets: (full, quick)
 QUALITY_SECONDS = (300, 45)
 OVERHEAD_SECONDS = (60, 20)
-SPEED_SECONDS = (40, 20)
+SPEED_ROUNDS = (5, 3)  # (full, quick), times --repeats
+SPEED_STEPS = (40, 20)
 SPEED_OPTIONS = {
     "defaults": [],
     "train.compile=true": ["train.compile=true"],
@@ -123,18 +125,42 @@ def overhead(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def speed(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
-    seconds = str(SPEED_SECONDS[quick])
-    cores = str(os.cpu_count() or 1)
-    base = ["--set", "eval.every_kimg=1000", "--set", "eval.num_samples=500", "--seconds", seconds, "--threads", cores]
-    runs = {name: [train_once(*base, *[a for s in sets for a in ("--set", s)]) for _ in range(repeats)]
-            for name, sets in SPEED_OPTIONS.items()}  # fmt: skip
-    reference = median(r["img_per_s_last_window"] for r in runs["defaults"])
+    """Each option's loop built by the Trainer as a run would, warmed up (compiled), then
+    timed in interleaved rounds: on a shared machine, drift hits every option alike, and
+    each round's ratio to the defaults is what the median is taken over."""
+
+    from gan.config import override, preset
+    from gan.data import load_dataset
+    from gan.trainer import LocalSession, Trainer
+
+    rounds, steps = SPEED_ROUNDS[quick] * repeats, SPEED_STEPS[quick]
+    cores = os.cpu_count() or 1
+    base = preset("dcgan")
+    data = load_dataset(base.data)
+    loops, warmup = {}, {}
+    with tempfile.TemporaryDirectory(prefix="gan-bench-speed-") as tmp:
+        for i, (name, sets) in enumerate(SPEED_OPTIONS.items()):
+            started = time.monotonic()
+            cfg = override(base, [*sets, f"train.threads={cores}"])
+            loop = Trainer(cfg, LocalSession(f"{tmp}/{i}", quiet=True), data=data).loop
+            for _ in range(5):  # compiles G and D (both grad modes) when asked to
+                loop.train_step()
+            loop.read_stats()
+            loops[name], warmup[name] = loop, time.monotonic() - started
+    rates: dict[str, list[float]] = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            started = time.monotonic()
+            for _ in range(steps):
+                loop.train_step()
+            loop.read_stats()
+            rates[name].append(steps * loop.global_batch / (time.monotonic() - started))
     rows = []
-    for name, results in runs.items():
-        steady = median(r["img_per_s_last_window"] for r in results)
-        overall = median(r["img_per_s"] for r in results)
-        rows.append((f"img/s, {name}", f"{steady:.0f} ({steady / reference:.2f}x)",
-                     f"overall {overall:.0f} (compilation included); runs {[round(r['img_per_s_last_window']) for r in results]}"))  # fmt: skip
+    for name, values in rates.items():
+        ratios = [v / d for v, d in zip(values, rates["defaults"], strict=True)]
+        rows.append((f"img/s, {name}", f"{median(values):.0f} ({median(ratios):.2f}x)",
+                     f"{cores} threads, {rounds} rounds x {steps} steps; per round {[round(v) for v in values]}; "
+                     f"build + 5 steps {warmup[name]:.0f}s"))  # fmt: skip
     return rows
 
 
