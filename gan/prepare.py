@@ -112,6 +112,9 @@ class PrepareConfig:
     """Archive members larger than this (uncompressed) are skipped unread."""
     progress_every_s: float = 5.0
     """Seconds between progress lines on stderr."""
+    workers: int = 1
+    """Processes that decode and resize images (photos are CPU-bound); the output is the
+    same for any number."""
 
     def __post_init__(self) -> None:
         if not self.source.strip():
@@ -124,6 +127,8 @@ class PrepareConfig:
             raise PrepareError(f"channels {self.channels} must be 1 (grayscale) or 3 (RGB)")
         if self.shard_size < 1:
             raise PrepareError(f"shard size {self.shard_size} must be at least 1 image")
+        if not 1 <= self.workers <= 256:
+            raise PrepareError(f"workers {self.workers} must be between 1 and 256")
         background_rgb(self.background)
         if self.storage_options:
             try:
@@ -178,7 +183,7 @@ class _Progress:
         of = f"/{self.total}" if self.total is not None else ""
         rate = images / max(now - self.start, 1e-9)
         print(
-            f"prepare: {images + skipped}{of} files, {images} images, {skipped} skipped, {rate:.0f} img/s",
+            f"prepare: {images + skipped}{of} read, {images} kept, {skipped} skipped, {rate:.0f} img/s",
             file=self.log,
             flush=True,
         )
@@ -201,14 +206,11 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
     progress = _Progress(total, cfg.progress_every_s, log)
     try:
         writer = _ShardWriter(sink, cfg)
-        for item in items:
-            try:
-                pixels = _convert(item, cfg, background)
-            except DataError as err:
-                skips.add(item.name, str(err).removeprefix(f"{item.name}: "))
-                progress.update(writer.count, len(skips.names))
-                continue
-            writer.add(pixels, item.key)
+        for item, pixels in _converted(items, cfg, background):
+            if isinstance(pixels, str):
+                skips.add(item.name, pixels)
+            else:
+                writer.add(pixels, item.key)
             progress.update(writer.count, len(skips.names))
         if writer.count == 0:
             raise PrepareError(f"{cfg.source}: nothing readable ({len(skips.names)} files skipped)")
@@ -450,6 +452,39 @@ def _display(source: str, rel: str) -> str:
 
 
 # --- conversion ------------------------------------------------------------------------
+
+
+def _converted(items: Iterator[_Item], cfg: PrepareConfig, background: tuple[int, int, int]):
+    """(item, pixels or the reason it was skipped), in the items' order, on ``cfg.workers`` processes."""
+    if cfg.workers <= 1:
+        for item in items:
+            yield item, _convert_or_reason(item, cfg, background)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    # fork: the workers only decode pixels, and need not import torch again as spawn would.
+    pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"))
+    window: deque = deque()  # a bounded look-ahead keeps memory flat and the order fixed
+    try:
+        for item in items:
+            window.append((item, pool.submit(_convert_or_reason, item, cfg, background)))
+            if len(window) >= 8 * cfg.workers:
+                done, future = window.popleft()
+                yield done, future.result()
+        while window:
+            done, future = window.popleft()
+            yield done, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _convert_or_reason(item: _Item, cfg: PrepareConfig, background: tuple[int, int, int]) -> np.ndarray | str:
+    try:
+        return _convert(item, cfg, background)
+    except DataError as err:
+        return str(err).removeprefix(f"{item.name}: ")
 
 
 def _convert(item: _Item, cfg: PrepareConfig, background: tuple[int, int, int]) -> np.ndarray:

@@ -3,7 +3,7 @@
 Training then reads it by URI (--set data.uri=DEST) with its manifest's sha256 as the
 dataset fingerprint; a remote one is fetched once per node into a local cache.
 
-    python pipelines/prepare_data.py photos/ prepared/photos64 --resolution 64
+    python pipelines/prepare_data.py photos/ prepared/photos64 --resolution 64 --workers 8
     python pipelines/prepare_data.py photos.zip s3://bucket/data/photos64 --labels labels.csv
     python pipelines/prepare_data.py s3://bucket/raw/icons.tar.gz icons32 --resolution 32 --background black
     python pipelines/prepare_data.py train-images-idx3-ubyte.gz mnist28 --resolution 28 --channels 1 \\
@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace a prepared dataset already at DEST")
     parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 API endpoint URL for s3:// URIs (default $AWS_ENDPOINT_URL or AWS)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes decoding images (default 1)")
     parser.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
 
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             storage_options=json.dumps(options) if options else "",
             progress_every_s=args.progress_every_s,
+            workers=args.workers,
         )
         manifest = prepare(cfg)
     except (PrepareError, ValueError) as err:  # DataError from decoding whole files is a ValueError

@@ -390,7 +390,10 @@ def test_cli_help_and_a_run(tmp_path, animals):
     proc = subprocess.run([*tool, str(animals), str(tmp_path / "out"), "--resolution", "28", "--channels", "1"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "5 images of 1x28x28, 2 classes (cat, dog)" in proc.stdout and "prepare: 5/5 files" in proc.stderr
+    assert (
+        "5 images of 1x28x28, 2 classes (cat, dog)" in proc.stdout
+        and "prepare: 5/5 read, 5 kept, 0 skipped" in proc.stderr
+    )
 
     from importlib.util import module_from_spec, spec_from_file_location
 
@@ -409,3 +412,12 @@ def test_128_px_is_written_and_refused_by_training_clearly(tmp_path):
     assert run(tmp_path / "src", tmp_path / "out", resolution=128)["shape"] == [3, 128, 128]
     with pytest.raises(DataError, match="prepared at 128 px; training takes 28, 32, 64 px"):
         load(tmp_path / "out", resolution=64)
+
+
+def test_worker_processes_write_the_same_dataset(animals, tmp_path):
+    (animals / "cat" / "broken.png").write_bytes(b"junk")
+    log = io.StringIO()
+    one = run(animals, tmp_path / "one", resolution=32, shard_size=2)
+    two = run(animals, tmp_path / "two", resolution=32, shard_size=2, workers=2, log=log)
+    assert two["sha256"] == one["sha256"] and two["skipped"] == one["skipped"] == 1
+    assert f"skipped {animals}/cat/broken.png: not a readable image" in log.getvalue()
