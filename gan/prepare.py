@@ -72,6 +72,7 @@ RESOLUTIONS = (28, 32, 64, 128)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _SHARD_PREFIXES = ("images-", "labels-")
+_FETCH_BATCH = 32
 # Modes that convert to 8-bit L/RGB without losing meaning; 16-bit and float images
 # (I;16, I, F) would be clipped, so they are skipped with a message instead.
 _MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -362,19 +363,41 @@ def _read_arrays(kind: str, fs, path: str, cfg: PrepareConfig, idx_labels) -> tu
 
 def _folder_items(fs, root: str, files: list[str], cfg, csv_labels, skips: _Skips) -> Iterator[_Item]:
     prefix = root.rstrip("/") + "/"
+    wanted = []
     for file in files:
         rel = file[len(prefix) :] if file.startswith(prefix) else posixpath.basename(file)
-        name = _display(cfg.source, rel)
-        item = _labelled(name, rel, csv_labels, skips)
-        if item is None:
-            continue
+        item = _labelled(_display(cfg.source, rel), rel, csv_labels, skips)
+        if item is not None:
+            wanted.append((file, item))
+    # Batches: an object store answers one GET per file; an async one (s3fs) gets a batch at once.
+    for start in range(0, len(wanted), _FETCH_BATCH):
+        batch = wanted[start : start + _FETCH_BATCH]
+        for (_, item), payload in zip(batch, _fetch_many(fs, [file for file, _ in batch]), strict=True):
+            if isinstance(payload, BaseException):
+                skips.add(item.name, f"cannot read it ({type(payload).__name__}: {payload})")
+                continue
+            item.data = payload
+            yield item
+
+
+def _fetch_many(fs, files: list[str]) -> list[bytes | BaseException]:
+    """The bytes of each file, or its error. Not fs.cat(list): that reads '[' in names as a glob."""
+    from fsspec.asyn import AsyncFileSystem, sync
+
+    if isinstance(fs, AsyncFileSystem):
+        import asyncio
+
+        async def gather():
+            return await asyncio.gather(*(fs._cat_file(file) for file in files), return_exceptions=True)
+
+        return sync(fs.loop, gather)
+    payloads: list[bytes | BaseException] = []
+    for file in files:
         try:
-            with fs.open(file, "rb") as handle:
-                item.data = handle.read()
+            payloads.append(fs.cat_file(file))
         except Exception as err:
-            skips.add(name, f"cannot read it ({type(err).__name__}: {err})")
-            continue
-        yield item
+            payloads.append(err)
+    return payloads
 
 
 def _archive_items(kind: str, fs, path: str, cfg, csv_labels, skips: _Skips) -> Iterator[_Item]:

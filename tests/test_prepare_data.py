@@ -68,7 +68,8 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture
 def animals(tmp_path) -> Path:
     """cat/ red and dog/ blue images of different sizes and aspect ratios."""
-    files = {f"cat/{i}.png": png(RED, (20 + 7 * i, 16 + i)) for i in range(3)}
+    files = {f"cat/{i}.png": png(RED, (20 + 7 * i, 16 + i)) for i in range(2)}
+    files["cat/2 [copy].png"] = png(RED, (34, 18))  # brackets: not a glob
     files |= {f"dog/{i}.jpg": _jpeg(BLUE, (40, 30 + i)) for i in range(2)}
     return write_tree(tmp_path / "animals", files)
 
@@ -326,7 +327,8 @@ def _s3(bucket):
 
 def test_s3_to_s3_and_the_node_cache_reads_no_shard_twice(bucket, animals, tmp_path, cache):
     fs, name, options = _s3(bucket)
-    fs.put(str(animals), f"{name}/raw/animals", recursive=True)
+    for path in sorted(animals.rglob("*.*")):
+        fs.pipe_file(f"{name}/raw/animals/{path.relative_to(animals)}", path.read_bytes())
     dest = f"s3://{name}/prepared/animals32"
     manifest = prepare(PrepareConfig(source=f"s3://{name}/raw/animals", dest=dest, resolution=32, shard_size=2,
                                      storage_options=options), log=io.StringIO())  # fmt: skip
