@@ -29,6 +29,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import fsspec
 import numpy as np
@@ -36,6 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from gan.config import RESOLUTIONS, DataConfig
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 EMBEDDED = "embedded:mnist5k"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
@@ -211,7 +215,7 @@ def parse_npz(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
     return to_uint8(images, uri), labels
 
 
-def decode_image(raw: bytes, name: str, *, max_pixels: int | None = None, draft_size: int = 0):
+def decode_image(raw: bytes, name: str, *, max_pixels: int | None = None, draft_size: int = 0) -> PILImage:
     """One encoded image, fully decoded (a PIL image); DataError names the file otherwise.
 
     ``max_pixels`` (default Pillow's own limit) is checked on the header, before any pixel
@@ -388,7 +392,12 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> ImageDataset:
     except DataError as err:
         raise DataError(f"{uri}: {err}") from None
     local = path if isinstance(fs, LocalFileSystem) else str(_cached_copy(fs, path, uri, manifest))
-    images, labels = _read_shards(local, manifest, uri)
+    try:
+        images, labels = _read_shards(local, manifest, uri)
+    except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{uri}: malformed {MANIFEST} ({type(err).__name__}: {err})") from None
     return ImageDataset(
         torch.from_numpy(images),
         None if labels is None else torch.from_numpy(labels),
@@ -438,7 +447,10 @@ def _read_npy(root: str, name: str, sha256: str, shape: tuple, dtype) -> np.ndar
 def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
     """The node-local copy of a remote prepared dataset, fetched by the first process that wants it."""
     root = cache_root()
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{uri}: cannot create the node-local data cache {root} ({err}); set ${CACHE_ENV}") from None
     final = root / manifest["sha256"]
     if (final / MANIFEST).is_file():
         return final
