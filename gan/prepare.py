@@ -73,6 +73,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 _SHARD_PREFIXES = ("images-", "labels-")
 _FETCH_BATCH = 32
+_BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 # Modes that convert to 8-bit L/RGB without losing meaning; 16-bit and float images
 # (I;16, I, F) would be clipped, so they are skipped with a message instead.
 _MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
@@ -262,8 +263,11 @@ def _detect(fs, path: str, uri: str) -> str:
         return "tar"
     if name.endswith(".npz"):
         return "npz"
-    with fs.open(path, "rb") as handle:
-        head = handle.read(64)
+    try:
+        with fs.open(path, "rb") as handle:
+            head = handle.read(64)
+    except Exception as err:
+        raise PrepareError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None
     if head[:4] == b"PK\x03\x04":
         return "zip"
     if head[:2] == b"\x1f\x8b":
@@ -277,6 +281,20 @@ def _detect(fs, path: str, uri: str) -> str:
 
 def _check_dest(fs, path: str, cfg: PrepareConfig) -> dict | None:
     """The manifest of a dataset ``overwrite`` may replace, or None; refuses anything else there."""
+    try:
+        return _check_dest_contents(fs, path, cfg)
+    except PrepareError:
+        raise
+    except Exception as err:  # network and permission errors differ per backend
+        raise PrepareError(f"{cfg.dest}: cannot reach it ({type(err).__name__}: {err})") from None
+
+
+def _check_dest_contents(fs, path: str, cfg: PrepareConfig) -> dict | None:
+    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+    bucket = path.split("/", 1)[0]
+    if protocols & _BUCKET_PROTOCOLS and not fs.exists(bucket):
+        # Found now, not after every image was decoded and the first shard upload failed.
+        raise PrepareError(f"{cfg.dest}: no bucket {bucket!r} (create it first, or check the endpoint)")
     manifest_path = f"{path}/{MANIFEST}"
     if fs.isfile(manifest_path):
         if not cfg.overwrite:

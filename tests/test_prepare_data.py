@@ -344,6 +344,13 @@ def test_s3_to_s3_and_the_node_cache_reads_no_shard_twice(bucket, animals, tmp_p
     assert second.fingerprint == first.fingerprint and torch.equal(second.images, first.images)
 
 
+def test_s3_missing_bucket_fails_before_any_image_is_read(bucket, animals, monkeypatch):
+    _, _, options = _s3(bucket)
+    monkeypatch.setattr(prepare_mod, "_convert", lambda *a: pytest.fail("an image was read"))
+    with pytest.raises(PrepareError, match="no bucket 'no-such-bucket'"):
+        prepare(PrepareConfig(source=str(animals), dest="s3://no-such-bucket/x", storage_options=options))
+
+
 def test_s3_interrupted_run_publishes_no_dataset(bucket, animals, monkeypatch):
     fs, name, options = _s3(bucket)
     real_put = prepare_mod._ObjectSink.put
