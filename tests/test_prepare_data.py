@@ -430,3 +430,19 @@ def test_worker_processes_write_the_same_dataset(animals, tmp_path):
     two = run(animals, tmp_path / "two", resolution=32, shard_size=2, workers=2, log=log)
     assert two["sha256"] == one["sha256"] and two["skipped"] == one["skipped"] == 1
     assert f"skipped {animals}/cat/broken.png: not a readable image" in log.getvalue()
+
+
+def test_zip_and_csv_read_from_s3(bucket, tmp_path):
+    fs, name, options = _s3(bucket)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("a.png", png(RED))
+        zf.writestr("b.png", png(BLUE))
+    fs.pipe_file(f"{name}/raw/icons.zip", buffer.getvalue())
+    fs.pipe_file(f"{name}/raw/labels.csv", b"a.png,warm\nb.png,cold\n")
+    manifest = prepare(PrepareConfig(source=f"s3://{name}/raw/icons.zip", dest=str(tmp_path / "out"), resolution=28,
+                                     labels=f"s3://{name}/raw/labels.csv", storage_options=options))  # fmt: skip
+    assert manifest["class_names"] == ["cold", "warm"] and load(tmp_path / "out", resolution=28).labels.tolist() == [
+        1,
+        0,
+    ]
