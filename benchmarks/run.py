@@ -19,12 +19,17 @@ Benchmarks (each also runs alone with --only):
             stopping: best FID and worker-seconds
   eval      FID evaluation time as a share of training time at the default interval, and
             peak memory of the default training job
+  s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
+            the digits as one .npz (read whole by every trial) vs as a prepared dataset
+            (fetched once per node into its cache)
 Nothing here is a test: targets are reported, never asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import functools
 import json
 import os
@@ -33,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +63,10 @@ SCALING_KIMG = (40, 6)
 TUNE_PLAN = (
     ["--trials", "8", "--rounds", "8", "--kimg-per-round", "10"],
     ["--trials", "4", "--rounds", "2", "--kimg-per-round", "1"],
+)
+S3READS_PLAN = (
+    ["--trials", "8", "--rounds", "2", "--kimg-per-round", "0.5"],
+    ["--trials", "4", "--rounds", "1", "--kimg-per-round", "0.25"],
 )
 EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is reached
 
@@ -238,6 +248,102 @@ def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     ]  # fmt: skip
 
 
+@contextlib.contextmanager
+def counting_s3_server():
+    """moto's S3 API on 127.0.0.1, counting the body bytes of every GET by request path."""
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    served: collections.Counter = collections.Counter()
+    lock = threading.Lock()
+    app = DomainDispatcherApplication(create_backend_app)
+
+    def counting(environ, start_response):
+        path = environ.get("PATH_INFO", "") if environ["REQUEST_METHOD"] == "GET" else None
+        for chunk in app(environ, start_response):
+            if path:
+                with lock:
+                    served[path] += len(chunk)
+            yield chunk
+
+    server = make_server("127.0.0.1", 0, counting, threaded=True, request_handler=MotoRequestHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", served
+    finally:
+        server.shutdown()
+        thread.join()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_cluster(tmp: str, endpoint: str):
+    """cluster/local_cluster.sh: a head and a worker node, each with its own data cache."""
+    env = {**os.environ, "STATE_DIR": f"{tmp}/ray", "RAY_PORT": str(free_port()), "DASHBOARD_PORT": str(free_port()),
+           "AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_DEFAULT_REGION": "us-east-1", "PATH": f"{Path(PY).parent}:{os.environ['PATH']}"}  # fmt: skip
+    script = ["bash", "cluster/local_cluster.sh"]
+    try:
+        subprocess.run([*script, "start"], cwd=ROOT, env=env, check=True, timeout=240, capture_output=True)
+        for line in Path(f"{tmp}/ray/env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        temp = f"/tmp/gan-ray-{env['RAY_PORT']}"
+        yield env, [Path(f"{temp}/data-cache"), Path(f"{temp}-worker/data-cache")]
+    finally:
+        subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=180, capture_output=True)
+
+
+def s3reads(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """Each layout gets a fresh cluster (empty node caches) and a fresh bucket prefix."""
+    import boto3
+    import numpy as np
+
+    from gan.data import _embedded_mnist
+
+    plan = S3READS_PLAN[quick]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="gan-bench-s3-") as tmp, counting_s3_server() as (endpoint, served):
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="bench", aws_secret_access_key="bench",
+                          region_name="us-east-1")  # fmt: skip
+        s3.create_bucket(Bucket="bench")
+        images, labels = _embedded_mnist()
+        np.savez(f"{tmp}/digits.npz", images=images, labels=labels)
+        s3.upload_file(f"{tmp}/digits.npz", "bench", "raw/digits.npz")
+        subprocess.run([PY, "pipelines/prepare_data.py", f"{tmp}/digits.npz", "s3://bench/prepared/digits",
+                        "--resolution", "28", "--channels", "1", "--s3-endpoint", endpoint], cwd=ROOT, check=True,
+                       capture_output=True, env={**os.environ, "AWS_ACCESS_KEY_ID": "bench",
+                                                 "AWS_SECRET_ACCESS_KEY": "bench"})  # fmt: skip
+        sizes = {
+            prefix: sum(o["Size"] for o in s3.list_objects_v2(Bucket="bench", Prefix=prefix)["Contents"])
+            for prefix in ("raw/", "prepared/")
+        }
+        for label, prefix, uri in (("one .npz, read by every trial", "raw/", "s3://bench/raw/digits.npz"),
+                                   ("prepared dataset, node cache", "prepared/", "s3://bench/prepared/digits")):  # fmt: skip
+            with local_cluster(f"{tmp}/{prefix}", endpoint) as (env, caches):
+                before = sum(n for path, n in served.items() if path.startswith(f"/bench/{prefix}"))
+                job = subprocess.run(["ray", "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py",
+                                      *plan, "--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50",
+                                      "--set", f"data.uri={uri}", "--storage", f"s3://bench/sweeps-{prefix[:-1]}",
+                                      "--no-tracking", "--no-register"], cwd=ROOT, env=env, capture_output=True, text=True)  # fmt: skip
+                if job.returncode != 0:
+                    raise RuntimeError(f"sweep on {uri} failed:\n{(job.stdout + job.stderr)[-3000:]}")
+                read = sum(n for path, n in served.items() if path.startswith(f"/bench/{prefix}")) - before
+                nodes = sum(cache.is_dir() and any(cache.iterdir()) for cache in caches)
+            rows.append((f"bytes read from S3, {label}", f"{read / 1e6:.1f} MB",
+                         f"dataset {sizes[prefix] / 1e6:.2f} MB; {read / sizes[prefix] / 2:.2f}x the dataset per node "
+                         f"(2 nodes; {nodes} node caches filled); {' '.join(plan)}"))  # fmt: skip
+    return rows
+
+
 BENCHMARKS = {
     "quality": quality,
     "overhead": overhead,
@@ -245,6 +351,7 @@ BENCHMARKS = {
     "scaling": scaling,
     "tune": tune,
     "eval": eval_cost,
+    "s3reads": s3reads,
 }
 
 

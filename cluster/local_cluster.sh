@@ -56,14 +56,15 @@ start() {
   export RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH="$STATE_DIR/auth_token"
   # One temp dir per node (short: Ray's unix sockets live there). Nodes sharing one would
   # share unpacked job working dirs, and a worker node cleaning up its copy would delete
-  # the head's from under a running job.
+  # the head's from under a running job. Each node also keeps its own cache of prepared
+  # datasets there, as separate machines would, so data is fetched once per node.
   local temp="/tmp/gan-ray-$RAY_PORT"
-  setsid ray start --head --block --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
+  GAN_DATA_CACHE="$temp/data-cache" setsid ray start --head --block --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --temp-dir "$temp" \
     --disable-usage-stats >"$STATE_DIR/head.log" 2>&1 &
   echo $! >"$STATE_DIR/head.pid"
   wait_for 1 || { tail -30 "$STATE_DIR/head.log" >&2; stop; exit 1; }
-  setsid ray start --block --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" --num-gpus 0 \
+  GAN_DATA_CACHE="$temp-worker/data-cache" setsid ray start --block --address "127.0.0.1:$RAY_PORT" --num-cpus "$WORKER_CPUS" --num-gpus 0 \
     --temp-dir "$temp-worker" --disable-usage-stats >"$STATE_DIR/worker.log" 2>&1 &
   echo $! >"$STATE_DIR/worker.pid"
   wait_for 2 || { tail -30 "$STATE_DIR/worker.log" >&2; stop; exit 1; }
