@@ -32,6 +32,7 @@ import collections
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import statistics
@@ -254,6 +255,7 @@ def counting_s3_server():
     from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
     from werkzeug.serving import make_server
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     served: collections.Counter = collections.Counter()
     lock = threading.Lock()
     app = DomainDispatcherApplication(create_backend_app)
