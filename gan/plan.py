@@ -99,6 +99,14 @@ def child_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
+def trial_label(trial_id: str, params: dict[str, Any]) -> str:
+    """How a trial's run reads in the MLflow runs table: its number and sampled values."""
+    number = trial_id.rsplit("_", 1)[-1].lstrip("0") or "0"
+    values = " ".join(f"{k.rsplit('.', 1)[-1]}={v:.3g}" if isinstance(v, float) else f"{k.rsplit('.', 1)[-1]}={v}"
+                      for k, v in sorted(params.items()))  # fmt: skip
+    return f"trial {number}: {values}"
+
+
 def kimg_per_round(plan: Plan, budget_minutes: float, concurrency: int) -> float:
     """Round size that fits ``budget_minutes`` of a local CPU sweep if ASHA stops trials
     as expected (rounds on GPUs are the user's to give)."""

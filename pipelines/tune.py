@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     from gan import sweep
     from gan.distributed import connect
     from gan.report import report
-    from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri
+    from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags
 
     storage.check()
     connect(storage)
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     storage.claim(name, args.resume, "sweep")
     parent = None
     if not args.no_tracking:
-        parent = MLflowTracker(TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name),
+        parent = MLflowTracker(TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name, source=source_tags("pipelines/tune.py")),
                                tags={"sweep.kind": "parent"})  # fmt: skip
         parent.log_params({**plans.plan_params(plan), **{f"base.{k}": v for k, v in base.flat().items()}})
         parent.log_dict(spaces.space_as_dict(space), "search_space.json")
