@@ -52,11 +52,13 @@ class TrialSetup:
     storage: Storage
     tracking: TrackingTarget | None
     """The sweep's parent run; each trial logs a child run of it."""
+    searched: tuple[str, ...] = ()
+    """The space's fields that vary: what a trial's run name shows."""
 
     def trial_tracking(self, trial_id: str, params: dict[str, Any] | None = None) -> TrackingTarget | None:
         if self.tracking is None:
             return None
-        label = trial_label(trial_id, params) if params is not None else ""
+        label = trial_label(trial_id, params, self.searched) if params is not None else ""
         return self.tracking.child(child_run_name(self.sweep, trial_id), self.tracking.parent_run_id, label)
 
 

@@ -110,6 +110,22 @@ def prepare(target: TrackingTarget) -> None:
         raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
 
 
+def ui_link(target: TrackingTarget, run_id: str | None = None) -> str:
+    """Where to review a run (or the experiment's runs) in the MLflow UI. MLflow 3's UI opens
+    on GenAI pages unless the link asks for the model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiment = MlflowClient(target.uri).get_experiment_by_name(target.experiment)
+    except Exception:  # only a pointer: an unreachable server must not fail a finished run
+        return target.uri
+    page = f"#/experiments/{experiment.experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    page += "?workflowType=machine_learning"
+    if target.uri.startswith(("http://", "https://")):
+        return f"{target.uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {target.uri}, then http://127.0.0.1:5000/{page}"
+
+
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     """Fail fast, naming the URI, before any training starts."""
     if not uri.startswith(("http://", "https://")):

@@ -252,6 +252,7 @@ class Trainer:
         # After the checkpoint: a crash in between loses a log line, never duplicates one.
         self.tracker.log_metrics(metrics, step=self.loop.images_seen)
         self.tracker.log_image(snapshot.grid_png, key="samples", step=self.loop.images_seen)
+        self.tracker.describe(self.description())  # so far: a run stopped early keeps its result too
         return metrics
 
     def train(self) -> Result:
@@ -264,7 +265,6 @@ class Trainer:
         except BaseException:
             self.tracker.close("FAILED")
             raise
-        self.tracker.describe(self.description())
         # Models are logged before the run is closed FINISHED, so a finished run always has them.
         self.tracker.log_generator(self.nets.G_ema.state_dict(), self.cfg.to_json(), "generator")
         if self.best_G_ema is not None:

@@ -21,7 +21,7 @@ from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_conf
 from gan.config import Config, ConfigError
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
-from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, source_tags
+from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
 
 
 def run_name(cfg: Config) -> str:
@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         f"sample it: python pipelines/sample.py --checkpoint {found.best} --n 100 --grid grid.png"
     )
     if target is not None:
-        print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
+        print(
+            f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}\n  review: {ui_link(target, run_id_of(target))}"
+        )
     return 0
 
 
