@@ -19,6 +19,7 @@ Benchmarks (each also runs alone with --only):
             stopping: best FID and worker-seconds
   eval      FID evaluation time as a share of training time at the default interval, and
             peak memory of the default training job
+  tracking  img/s in-process with MLflow tracking to a local `mlflow server` vs without
   s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
             (fetched once per node into its cache)
@@ -65,6 +66,7 @@ TUNE_PLAN = (
     ["--trials", "8", "--rounds", "8", "--kimg-per-round", "10"],
     ["--trials", "4", "--rounds", "2", "--kimg-per-round", "1"],
 )
+TRACKING_KIMG = (30, 5)
 S3READS_PLAN = (
     ["--trials", "8", "--rounds", "2", "--kimg-per-round", "0.5"],
     ["--trials", "4", "--rounds", "1", "--kimg-per-round", "0.25"],
@@ -304,6 +306,50 @@ def local_cluster(tmp: str, endpoint: str):
         subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=180, capture_output=True)
 
 
+@contextlib.contextmanager
+def local_mlflow_server(tmp: str):
+    """`mlflow server` on loopback with a SQLite store, stopped by its process group."""
+    import signal
+
+    import requests
+
+    port = free_port()
+    proc = subprocess.Popen([str(Path(PY).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp}/mlflow.db",
+                             "--default-artifact-root", f"{tmp}/artifacts", "--host", "127.0.0.1", "--port", str(port),
+                             "--workers", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start in 2 minutes")
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+
+
+def tracking(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """Alternating runs, so drift on a shared machine hits both alike."""
+    sets = ["--kimg", str(TRACKING_KIMG[quick]), "--threads", "2", "--set", "eval.every_kimg=1000"]
+    off, on = [], []
+    with tempfile.TemporaryDirectory(prefix="gan-bench-tracking-") as tmp, local_mlflow_server(tmp) as url:
+        for _ in range(repeats):
+            off.append(train_once(*sets)["img_per_s_wall"])
+            on.append(train_once(*sets, "--tracking-uri", url)["img_per_s_wall"])
+    return [
+        ("img/s, tracking off / on", f"{median(off):.0f} / {median(on):.0f}",
+         f"runs {[round(x) for x in off]} / {[round(x) for x in on]}; {TRACKING_KIMG[quick]} kimg, 2 threads, in-process"),
+        ("tracking on / off (target >= 0.99)", f"{median(on) / median(off):.3f}",
+         "wall time of training less evaluation; curves at every logging step (50), system metrics every 10 s"),
+    ]  # fmt: skip
+
+
 def s3reads(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """Each layout gets a fresh cluster (empty node caches) and a fresh bucket prefix."""
     import boto3
@@ -353,6 +399,7 @@ BENCHMARKS = {
     "scaling": scaling,
     "tune": tune,
     "eval": eval_cost,
+    "tracking": tracking,
     "s3reads": s3reads,
 }
 

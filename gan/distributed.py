@@ -188,7 +188,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "ray.experiment": session.context.get_experiment_name(),
             "ray.node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
         }
-        tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags)
+        tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags, system_metrics=True)
     Trainer(cfg, session, tracker=tracker).train()
 
 

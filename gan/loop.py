@@ -76,6 +76,11 @@ def fits_on(device: torch.device, nbytes: int) -> bool:
     return False
 
 
+def grad_norm(module: nn.Module) -> torch.Tensor:
+    """The L2 norm of all of a module's gradients, left on the device."""
+    return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+
+
 def make_ema(G: nn.Module) -> nn.Module:
     return copy.deepcopy(G).eval().requires_grad_(False)
 
@@ -170,6 +175,8 @@ class GANLoop:
         n = self.nets
         D_reg = n.D_reg or n.D_train
         stats: dict[str, torch.Tensor] = {}
+        # Gradient norms cost a pass over every gradient: only for the step that is logged.
+        log_step = (self.step + 1) % self.cfg.train.log_every_steps == 0
         n.G.requires_grad_(False)
         n.D.requires_grad_(True)
         for _ in range(self.cfg.optim.d_steps):
@@ -184,6 +191,8 @@ class GANLoop:
             stats.update(self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha, D_penalty=D_reg))
             if self.cfg.loss.r1_gamma > 0 and self.step % self.cfg.loss.r1_every == 0:
                 stats.update(self.loss.d_reg(D_reg, real, labels))
+            if log_step:
+                stats["grad_norm/d"] = grad_norm(n.D)
             self.opt_d.step()
             self.images_seen += self.global_batch
 
@@ -197,6 +206,8 @@ class GANLoop:
             with self.autocast():
                 fake = n.G_train(z, fake_labels)
             stats.update(self.loss.g_main(n.D_train, fake, fake_labels))
+        if log_step:
+            stats["grad_norm/g"] = grad_norm(n.G)
         self.opt_g.step()
         n.D.requires_grad_(True)
         update_ema(n.G_ema, n.G, self.beta, foreach=self.cfg.train.foreach_ema)

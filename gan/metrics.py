@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,11 @@ from gan.sampling import latents, to_uint8
 EVALUATOR_FILE = "digits_evaluator.pt"
 SPLIT_SEED = 20140610  # fixed, independent of training seeds: the same real sets always
 EVAL_SEED = 1234  # the same latents at every evaluation: FID moves only when G does
+# Leakage: a sample is a near-copy when it is closer (in the evaluator's feature space) to
+# its nearest training image than all but COPY_QUANTILE of training images are to theirs.
+COPY_QUANTILE = 0.01
+COPY_REFERENCE = 50_000  # training images a sample is compared with, at most
+COPY_QUERIES = 2_000  # training images that set the real-vs-real distance
 
 
 class DigitClassifier(nn.Module):
@@ -190,6 +196,34 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int =
     return float(torch.stack(scores).mean())
 
 
+def nearest_distance(
+    queries: torch.Tensor, reference: torch.Tensor, own_rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Euclidean distance from each query to its nearest reference row, in chunks;
+    ``own_rows[i]``: the reference row query i is, which it must not find."""
+    out = []
+    for i in range(0, len(queries), 1024):
+        d = torch.cdist(queries[i : i + 1024].float(), reference.float())
+        if own_rows is not None:
+            d[torch.arange(d.shape[0], device=d.device), own_rows[i : i + 1024]] = math.inf
+        out.append(d.min(1).values)
+    return torch.cat(out)
+
+
+def copy_threshold(reference: torch.Tensor, quantile: float = COPY_QUANTILE, queries: int = COPY_QUERIES) -> float:
+    """The real-vs-real nearest-neighbour distance at ``quantile`` (over a fixed random
+    subset of training images, each against all the others): a sample closer than this to
+    a training image is nearer to it than almost any training image is to another."""
+    g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
+    rows = torch.randperm(len(reference), generator=g)[:queries].to(reference.device)
+    return float(torch.quantile(nearest_distance(reference[rows], reference, rows).double(), quantile))
+
+
+def copy_share(fake: torch.Tensor, reference: torch.Tensor, threshold: float) -> float:
+    """The share of samples that are near-copies of a training image."""
+    return float((nearest_distance(fake, reference) < threshold).float().mean())
+
+
 class Evaluator:
     """Holds the real statistics on the run's device; each call scores a generator on the
     same latents. Split over ranks, each generates its share and the features are
@@ -209,6 +243,12 @@ class Evaluator:
         # The floor: the FID a perfect generator would get at this sample count.
         held = self.features(data.images[held_idx].to(self.device))
         self.floor = frechet_distance(*gaussian(held), *self.real_gaussian)
+        # Every training image up to the cap (a fixed choice beyond it), read in index order.
+        g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
+        pick = torch.randperm(len(data), generator=g)[:COPY_REFERENCE].sort().values
+        self.copy_reference = torch.cat([self.features(data.images[pick[i : i + 5000]].to(self.device))
+                                         for i in range(0, len(pick), 5000)])  # fmt: skip
+        self.copy_threshold = copy_threshold(self.copy_reference)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -217,7 +257,8 @@ class Evaluator:
     def score_features(self, fake: torch.Tensor) -> dict[str, float]:
         fid = frechet_distance(*gaussian(fake), *self.real_gaussian)
         kid_mean = kid(self.real_features, fake, min(self.kid_subset, len(fake)))
-        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor}
+        copies = copy_share(fake, self.copy_reference, self.copy_threshold)
+        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor, "leakage/copy_share": copies}
 
     def score_images(self, images: torch.Tensor) -> dict[str, float]:
         return self.score_features(self.features(images.to(self.device)))
@@ -261,6 +302,8 @@ class FIDEstimate:
     ci95: float
     values: tuple[float, ...]
     floor: float
+    copy_share: float = math.nan
+    """Mean share of samples that are near-copies of training images."""
 
     def __str__(self) -> str:
         return f"{self.mean:.2f} ± {self.ci95:.2f} (95% CI, {len(self.values)} seeds; floor {self.floor:.2f})"
@@ -270,11 +313,13 @@ def fid_estimate(evaluator: Evaluator, G: nn.Module, num_classes: int, seeds: li
     """Score G on each seed's latents (``evaluator.cfg.num_samples`` images each)."""
     from scipy import stats
 
-    values = tuple(evaluator(G, num_classes, seed=seed)["fid"] for seed in seeds)
+    scores = [evaluator(G, num_classes, seed=seed) for seed in seeds]
+    values = tuple(score["fid"] for score in scores)
     mean = float(np.mean(values))
     half = (
         float(stats.t.ppf(0.975, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
         if len(values) > 1
         else float("inf")
     )
-    return FIDEstimate(mean, half, values, evaluator.floor)
+    copies = float(np.mean([score["leakage/copy_share"] for score in scores]))
+    return FIDEstimate(mean, half, values, evaluator.floor, copies)

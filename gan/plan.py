@@ -99,6 +99,15 @@ def child_run_name(sweep: str, trial_id: str) -> str:
     return f"{sweep}-{trial_id}"
 
 
+def trial_label(trial_id: str, params: dict[str, Any], searched: tuple[str, ...] = ()) -> str:
+    """How a trial's run reads in the MLflow runs table: its number and the values searched."""
+    number = trial_id.rsplit("_", 1)[-1].lstrip("0") or "0"
+    shown = {k: v for k, v in sorted(params.items()) if not searched or k in searched}
+    values = [f"{k.rsplit('.', 1)[-1]}={f'{v:.3g}' if isinstance(v, float) else v if v != '' else 'none'}"
+              for k, v in shown.items()]  # fmt: skip
+    return f"trial {number}: {' '.join(values)}"
+
+
 def kimg_per_round(plan: Plan, budget_minutes: float, concurrency: int) -> float:
     """Round size that fits ``budget_minutes`` of a local CPU sweep if ASHA stops trials
     as expected (rounds on GPUs are the user's to give)."""

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from gan.metrics import FIDEstimate
+from gan.metrics import COPY_QUANTILE, FIDEstimate
 from gan.registry import (
     CHAMPION,
     PREVIOUS,
@@ -44,9 +44,16 @@ class Decision:
     reason: str
 
 
-def decide(candidate: FIDEstimate, champion: FIDEstimate | None, margin: float) -> Decision:
-    """Promote when there is no champion, or when the candidate's mean FID is at least
-    ``margin`` (relative) below the champion's."""
+def decide(candidate: FIDEstimate, champion: FIDEstimate | None, margin: float, max_copy_share: float) -> Decision:
+    """Refuse a candidate whose samples copy training images (a share above
+    ``max_copy_share``); otherwise promote when there is no champion, or when the
+    candidate's mean FID is at least ``margin`` (relative) below the champion's."""
+    if candidate.copy_share > max_copy_share:
+        return Decision(
+            False,
+            f"{candidate.copy_share:.1%} of its samples are near-copies of training images "
+            f"(limit {max_copy_share:.1%}; real images score about {COPY_QUANTILE:.0%})",
+        )
     if champion is None:
         return Decision(True, "no champion yet")
     needed = champion.mean * (1 - margin)
@@ -132,7 +139,9 @@ class Scorer:
         return fid_estimate(evaluator, G, cfg.model.num_classes, self.seeds), cfg, fingerprint, evaluator.sha256
 
 
-def promote(client, candidate: Candidate, model_name: str, scorer: Scorer, margin: float, dry_run: bool) -> int:
+def promote(
+    client, candidate: Candidate, model_name: str, scorer: Scorer, margin: float, max_copy_share: float, dry_run: bool
+) -> int:
     """Score, decide, record the evidence and move the aliases; 0 promoted, 1 refused."""
     champion = version_by_alias(client, model_name, CHAMPION) if model_exists(client, model_name) else None
     if champion is not None and candidate.version == champion.version:
@@ -149,7 +158,7 @@ def promote(client, candidate: Candidate, model_name: str, scorer: Scorer, margi
                 f"the candidate was trained on dataset {fingerprint[:12]} and the champion on {champ_fingerprint[:12]}: "
                 "their FIDs do not compare; register the candidate under another --model-name"
             )
-    decision = decide(cand_fid, champ_fid, margin)
+    decision = decide(cand_fid, champ_fid, margin, max_copy_share)
     evidence = {
         "promotion.decision": "promoted" if decision.promoted else "refused",
         "promotion.reason": decision.reason,
@@ -158,13 +167,15 @@ def promote(client, candidate: Candidate, model_name: str, scorer: Scorer, margi
         "promotion.champion_version": champion.version if champion else "",
         "promotion.champion_fid": str(champ_fid) if champ_fid else "",
         "promotion.margin": str(margin),
+        "promotion.copy_share": f"{cand_fid.copy_share:.4f}",
+        "promotion.max_copy_share": str(max_copy_share),
         "promotion.time": _now(),
         "dataset_fingerprint": fingerprint,
         "evaluator_sha256": evaluator_sha,
         "git_commit": git_commit(),
         "source_run": candidate.run_id,
     }
-    print(f"\ncandidate  {candidate.label}: FID {cand_fid}")
+    print(f"\ncandidate  {candidate.label}: FID {cand_fid}, near-copies of training images {cand_fid.copy_share:.1%}")
     if champ_fid is not None:
         print(f"champion   version {champion.version}: FID {champ_fid}")
     print(f"decision   {'PROMOTE' if decision.promoted else 'REFUSE'}: {decision.reason}")

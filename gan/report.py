@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gan import checkpoint
-from gan.plan import Plan, child_run_name
+from gan.plan import Plan, child_run_name, trial_label
 from gan.sampling import class_grid, generator_from_state, png_bytes
 from gan.space import Dimension
 from gan.storage import Storage
@@ -147,7 +147,28 @@ def report(
         registered = f"{model_name}/{version.version}"
     tags = {"best_trial": row.trial_id, "best_run_id": run_id or "", "best_checkpoint": row.best_checkpoint}
     parent.set_tags(tags | ({"registered_model": registered} if registered else {}))
+    searched = tuple(k for k, dim in space.items() if dim.kind != "constant")
+    parent.describe(sweep_description(rows, plan, row, worker_s, registered, searched))
     return Best(row, row.best_checkpoint, meta, run_id, registered)
+
+
+def sweep_description(
+    rows: list[TrialSummary], plan: Plan, best: TrialSummary, worker_s: float, registered, searched: tuple[str, ...]
+) -> str:
+    """The parent run's paragraph (markdown): the search, its outcome, the best trial and
+    a link to its registered version."""
+    outcomes = {kind: sum(r.outcome == kind for r in rows) for kind in ("completed", "stopped", "error")}
+    text = (
+        f"Sweep of {len(rows)} trials, up to {plan.rounds} rounds of {plan.kimg_per_round:g} kimg each, "
+        f"{plan.search} search with ASHA on FID: {outcomes['completed']} completed, {outcomes['stopped']} stopped "
+        f"early, {outcomes['error']} failed; {worker_s:.0f} worker-seconds. "
+        f"Best: **{trial_label(best.trial_id, best.params, searched)}**, FID {best.best_fid:.2f} (floor {best.floor:.2f}) "
+        f"within {best.kimg:.1f} kimg."
+    )
+    if registered:
+        name, version = registered.rsplit("/", 1)
+        text += f" Registered as [{name} version {version}](#/models/{name}/versions/{version})."
+    return text
 
 
 def register_best(tracking_uri: str, model_name: str, run_id: str, state, meta, sweep: str, row: TrialSummary):

@@ -19,7 +19,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from gan.config import Config, ConfigError
-from gan.plan import Plan, child_run_name, max_concurrent_trials, stopped_reason, trial_config
+from gan.plan import Plan, child_run_name, max_concurrent_trials, stopped_reason, trial_config, trial_label
 from gan.report import TrialSummary
 from gan.space import Dimension
 from gan.storage import Storage
@@ -52,11 +52,14 @@ class TrialSetup:
     storage: Storage
     tracking: TrackingTarget | None
     """The sweep's parent run; each trial logs a child run of it."""
+    searched: tuple[str, ...] = ()
+    """The space's fields that vary: what a trial's run name shows."""
 
-    def trial_tracking(self, trial_id: str) -> TrackingTarget | None:
+    def trial_tracking(self, trial_id: str, params: dict[str, Any] | None = None) -> TrackingTarget | None:
         if self.tracking is None:
             return None
-        return self.tracking.child(child_run_name(self.sweep, trial_id), self.tracking.parent_run_id)
+        label = trial_label(trial_id, params, self.searched) if params is not None else ""
+        return self.tracking.child(child_run_name(self.sweep, trial_id), self.tracking.parent_run_id, label)
 
 
 def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
@@ -77,7 +80,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         storage_filesystem=filesystem,
         max_failures=setup.plan.max_failures,
         callbacks=[TuneReportCallback()],
-        tracking=setup.trial_tracking(trial_id),
+        tracking=setup.trial_tracking(trial_id, params),
     )
     trainer.fit()
 

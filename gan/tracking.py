@@ -10,11 +10,12 @@ run instead of starting a new one. The local default is a SQLite store
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,11 @@ DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "gan.run_name"
 STOPPED_TAG = "sweep.stopped_early"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
+# Without it MLflow 3's UI opens an experiment on GenAI traces instead of its training runs.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+SOURCE_COMMIT_ENV = "GAN_SOURCE_COMMIT"
+CURVES_FLUSH_S = 15.0  # training curves go out in one batch this often: a call per log step would slow training
+SYSTEM_METRICS_INTERVAL_S = 10.0
 
 
 class TrackingError(RuntimeError):
@@ -38,9 +44,15 @@ class TrackingTarget:
     run_name: str
     parent_run_id: str = ""
     """A sweep's trials are child runs of the sweep's run."""
+    source: tuple[tuple[str, str], ...] = ()
+    """MLflow's source tags (entry point, commit), taken where the run was started: a
+    worker on another node has neither the command line nor the checkout."""
 
-    def child(self, run_name: str, parent_run_id: str) -> TrackingTarget:
-        return TrackingTarget(self.uri, self.experiment, run_name, parent_run_id)
+    label: str = ""
+    """The name the runs table shows (default: run_name, which stays the run's identity)."""
+
+    def child(self, run_name: str, parent_run_id: str, label: str = "") -> TrackingTarget:
+        return replace(self, run_name=run_name, parent_run_id=parent_run_id, label=label)
 
 
 class Tracker:
@@ -52,6 +64,9 @@ class Tracker:
     def log_params(self, params: dict[str, Any]) -> None: ...
     def set_tags(self, tags: dict[str, Any]) -> None: ...
     def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_curves(self, metrics: dict[str, float], step: int) -> None: ...
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> None: ...
+    def describe(self, text: str) -> None: ...
     def log_image(self, png: bytes, key: str, step: int) -> None: ...
     def log_dict(self, data: dict[str, Any], name: str) -> None: ...
     def log_artifact(self, data: bytes, name: str) -> None: ...
@@ -81,14 +96,34 @@ def prepare(target: TrackingTarget) -> None:
     check_reachable(target.uri)
     client = MlflowClient(target.uri)
     try:
-        if client.get_experiment_by_name(target.experiment) is None:
+        experiment = client.get_experiment_by_name(target.experiment)
+        if experiment is None:
             location = None
             if target.uri.startswith("sqlite:///"):
                 store = Path(target.uri[len("sqlite:///") :])
                 location = (store.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
-            client.create_experiment(target.experiment, artifact_location=location)
+            client.create_experiment(target.experiment, artifact_location=location, tags=EXPERIMENT_KIND)
+        elif not any(key in experiment.tags for key in EXPERIMENT_KIND):  # a kind set by hand is kept
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(experiment.experiment_id, key, value)
     except Exception as err:  # the store's own errors vary by backend
         raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+
+
+def ui_link(target: TrackingTarget, run_id: str | None = None) -> str:
+    """Where to review a run (or the experiment's runs) in the MLflow UI. MLflow 3's UI opens
+    on GenAI pages unless the link asks for the model-training view."""
+    from mlflow.tracking import MlflowClient
+
+    try:
+        experiment = MlflowClient(target.uri).get_experiment_by_name(target.experiment)
+    except Exception:  # only a pointer: an unreachable server must not fail a finished run
+        return target.uri
+    page = f"#/experiments/{experiment.experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
+    page += "?workflowType=machine_learning"
+    if target.uri.startswith(("http://", "https://")):
+        return f"{target.uri.rstrip('/')}/{page}"
+    return f"mlflow ui --backend-store-uri {target.uri}, then http://127.0.0.1:5000/{page}"
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -106,13 +141,27 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 
 def git_commit() -> str:
+    """The checkout's commit; under `ray job submit` the uploaded working dir has no .git,
+    so cluster/submit.sh passes the submitting side's commit in $GAN_SOURCE_COMMIT."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=Path(__file__).parent
         )
-        return out.stdout.strip() or "unknown"
+        found = out.stdout.strip() if out.returncode == 0 else ""
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    return found or os.environ.get(SOURCE_COMMIT_ENV) or "unknown"
+
+
+def source_tags(entry_point: str) -> tuple[tuple[str, str], ...]:
+    """MLflow's source tags for a run started by ``entry_point`` here: a Ray job's driver
+    records its submission id as well."""
+    commit = git_commit()
+    tags = {"mlflow.source.name": entry_point, "mlflow.source.type": "LOCAL", "mlflow.source.git.commit": commit}
+    job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}").get("metadata", {}).get("job_submission_id")
+    if job:
+        tags |= {"mlflow.source.type": "JOB", "ray.job_submission_id": job}
+    return tuple(tags.items())
 
 
 # A server that goes away mid-run must not stall training for minutes per call
@@ -129,7 +178,9 @@ class MLflowTracker(Tracker):
     the next one, so a gap is filled once the server is back; what is still unsent when
     the run closes is reported, never dropped silently (checkpoints keep the history)."""
 
-    def __init__(self, target: TrackingTarget, tags: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self, target: TrackingTarget, tags: dict[str, Any] | None = None, system_metrics: bool = False
+    ) -> None:
         from mlflow.tracking import MlflowClient
 
         for key, value in HTTP_DEFAULTS.items():
@@ -155,10 +206,26 @@ class MLflowTracker(Tracker):
             identity = {RUN_NAME_TAG: target.run_name}
             if target.parent_run_id:
                 identity["mlflow.parentRunId"] = target.parent_run_id
-            run = self.client.create_run(experiment_id, run_name=target.run_name, tags=identity)
+            run = self.client.create_run(experiment_id, run_name=target.label or target.run_name, tags=identity)
             self.run_id, self.logged_params = run.info.run_id, {}
         self.steps_before_start = frozenset(self.logged_steps)
-        self.set_tags({"git_commit": git_commit(), **(tags or {})})
+        self.curves: list = []
+        self.curves_sent_at = time.monotonic()
+        self.curves_logged_until = -1
+        if found:  # a restarted worker trains past steps the run already has curves for
+            history = self.client.get_metric_history(self.run_id, "loss/g")
+            self.curves_logged_until = max((m.step for m in history), default=-1)
+        source = dict(target.source)
+        commit = source.get("mlflow.source.git.commit") or git_commit()
+        self.set_tags({"git_commit": commit, **source, **(tags or {})})
+        self.monitor = None
+        if system_metrics:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self.monitor = SystemMetricsMonitor(
+                self.run_id, SYSTEM_METRICS_INTERVAL_S, resume_logging=bool(found), tracking_uri=target.uri
+            )
+            self.monitor.start()
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -185,9 +252,39 @@ class MLflowTracker(Tracker):
         if step in self.logged_steps:
             return
         self.logged_steps.add(step)
+        self._flush_curves()
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._call(f"metrics at step {step}", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_curves(self, metrics: dict[str, float], step: int) -> None:
+        """Training curves at every logging step, sent in one batch every CURVES_FLUSH_S."""
+        from mlflow.entities import Metric
+
+        if step <= self.curves_logged_until:
+            return
+        now = int(time.time() * 1000)
+        self.curves.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+        if time.monotonic() - self.curves_sent_at >= CURVES_FLUSH_S:
+            self._flush_curves()
+
+    def _flush_curves(self) -> None:
+        self.curves_sent_at = time.monotonic()
+        while self.curves:  # log_batch takes at most 1,000 metrics
+            batch, self.curves = self.curves[:1000], self.curves[1000:]
+            self._call(f"curves to step {batch[-1].step}", self.client.log_batch, self.run_id, metrics=batch)
+
+    def log_dataset(self, name: str, digest: str, source: str, context: str, profile: dict[str, Any]) -> None:
+        """A dataset input (the UI's Datasets column): the data trained on, or the evaluator."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        scheme = source.partition("://")[0] if "://" in source else source.partition(":")[0] or "local"
+        dataset = Dataset(name, digest, scheme, json.dumps({"uri": source}), profile=json.dumps(profile))
+        inputs = [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])]
+        self._call(f"dataset {name}", self.client.log_inputs, self.run_id, datasets=inputs)
+
+    def describe(self, text: str) -> None:
+        self.set_tags({"mlflow.note.content": text})
 
     def backfill(self, history: list[dict[str, float]]) -> None:
         """After a restart: log the evaluations a checkpoint holds but the run lacks (the
@@ -219,6 +316,9 @@ class MLflowTracker(Tracker):
     def close(self, status: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: choose one of {STATUSES}")
+        self._flush_curves()
+        if self.monitor is not None:
+            self.monitor.finish()
         self._call("status", self.client.set_terminated, self.run_id, status)
         if self.pending:
             lost = ", ".join(what for what, _, _ in self.pending)

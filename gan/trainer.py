@@ -135,7 +135,41 @@ class Trainer:
             }
         )
         self.tracker.log_dict(cfg.to_dict(), "config.json")
+        self._log_inputs()
+        self.tracker.describe(self.description())
         self.tracker.backfill(self.history)
+
+    def _log_inputs(self) -> None:
+        data, ev = self.data, self.cfg.eval
+        name = data.source.rstrip("/").rsplit("/", 1)[-1].removeprefix("embedded:") or data.source
+        shape = list(data.images.shape[1:])
+        # MLflow keeps 36 characters of a digest: the full fingerprint is in the tags and the profile.
+        profile = {"count": len(data), "shape": shape, "classes": data.num_classes, "fingerprint": data.fingerprint}
+        self.tracker.log_dataset(name, data.fingerprint[:32], data.source, "training", profile)
+        evaluator = ev.backbone if ev.backbone != "torchscript" else ev.backbone_uri.rstrip("/").rsplit("/", 1)[-1]
+        source = ev.backbone_uri or f"gan/assets ({ev.backbone} classifier)"
+        profile = {"sha256": self.evaluator.sha256, "num_samples": ev.num_samples, "floor": self.evaluator.floor}
+        self.tracker.log_dataset(f"evaluator:{evaluator}", self.evaluator.sha256[:32], source, "evaluation", profile)
+
+    def description(self) -> str:
+        """One paragraph for the run page: what trained on what, for how long, and how well."""
+        cfg, t, m = self.cfg, self.cfg.train, self.cfg.model
+        budget = f"{t.total_kimg:g} kimg" + (f" or {t.time_budget_s:g} s of training" if t.time_budget_s else "")
+        kind = f"class-conditional ({m.num_classes} classes)" if m.num_classes else "unconditional"
+        text = (
+            f"{cfg.name} preset: {kind} {m.family} GAN at {cfg.data.resolution} px, batch {t.batch_size} on "
+            f"{self.session.world_size} worker(s) ({self.session.device.type}), trained on {self.data.source} "
+            f"({len(self.data):,} images, fingerprint {self.data.fingerprint[:12]}), budget {budget}; "
+            f"FID on {cfg.eval.num_samples:,} samples of the EMA generator with the {cfg.eval.backbone} "
+            f"evaluator (floor {self.evaluator.floor:.2f})."
+        )
+        if self.history:
+            last = self.history[-1]
+            text += (
+                f" After {last['kimg']:.1f} kimg ({last['time/train_s']:.0f} s): FID {last['fid']:.2f}, "
+                f"best {self.best_fid:.2f}."
+            )
+        return text
 
     # --- state ----------------------------------------------------------------------
     def _load(self, state: dict[str, Any]) -> None:
@@ -218,6 +252,7 @@ class Trainer:
         # After the checkpoint: a crash in between loses a log line, never duplicates one.
         self.tracker.log_metrics(metrics, step=self.loop.images_seen)
         self.tracker.log_image(snapshot.grid_png, key="samples", step=self.loop.images_seen)
+        self.tracker.describe(self.description())  # so far: a run stopped early keeps its result too
         return metrics
 
     def train(self) -> Result:
@@ -266,6 +301,8 @@ class Trainer:
                 img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
                 window_start, window_images = time.monotonic(), 0
                 self._progress(stats, img_per_s)
+                if not eval_now:  # an evaluation logs them with its metrics
+                    self.tracker.log_curves({**stats, "throughput/img_per_s": img_per_s}, self.loop.images_seen)
                 if budget and stop_step == math.inf:
                     steps_left = self._steps_left(segment_s / steps_since_tick)
                     if steps_left < cfg.train.log_every_steps:

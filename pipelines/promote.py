@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--experiment", default="gan-sweeps", help="experiment that holds --sweep (default gan-sweeps)")
     parser.add_argument("--margin", type=float, default=0.05,
                         help="relative FID improvement needed over the champion (default 0.05 = 5%%)")  # fmt: skip
+    parser.add_argument("--max-copy-share", type=float, default=0.05,
+                        help="refuse a candidate when more of its samples than this are near-copies of training "
+                             "images (default 0.05; real images score about 0.01)")  # fmt: skip
     parser.add_argument("--seeds", type=int, default=3, help="fresh latent seeds per model (default 3)")
     parser.add_argument("--num-samples", type=int, help="images per seed (default: the model's eval.num_samples)")
     parser.add_argument(
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 <= args.margin < 1:
         return fail(f"--margin {args.margin}: must be in [0, 1)")
+    if not 0 <= args.max_copy_share <= 1:
+        return fail(f"--max-copy-share {args.max_copy_share}: must be in [0, 1]")
     if args.seeds < 2:
         return fail(f"--seeds {args.seeds}: need at least 2 for an interval")
 
@@ -60,7 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         candidate = promotion.resolve_candidate(client, uri, args.model_name, run=args.run, sweep=args.sweep,
                                                 experiment=args.experiment, version=args.version, best_of=args.best_of)  # fmt: skip
         scorer = promotion.Scorer(uri, args.seeds, args.num_samples)
-        return promotion.promote(client, candidate, args.model_name, scorer, args.margin, args.dry_run)
+        return promotion.promote(
+            client, candidate, args.model_name, scorer, args.margin, args.max_copy_share, args.dry_run
+        )
     except (RegistryError, TrackingError) as err:
         return fail(str(err))
 

@@ -21,7 +21,7 @@ from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_conf
 from gan.config import Config, ConfigError
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
-from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri
+from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
 
 
 def run_name(cfg: Config) -> str:
@@ -45,7 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
-        target = None if args.no_tracking else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name)
+        target = (
+            None
+            if args.no_tracking
+            else TrackingTarget(
+                resolve_uri(args.tracking_uri), args.experiment, name, source=source_tags("pipelines/train.py")
+            )
+        )
         if target is not None:
             prepare(target)
         if args.in_process:
@@ -70,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         f"sample it: python pipelines/sample.py --checkpoint {found.best} --n 100 --grid grid.png"
     )
     if target is not None:
-        print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
+        print(
+            f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}\n  review: {ui_link(target, run_id_of(target))}"
+        )
     return 0
 
 
@@ -92,7 +100,7 @@ def train_in_process(
     session = LocalSession(
         storage.join(name), resume=resume, device="cuda" if gpu else "cpu", storage_options=storage.options
     )
-    trainer = Trainer(cfg, session, tracker=MLflowTracker(target) if target else None)
+    trainer = Trainer(cfg, session, tracker=MLflowTracker(target, system_metrics=True) if target else None)
     print(
         f"training {cfg.name}: {cfg.model.family} on {trainer.data.source} "
         f"({len(trainer.data)} images, fingerprint {trainer.data.fingerprint[:12]}); "

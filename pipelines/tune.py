@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     from gan import sweep
     from gan.distributed import connect
     from gan.report import report
-    from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri
+    from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
 
     storage.check()
     connect(storage)
@@ -69,12 +69,13 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     storage.claim(name, args.resume, "sweep")
     parent = None
     if not args.no_tracking:
-        parent = MLflowTracker(TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name),
+        parent = MLflowTracker(TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name, source=source_tags("pipelines/tune.py")),
                                tags={"sweep.kind": "parent"})  # fmt: skip
         parent.log_params({**plans.plan_params(plan), **{f"base.{k}": v for k, v in base.flat().items()}})
         parent.log_dict(spaces.space_as_dict(space), "search_space.json")
     tracking = dataclasses.replace(parent.target, parent_run_id=parent.run_id) if parent else None
-    setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking)
+    searched = tuple(k for k, dim in space.items() if dim.kind != "constant")
+    setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking, searched)
     print(
         f"{'resuming' if args.resume else 'starting'} sweep {name!r}: {plan.trials} trials x up to {plan.rounds} "
         f"rounds of {plan.kimg_per_round:g} kimg, ASHA (grace {plan.grace_rounds}, reduction {plan.reduction_factor}) "
@@ -111,7 +112,8 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     if best.registered:
         print(f"registered models:/{best.registered} (run {best.run_id})")
     print(
-        f"MLflow: experiment {args.experiment!r} at {uri}, parent run {name!r}\nnext:\n"
+        f"MLflow: experiment {args.experiment!r} at {uri}, parent run {name!r}\n"
+        f"  review: {ui_link(parent.target, parent.run_id)}\nnext:\n"
         f"  python pipelines/promote.py --sweep {name} --experiment {args.experiment} --model-name {model} "
         f"--tracking-uri {uri}\n"
         f"  python pipelines/sample.py --model models:/{model}@champion --grid grid.png --tracking-uri {uri}\n"

@@ -8,4 +8,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && command -v apt-get >
   echo "installing Debian's postgresql for the tracking-server tests"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
 fi
+# The MLflow UI test drives Debian's Chromium (Playwright's own browser download is not used).
+if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
+  echo "installing Debian's chromium for the MLflow UI test"
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+fi
 exec .venv/bin/python -m pytest "$@"

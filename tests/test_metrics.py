@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gan.config import EvalConfig
-from gan.metrics import DigitClassifier, Evaluator, evaluator_path, split_real
+from gan.metrics import DigitClassifier, Evaluator, copy_share, copy_threshold, evaluator_path, split_real
 
 
 @pytest.fixture(scope="module")
@@ -45,3 +45,41 @@ def test_evaluation_leaves_the_global_rng_alone(evaluator, digits):
     torch.manual_seed(7)
     evaluator.score_images(digits.images[:500])
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_copy_share_on_hand_made_features():
+    # Training features on a 5-D grid with spacing 1: every real point's nearest other point is at 1.
+    grid = torch.cartesian_prod(*[torch.arange(4.0)] * 5)
+    threshold = copy_threshold(grid)
+    assert threshold == pytest.approx(1.0)
+    near = grid[:50] + torch.tensor([0.1, 0, 0, 0, 0])  # a tenth from a training point: copies
+    between = grid[:50] + 0.5  # a cell's centre, sqrt(5)/2 from its corners: farther than real points are
+    assert copy_share(near, grid, threshold) == 1.0
+    assert copy_share(between, grid, threshold) == 0.0
+    assert copy_share(torch.cat([near, between]), grid, threshold) == 0.5
+
+
+class Copier(torch.nn.Module):
+    """A "generator" that returns training images, chosen by its latents."""
+
+    z_dim = 16
+
+    def __init__(self, images: torch.Tensor) -> None:
+        super().__init__()
+        self.images = images
+
+    def forward(self, z, labels=None):
+        idx = (z[:, 0].abs() * 1e6).long() % len(self.images)
+        return self.images[idx].float() / 127.5 - 1
+
+
+def test_a_copying_generator_is_caught_and_a_fresh_one_is_not(digits, evaluator):
+    from gan.config import preset
+    from gan.models import build_models
+
+    copied = evaluator(Copier(digits.images), num_classes=0)["leakage/copy_share"]
+    cfg = preset("dcgan")
+    torch.manual_seed(0)
+    fresh_G = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)[0]
+    fresh = evaluator(fresh_G, num_classes=cfg.model.num_classes)["leakage/copy_share"]
+    assert copied > 0.99 and fresh < 0.01, (copied, fresh)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,10 +16,11 @@ from gan import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [sys.executable, "-W", "ignore", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
+        [sys.executable, "-W", "ignore", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, **(env or {})},
+    )  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -28,7 +30,8 @@ def run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(storage), "--name", "r",
-               "--tracking-uri", f"sqlite:///{storage}/mlflow.db")  # fmt: skip
+               "--tracking-uri", f"sqlite:///{storage}/mlflow.db",
+               env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"})  # a short run still gets system metrics  # fmt: skip
     return storage / "r", proc.stdout
 
 
@@ -80,6 +83,40 @@ def test_run_is_tracked_in_mlflow(trained):
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
     assert len(images) >= 2  # a sample grid at every evaluation
     assert "MLflow run 'r'" in stdout
+
+
+def test_run_page_shows_lineage_description_source_and_curves(trained):
+    out, _ = trained
+    client, run = mlflow_run(out)
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    data, evaluator = inputs["mnist5k"], inputs["evaluator:digits"]
+    fingerprint, sha = run.data.tags["dataset_fingerprint"], run.data.tags["evaluator_sha256"]
+    assert data.dataset.digest == fingerprint[:32] and json.loads(data.dataset.profile)["fingerprint"] == fingerprint
+    assert (
+        json.loads(data.dataset.profile)["count"] == 5000
+        and json.loads(data.dataset.source)["uri"] == "embedded:mnist5k"
+    )
+    assert [t.value for t in data.tags] == ["training"] and [t.value for t in evaluator.tags] == ["evaluation"]
+    assert evaluator.dataset.digest == sha[:32]
+    description = run.data.tags["mlflow.note.content"]
+    assert (
+        description.startswith("debug preset: class-conditional (10 classes) dcgan GAN at 28 px")
+        and "embedded:mnist5k" in description
+    )
+    fid = client.get_metric_history(run.info.run_id, "fid")
+    assert f"FID {fid[-1].value:.2f}" in description  # the result, written when the run ended
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    tags = run.data.tags
+    assert tags["mlflow.source.name"] == "pipelines/train.py" and tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.git.commit"] == commit == tags["git_commit"]
+    # Curves at every logging step (every 5 steps of 16 images), FID at every evaluation.
+    for name in ("loss/g", "loss/d", "d/real", "grad_norm/g", "grad_norm/d", "throughput/img_per_s"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
+        assert steps == [80, 160, 240, 320], (name, steps)
+    assert [m.step for m in fid] == [160, 320]
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
 
 
 def test_logged_generator_samples_any_batch_size(trained):

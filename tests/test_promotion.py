@@ -8,13 +8,21 @@ from gan.metrics import FIDEstimate
 from gan.promotion import decide
 
 
-def fid(mean: float) -> FIDEstimate:
-    return FIDEstimate(mean, 0.5, (mean - 0.5, mean, mean + 0.5), 6.5)
+def fid(mean: float, copy_share: float = 0.01) -> FIDEstimate:
+    return FIDEstimate(mean, 0.5, (mean - 0.5, mean, mean + 0.5), 6.5, copy_share)
 
 
 def test_first_candidate_wins_without_a_champion():
-    decision = decide(fid(300.0), None, margin=0.05)
+    decision = decide(fid(300.0), None, margin=0.05, max_copy_share=0.05)
     assert decision.promoted and decision.reason == "no champion yet"
+
+
+@pytest.mark.parametrize("champion", [None, 30.0])
+def test_a_candidate_that_copies_training_images_is_refused_however_good(champion):
+    decision = decide(fid(10.0, copy_share=0.4), None if champion is None else fid(champion), 0.05, 0.05)
+    assert not decision.promoted
+    assert "40.0% of its samples are near-copies of training images (limit 5.0%" in decision.reason
+    assert decide(fid(10.0, copy_share=0.05), None, 0.05, max_copy_share=0.05).promoted  # at the limit: allowed
 
 
 @pytest.mark.parametrize(
@@ -30,7 +38,7 @@ def test_first_candidate_wins_without_a_champion():
     ],
 )
 def test_candidate_must_beat_the_champion_by_the_margin(candidate, champion, margin, promoted):
-    decision = decide(fid(candidate), fid(champion), margin)
+    decision = decide(fid(candidate), fid(champion), margin, max_copy_share=0.05)
     assert decision.promoted is promoted
     assert f"{candidate:.2f}" in decision.reason and f"{champion:.2f}" in decision.reason
     if not promoted:

@@ -137,6 +137,35 @@ def test_promote_bad_input(registry):
     assert "no run" in norun.stderr
 
 
+def test_promotion_refuses_a_generator_that_copies_training_images(registry, digits):
+    """A real registered model whose every sample is training image 0 (an MLP whose output
+    layer is that image's bias): the gate refuses it with the evidence, however its FID."""
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    from gan import registry as gan_registry
+    from gan.models import build_models
+
+    url, *_ = registry
+    client = MlflowClient(url)
+    cfg = override(preset("debug"), ["model.family=mlp", "model.depth=0", "model.num_classes=0"])
+    G = build_models(cfg.model, 28, 1)[0]
+    with torch.no_grad():
+        out = G.net[0]
+        out.weight.zero_()
+        out.bias.copy_((digits.images[0].flatten().float() / 127.5 - 1).clamp(-0.999, 0.999).atanh())
+    run = client.create_run(client.get_experiment_by_name("candidates").experiment_id, run_name="copier")
+    gan_registry.log_generator(url, run.info.run_id, "generator_best", G.state_dict(), cfg.to_json())
+    before = aliases(url)
+    refused = cli("promote.py", "--run", run.info.run_id, "--model-name", NAME, "--seeds", "2", "--num-samples", "300",
+                  url=url, check_rc=1)  # fmt: skip
+    assert "REFUSE" in refused.stdout and "100.0% of its samples are near-copies" in refused.stdout, refused.stdout
+    assert aliases(url) == before
+    (version,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.run_id == run.info.run_id]
+    assert version.tags["promotion.decision"] == "refused" and float(version.tags["promotion.copy_share"]) == 1.0
+    assert version.tags["promotion.max_copy_share"] == "0.05"
+
+
 def test_loading_needs_only_the_models_declared_requirements(registry):
     """Without the project on sys.path (no editable install, no repo), the registered model
     loads from its own bundled code and samples."""

@@ -66,7 +66,8 @@ def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow
     said = refused.stdout + refused.stderr
     assert refused.returncode != 0 and "the Ray cluster has 2 nodes" in said and "--storage s3://" in said, said[-3000:]
     assert "Traceback" not in said and "Trial status" not in said
-    command = [RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py", "--trials", "4",
+    # cluster/submit.sh: ray job submit with the runtime env and the commit of this checkout.
+    command = ["bash", "cluster/submit.sh", "--", "python", "pipelines/tune.py", "--trials", "4",
                "--rounds", "2", *TINY, "--kimg-per-round", "0.5", "--storage", f"s3://{bucket_name}/sweeps", "--tracking-uri", url,
                "--experiment", "e2e", "--model-name", "digits-e2e"]  # fmt: skip
     job = subprocess.run(command, cwd=ROOT, env=two_node_cluster, capture_output=True, text=True, timeout=900)
@@ -94,6 +95,17 @@ def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow
     assert version.run_id == parent.data.tags["best_run_id"] and version.tags["sweep"] == parent.info.run_name
     assert float(version.tags["fid"]) == pytest.approx(parent.data.metrics["best_fid"], rel=1e-4)
     assert version.description.startswith("dcgan GAN generator")
+    # What the MLflow UI shows: readable trial names, the sweep's outcome, where the code came from.
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    for run in [parent, *children]:
+        tags = run.data.tags
+        assert tags["mlflow.source.type"] == "JOB" and tags["mlflow.source.name"] == "pipelines/tune.py", tags
+        assert tags["mlflow.source.git.commit"] == commit and tags["ray.job_submission_id"].startswith("raysubmit_")
+    assert all(r.info.run_name.startswith("trial ") and "lr_g=" in r.info.run_name for r in children)
+    description = parent.data.tags["mlflow.note.content"]
+    best = next(r for r in children if r.info.run_id == parent.data.tags["best_run_id"])
+    assert f"Best: **{best.info.run_name}**" in description, description
+    assert f"[digits-e2e version {version.version}](#/models/digits-e2e/versions/{version.version})" in description
 
 
 def _session_processes(sid: int) -> list[psutil.Process]:
