@@ -1,7 +1,9 @@
 """Generators as MLflow models: a pyfunc that samples at any batch size, by class and seed.
 
 The logged model carries only the EMA generator's weights and the config, plus this
-package's code, so loading it needs torch and numpy, not the training stack.
+package's code, so loading it needs torch and numpy, not the training stack. It is logged
+as models-from-code (``gan/pyfunc_entry.py``), so it holds no pickle. The project's own
+loader (``load_generator``) reads only the weights, never the model's code.
 Request (one row per request): n, seed, class (-1 = cycle through classes), truncation
 (0 = none). Response: uint8 images, N x H x W (gray) or N x H x W x 3 (RGB).
 """
@@ -9,6 +11,7 @@ Request (one row per request): n, seed, class (-1 = cycle through classes), trun
 from __future__ import annotations
 
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -82,7 +85,7 @@ def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, 
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=GeneratorModel(),
+                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                 artifacts={"generator": path},
                 code_paths=[str(Path(__file__).parent)],
                 signature=signature(cfg.data.resolution, cfg.data.channels),
@@ -136,23 +139,40 @@ CHAMPION, PREVIOUS = "champion", "previous"
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None):
-    """(G, cfg) of a logged or registered generator model, with clear errors."""
+    """(G, cfg) of a logged or registered generator model, with clear errors.
+
+    Reads two files through this project's code: the MLmodel file (YAML) and the weights
+    (``torch.load(weights_only=True)``). Nothing from the store is unpickled or imported, so
+    a tampered model cannot run code where it is promoted or sampled; ``mlflow.pyfunc.load_model``
+    would run the model's own code (its bundled ``gan`` package, or an unpickled object)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from gan.sampling import generator_from_state
 
     if tracking_uri:
         use(tracking_uri)
-    # A per-file progress bar for a 2-file model buries the one line that matters.
+    # A per-file progress bar for a 2-file download buries the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    weights = f"artifacts/{GENERATOR_FILE}"
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        repo = get_artifact_repository(model_uri)
+        with tempfile.TemporaryDirectory(prefix="gan-model-") as tmp:
+            flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("python_function", {})
+            if flavor.get("artifacts", {}).get("generator", {}).get("path") != weights:
+                raise RegistryError(f"{model_uri} is not a generator logged by this project")
+            state = torch.load(repo.download_artifacts(weights, tmp), weights_only=True, map_location="cpu")
     except MlflowException as err:
         raise RegistryError(f"{model_uri}: {err.message.splitlines()[0]}") from None
     except OSError as err:  # artefacts listed in the registry but gone from storage
         raise RegistryError(f"{model_uri}: the model's artefacts cannot be read from storage ({err})") from None
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, GeneratorModel):
-        raise RegistryError(f"{model_uri} is not a generator logged by this project")
-    return python_model.G, python_model.cfg
+    except pickle.UnpicklingError as err:  # weights_only refused something that is not plain tensors
+        raise RegistryError(f"{model_uri}: {weights} is not plain weights ({str(err).splitlines()[0]})") from None
+    try:
+        return generator_from_state(state)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise RegistryError(f"{model_uri}: {weights} does not hold this project's generator ({err})") from None
 
 
 def version_by_alias(client, name: str, alias: str):

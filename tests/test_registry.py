@@ -185,6 +185,40 @@ def test_missing_artifacts_are_named(registry, s3_server, tmp_path):
     assert "doomed" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
+def test_a_tampered_model_runs_no_code_where_it_is_sampled_or_promoted(registry, s3_server, tmp_path):
+    """Whoever can write to the artefact store can change a model's code; sampling and
+    promotion read only its weights (weights_only), so that code never runs there."""
+    import boto3
+    import mlflow.pyfunc
+    from mlflow.tracking import MlflowClient
+
+    from gan.registry import logged_model_uri, register
+
+    url, bucket, *_ = registry
+    run_id = train_run(url, "tampered", 0.016, tmp_path)
+    client = MlflowClient(url)
+    model_uri = logged_model_uri(url, client.get_run(run_id), "generator_best")
+    register(url, model_uri, "tampered", preset("debug"), {"source_run": run_id})
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    model_id = model_uri.rsplit("/", 1)[-1]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if model_id in o["Key"]]
+    (entry,) = [k for k in keys if k.endswith("/pyfunc_entry.py")]  # the code MLflow runs at load
+    marker = tmp_path / "code-from-the-store-ran"
+    original = s3.get_object(Bucket=bucket, Key=entry)["Body"].read().decode()
+    s3.put_object(Bucket=bucket, Key=entry, Body=f"open({str(marker)!r}, 'w').write('ran')\n{original}".encode())
+
+    mlflow.set_tracking_uri(url)
+    mlflow.pyfunc.load_model("models:/tampered/1")  # MLflow's loader runs it: the tamper works
+    assert marker.exists()
+    marker.unlink()
+    cli("sample.py", "--model", "models:/tampered/1", "--n", "4", "--out", str(tmp_path / "x.npz"), url=url, check_rc=0)
+    assert np.load(tmp_path / "x.npz")["images"].shape == (4, 28, 28)
+    promoted = cli("promote.py", "--version", "1", "--model-name", "tampered", "--seeds", "2", "--num-samples", "100",
+                   "--dry-run", url=url, check_rc=0)  # fmt: skip
+    assert "PROMOTE" in promoted.stdout
+    assert not marker.exists(), "the model's own code ran while sampling or promoting it"
+
+
 def test_mlflow_models_serve_answers_with_images(registry, tmp_path):
     import mlflow.pyfunc
     import pandas as pd
