@@ -10,6 +10,8 @@ Request (one row per request): n, seed, class (-1 = cycle through classes), trun
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import pickle
 import tempfile
@@ -19,9 +21,71 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
+MAX_IMAGES_PER_REQUEST = 1024
+"""Images one request may ask for over all its rows: a response is built in memory."""
+MAX_ROWS_PER_REQUEST = 64
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(MlflowException):
+    """A request the served model refuses, or cannot answer: HTTP 400 (or 500) with this
+    one line. MLflow's scoring server rewrites a predict error's message to start with the
+    whole request (many lines); this message keeps its one line."""
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        self._line = message
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass
+
+
+def parse_requests(model_input, num_classes: int) -> list[tuple[int, int, int | None, float | None]]:
+    """(n, seed, class or None, truncation or None) per request row, every limit checked
+    before anything is sampled; RequestError names the first bad value."""
+    rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+    if not 1 <= len(rows) <= MAX_ROWS_PER_REQUEST:
+        raise RequestError(f"a request has 1 to {MAX_ROWS_PER_REQUEST} rows, this one has {len(rows)}")
+    parsed, total = [], 0
+    for i, row in enumerate(rows):
+        request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if not pd.isna(v)}}
+        n, seed, label = (_integer(request[k], k, i) for k in ("n", "seed", "class"))
+        truncation = _number(request["truncation"], "truncation", i)
+        total += max(n, 0)
+        if not 1 <= n <= MAX_IMAGES_PER_REQUEST or total > MAX_IMAGES_PER_REQUEST:
+            raise RequestError(f"row {i}: n={n}: a request gets 1 to {MAX_IMAGES_PER_REQUEST} images in all")
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"row {i}: seed={seed} must be in 0..{MAX_SEED}")
+        if label != -1 and not (num_classes and 0 <= label < num_classes):
+            known = f"classes 0..{num_classes - 1} or -1 (cycle)" if num_classes else "only -1 (unconditional)"
+            raise RequestError(f"row {i}: class {label} is out of range: this generator knows {known}")
+        if not 0 <= truncation < math.inf:
+            raise RequestError(f"row {i}: truncation={truncation} must be 0 (none) or a number > 0")
+        parsed.append((n, seed, None if label < 0 else label, truncation or None))
+    return parsed
+
+
+def _integer(value, name: str, row: int) -> int:
+    number = _number(value, name, row)
+    if not math.isfinite(number) or number != int(number):
+        raise RequestError(f"row {row}: {name}={value!r} must be a whole number")
+    return int(value)
+
+
+def _number(value, name: str, row: int) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(f"row {row}: {name}={value!r} must be a number")
+    return float(value)
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -36,17 +100,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from gan.sampling import sample
 
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        batches = []
-        for row in rows:
-            request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if not pd.isna(v)}}
-            label = int(request["class"])
-            truncation = float(request["truncation"]) or None
-            images, _ = sample(
-                self.G, int(request["n"]), seed=int(request["seed"]), labels=None if label < 0 else label,
-                truncation=truncation,
-            )  # fmt: skip
-            batches.append(images)
+        requests = parse_requests(model_input, self.G.num_classes)
+        try:
+            batches = [sample(self.G, n, seed=seed, labels=label, truncation=truncation)[0]
+                       for n, seed, label, truncation in requests]  # fmt: skip
+        except Exception:  # the traceback goes to the server's log, never to the client
+            logging.getLogger(__name__).exception("sampling failed")
+            raise RequestError("sampling failed on the server; its log has the details", INTERNAL_ERROR) from None
         return np.concatenate(batches)
 
 
