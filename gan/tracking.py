@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gan.config import redact_uri
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "gan.run_name"
@@ -88,7 +90,9 @@ def prepare(target: TrackingTarget) -> None:
                 location = (store.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
             client.create_experiment(target.experiment, artifact_location=location)
     except Exception as err:  # the store's own errors vary by backend
-        raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+        raise TrackingError(
+            f"cannot use MLflow tracking at {redact_uri(target.uri)}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -100,9 +104,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
     except requests.RequestException as err:
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {type(err).__name__}") from None
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {type(err).__name__}"
+        ) from None
     if response.status_code >= 400:
-        raise TrackingError(f"the MLflow tracking server at {uri} answered {response.status_code} to /health")
+        raise TrackingError(
+            f"the MLflow tracking server at {redact_uri(uri)} answered {response.status_code} to /health"
+        )
 
 
 def git_commit() -> str:
@@ -142,7 +150,9 @@ class MLflowTracker(Tracker):
             experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
             found = _find_run(self.client, experiment_id, target.run_name)
         except Exception as err:  # the store's own errors vary by backend
-            raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+            raise TrackingError(
+                f"cannot use MLflow tracking at {redact_uri(target.uri)}: {type(err).__name__}: {err}"
+            ) from None
         # Evaluations the run already holds: a restarted worker evaluates them again.
         self.logged_steps: set[int] = set()
         if found:
@@ -223,7 +233,7 @@ class MLflowTracker(Tracker):
         if self.pending:
             lost = ", ".join(what for what, _, _ in self.pending)
             print(
-                f"error: MLflow at {self.target.uri} stayed unreachable; not recorded in run {self.run_id}: {lost}. "
+                f"error: MLflow at {redact_uri(self.target.uri)} stayed unreachable; not recorded in run {self.run_id}: {lost}. "
                 "The checkpoints hold every evaluation (history in state.pt).",
                 file=sys.stderr,
                 flush=True,
@@ -237,7 +247,7 @@ class MLflowTracker(Tracker):
                 call(*call_args, **call_kwargs)
             except Exception as err:  # unreachable server, 5xx, store errors: keep for later
                 print(
-                    f"warning: MLflow at {self.target.uri} failed ({type(err).__name__}); "
+                    f"warning: MLflow at {redact_uri(self.target.uri)} failed ({type(err).__name__}); "
                     f"{len(self.pending)} log call(s) queued, retried at the next log",
                     file=sys.stderr,
                     flush=True,

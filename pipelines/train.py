@@ -18,7 +18,7 @@ import time
 
 from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.config import Config, ConfigError
+from gan.config import Config, ConfigError, redact_uri
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
 from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         f"sample it: python pipelines/sample.py --checkpoint {found.best} --n 100 --grid grid.png"
     )
     if target is not None:
-        print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
+        print(f"MLflow run {name!r} in experiment {target.experiment!r} at {redact_uri(target.uri)}")
     return 0
 
 

@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storage) -> int:
     from gan import sweep
+    from gan.config import redact_uri
     from gan.distributed import connect
     from gan.report import report
     from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri
@@ -107,7 +108,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     if parent is None:
         return 0
     parent.close("FINISHED")
-    uri, model = parent.target.uri, args.model_name
+    uri, model = redact_uri(parent.target.uri), args.model_name  # printed: no password
     if best.registered:
         print(f"registered models:/{best.registered} (run {best.run_id})")
     print(

@@ -80,15 +80,19 @@ def test_ray_train_run_tracked_on_a_server_with_artifacts_in_s3(mlflow_server, s
 
 
 def test_production_server_requires_authentication(postgres, bucket, s3_server, tmp_path):
+    import psutil
+
     name, _ = bucket
-    password = "s3cret-Passw0rd-for-test"
+    password = "s3cret-Pa%ss-w0rd-for-test"  # a % broke the generated auth config
+    # The test database trusts loopback and ignores the password; it must still never be on a command line.
+    db_password = "fake-db-password-7d1e"
     env = {
         **server_env(postgres, name, s3_server, free_port()),
-        "MLFLOW_BACKEND_URI": postgres,
+        "MLFLOW_BACKEND_URI": postgres.replace("//gan@", f"//gan:{db_password}@"),
         "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{name}/prod",
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
         "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth%25.db",  # URL-encoded, as passwords often are
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
         "HOST": "127.0.0.1",
         "WORKERS": "1",
@@ -98,16 +102,28 @@ def test_production_server_requires_authentication(postgres, bucket, s3_server, 
                              text=True, timeout=30)  # fmt: skip
     assert refused.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in refused.stderr
 
+    assert "//gan:" in env["MLFLOW_BACKEND_URI"]
     proc = start_server(env, tmp_path / "prod.log", script="mlflow/serve_production.sh")
     try:
         api = f"http://127.0.0.1:{env['PORT']}/api/2.0/mlflow/experiments/search?max_results=1"
         assert requests.get(api, timeout=10).status_code == 401
         assert requests.get(api, auth=("admin", "wrong"), timeout=10).status_code == 401
         assert requests.get(api, auth=("admin", password), timeout=10).status_code == 200
+        server = [p for p in psutil.process_iter(["cmdline"]) if _in_group(p, proc.pid)]
+        assert len(server) >= 2  # the launcher and mlflow's server processes
+        for process in server:  # what any user on the machine sees in ps
+            assert not any(db_password in arg for arg in process.info["cmdline"] or []), process.info["cmdline"]
     finally:
         stop_server(proc)
     assert password not in (tmp_path / "prod.log").read_text()
     assert not list(Path("/tmp").glob("mlflow-auth-*.ini"))  # the generated config is gone
+
+
+def _in_group(process, pgid: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == pgid
+    except ProcessLookupError:
+        return False
 
 
 def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, tmp_path):
