@@ -53,7 +53,7 @@ def latents(
     # Inverse CDF of the truncated normal: one pass for any t, where redrawing the entries
     # beyond t would loop for ever on a tiny t. float64, so a tiny t keeps its precision.
     u = torch.rand(n, z_dim, generator=g, dtype=torch.float64, device="cpu")
-    half_mass = torch.special.ndtr(torch.tensor(truncation, dtype=torch.float64)) - 0.5
+    half_mass = torch.special.ndtr(torch.tensor(truncation, dtype=torch.float64, device="cpu")) - 0.5
     z = torch.special.ndtri(0.5 + (2 * u - 1) * half_mass).clamp_(-truncation, truncation)
     return z.float().to(device)
 
