@@ -144,6 +144,9 @@ class MLflowTracker(Tracker):
             os.environ.setdefault(key, value)
         self.target = target
         self.pending: list[tuple[str, Any, tuple]] = []
+        self.refused = ""
+        """Why the server refused this run's credentials (401/403): tracking has stopped."""
+        self.dropped: list[str] = []
         prepare(target)
         self.client = MlflowClient(target.uri)
         try:
@@ -230,22 +233,29 @@ class MLflowTracker(Tracker):
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: choose one of {STATUSES}")
         self._call("status", self.client.set_terminated, self.run_id, status)
-        if self.pending:
-            lost = ", ".join(what for what, _, _ in self.pending)
+        if self.pending or self.dropped:
+            lost = ", ".join([what for what, _, _ in self.pending] + self.dropped)
+            why = f"refused this run's credentials ({self.refused})" if self.refused else "stayed unreachable"
             print(
-                f"error: MLflow at {redact_uri(self.target.uri)} stayed unreachable; not recorded in run {self.run_id}: {lost}. "
+                f"error: MLflow at {redact_uri(self.target.uri)} {why}; not recorded in run {self.run_id}: {lost}. "
                 "The checkpoints hold every evaluation (history in state.pt).",
                 file=sys.stderr,
                 flush=True,
             )
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if self.refused:  # retrying cannot help, and a queue that never drains only grows
+            self.dropped.append(what)
+            return
         self.pending.append((what, fn, (args, kwargs)))
         while self.pending:
             label, call, (call_args, call_kwargs) = self.pending[0]
             try:
                 call(*call_args, **call_kwargs)
             except Exception as err:  # unreachable server, 5xx, store errors: keep for later
+                if status := _refusal(err):
+                    self._stop(status)
+                    return
                 print(
                     f"warning: MLflow at {redact_uri(self.target.uri)} failed ({type(err).__name__}); "
                     f"{len(self.pending)} log call(s) queued, retried at the next log",
@@ -254,6 +264,27 @@ class MLflowTracker(Tracker):
                 )
                 return
             self.pending.pop(0)
+
+    def _stop(self, status: str) -> None:
+        self.refused = status
+        self.dropped += [what for what, _, _ in self.pending]
+        self.pending.clear()
+        print(
+            f"error: MLflow at {redact_uri(self.target.uri)} refused this run's credentials ({status}); tracking stops "
+            "for this run, training goes on (the checkpoints hold every evaluation). Check MLFLOW_TRACKING_USERNAME/"
+            "MLFLOW_TRACKING_PASSWORD and the run's experiment permissions.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _refusal(err: Exception) -> str:
+    """'401 ...' or '403 ...' when the server refused the credentials, else ''."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException) and err.get_http_status_code() in (401, 403):
+        return f"{err.get_http_status_code()} {err.error_code}"
+    return ""
 
 
 def _log_bytes(client, run_id: str, data: bytes, name: str) -> None:
