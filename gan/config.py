@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -17,6 +19,72 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A config value a user can fix; the message names the field."""
+
+
+# Option and query names that carry credentials (s3fs key/secret/token, botocore
+# aws_*_key*, Azure account_key/sas_token/connection_string, HTTP Authorization headers,
+# presigned-URL signatures). A config is logged as MLflow params, config.json, every
+# checkpoint and the model's MLmodel file, so a credential in it would be everywhere.
+CREDENTIAL_NAME = re.compile(
+    r"secret|passw|token|credential|private|authoriz|api_?key|access_?key|account_?key|sas|signature"
+    r"|connection_?string|^key$|^sig$",
+    re.IGNORECASE,
+)
+NON_SECRET_TOKENS = {"anon", "google_default", "cloud", "browser"}
+"""gcsfs ``token`` modes that name where credentials come from, not credentials."""
+
+
+def credential_names(options: Any, where: str = "") -> list[str]:
+    """Dotted names of the entries of a JSON-like ``options`` tree that look like credentials."""
+    found = []
+    if isinstance(options, dict):
+        for key, value in options.items():
+            name = f"{where}.{key}" if where else str(key)
+            if CREDENTIAL_NAME.search(str(key)) and not (isinstance(value, str) and value in NON_SECRET_TOKENS):
+                found.append(name)
+            else:
+                found += credential_names(value, name)
+    elif isinstance(options, list):
+        for i, value in enumerate(options):
+            found += credential_names(value, f"{where}[{i}]")
+    return found
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` with the password of its user part (the whole user part for http(s), where a
+    token often stands there) and credential query values as ***; unchanged without them.
+    Parsed by hand: a password with an unencoded / defeats urllib's split."""
+    base, qsep, query = uri.partition("?")
+    scheme, sep, rest = base.partition("://")
+    if sep and "@" in rest:
+        userinfo, _, host = rest.rpartition("@")
+        user, colon, password = userinfo.partition(":")
+        is_path = "/" in user or (colon and re.fullmatch(r"\d+(/.*)?", password))  # s3://b/a@x, host:80/a@x
+        if not is_path and colon:
+            base = f"{scheme}://{user}:***@{host}"
+        elif not is_path and scheme.lower() in ("http", "https"):
+            base = f"{scheme}://***@{host}"
+    query = "&".join(
+        f"{key}=***" if CREDENTIAL_NAME.search(urllib.parse.unquote(key)) else f"{key}{eq}{value}"
+        for key, eq, value in (item.partition("=") for item in query.split("&"))
+    )
+    return f"{base}{qsep}{query}"
+
+
+def check_no_credentials(name: str, uri: str = "", options: Any = None) -> None:
+    """ConfigError when a URI or an options tree holds credentials; the message names
+    where, never the value."""
+    if uri and redact_uri(uri) != uri:
+        raise ConfigError(
+            f"{name} {redact_uri(uri)} holds credentials (a password or a signed query): they would be "
+            "logged and printed with it; give them through the environment or the cloud identity instead"
+        )
+    if found := credential_names(options):
+        raise ConfigError(
+            f"{name}: {', '.join(found)} looks like a credential: the config is logged (MLflow params, config.json, "
+            "checkpoints, the model); give credentials through the environment (AWS_ACCESS_KEY_ID, ...) "
+            "or the cloud identity instead"
+        )
 
 
 def _check(ok: bool, name: str, allowed: str, value: Any) -> None:
@@ -51,8 +119,8 @@ class DataConfig:
     channels: int = 1
     """1 for grayscale, 3 for RGB; images are converted on load."""
     storage_options: str = ""
-    """JSON object of fsspec storage options (e.g. an S3 endpoint_url). No secrets here:
-    credentials come from the environment."""
+    """JSON object of fsspec storage options (e.g. an S3 endpoint_url). Credentials are
+    refused here (the config is logged everywhere): they come from the environment."""
 
     def __post_init__(self) -> None:
         _choice("data.resolution", self.resolution, RESOLUTIONS)
@@ -64,6 +132,9 @@ class DataConfig:
             except json.JSONDecodeError as err:
                 raise ConfigError(f"data.storage_options is not valid JSON: {err}") from None
             _check(isinstance(opts, dict), "data.storage_options", "must be a JSON object", opts)
+            check_no_credentials("data.storage_options", options=opts)
+        check_no_credentials("data.uri", self.uri)
+        check_no_credentials("data.labels_uri", self.labels_uri)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -216,6 +287,7 @@ class EvalConfig:
         _choice("eval.backbone", self.backbone, ("digits", "torchscript"))
         if self.backbone == "torchscript":
             _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
+        check_no_credentials("eval.backbone_uri", self.backbone_uri)
         _check(
             2 <= self.kid_subset_size <= self.num_samples,
             "eval.kid_subset_size",

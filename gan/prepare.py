@@ -107,7 +107,8 @@ class PrepareConfig:
     overwrite: bool = False
     """Replace a prepared dataset already at ``dest``."""
     storage_options: str = ""
-    """JSON object of fsspec options for every URI (an S3 endpoint_url, say); no secrets."""
+    """JSON object of fsspec options for every URI (an S3 endpoint_url, say); credentials
+    are refused: they come from the environment."""
     max_pixels: int = 89_478_485
     """Images with more pixels are skipped unread (decompression bombs); Pillow's default."""
     max_member_bytes: int = 256 << 20
@@ -139,6 +140,15 @@ class PrepareConfig:
                 raise PrepareError(f"storage options are not valid JSON: {err}") from None
             if not isinstance(options, dict):
                 raise PrepareError("storage options must be a JSON object")
+        from gan.config import ConfigError, check_no_credentials
+
+        try:  # the source URI is written into the manifest; every URI is printed in messages
+            check_no_credentials("storage options", options=json.loads(self.storage_options or "{}"))
+            check_no_credentials("source", self.source)
+            check_no_credentials("destination", self.dest)
+            check_no_credentials("labels", self.labels)
+        except ConfigError as err:
+            raise PrepareError(str(err)) from None
 
 
 def background_rgb(colour: str) -> tuple[int, int, int]:

@@ -1,14 +1,19 @@
 """Generators as MLflow models: a pyfunc that samples at any batch size, by class and seed.
 
 The logged model carries only the EMA generator's weights and the config, plus this
-package's code, so loading it needs torch and numpy, not the training stack.
+package's code, so loading it needs torch and numpy, not the training stack. It is logged
+as models-from-code (``gan/pyfunc_entry.py``), so it holds no pickle. The project's own
+loader (``load_generator``) reads only the weights, never the model's code.
 Request (one row per request): n, seed, class (-1 = cycle through classes), truncation
 (0 = none). Response: uint8 images, N x H x W (gray) or N x H x W x 3 (RGB).
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -16,9 +21,71 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
+MAX_IMAGES_PER_REQUEST = 1024
+"""Images one request may ask for over all its rows: a response is built in memory."""
+MAX_ROWS_PER_REQUEST = 64
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(MlflowException):
+    """A request the served model refuses, or cannot answer: HTTP 400 (or 500) with this
+    one line. MLflow's scoring server rewrites a predict error's message to start with the
+    whole request (many lines); this message keeps its one line."""
+
+    def __init__(self, message: str, error_code: int = INVALID_PARAMETER_VALUE) -> None:
+        self._line = message
+        super().__init__(message, error_code=error_code)
+
+    @property
+    def message(self) -> str:
+        return self._line
+
+    @message.setter
+    def message(self, _rewritten: str) -> None:
+        pass
+
+
+def parse_requests(model_input, num_classes: int) -> list[tuple[int, int, int | None, float | None]]:
+    """(n, seed, class or None, truncation or None) per request row, every limit checked
+    before anything is sampled; RequestError names the first bad value."""
+    rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
+    if not 1 <= len(rows) <= MAX_ROWS_PER_REQUEST:
+        raise RequestError(f"a request has 1 to {MAX_ROWS_PER_REQUEST} rows, this one has {len(rows)}")
+    parsed, total = [], 0
+    for i, row in enumerate(rows):
+        request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if not pd.isna(v)}}
+        n, seed, label = (_integer(request[k], k, i) for k in ("n", "seed", "class"))
+        truncation = _number(request["truncation"], "truncation", i)
+        total += max(n, 0)
+        if not 1 <= n <= MAX_IMAGES_PER_REQUEST or total > MAX_IMAGES_PER_REQUEST:
+            raise RequestError(f"row {i}: n={n}: a request gets 1 to {MAX_IMAGES_PER_REQUEST} images in all")
+        if not 0 <= seed <= MAX_SEED:
+            raise RequestError(f"row {i}: seed={seed} must be in 0..{MAX_SEED}")
+        if label != -1 and not (num_classes and 0 <= label < num_classes):
+            known = f"classes 0..{num_classes - 1} or -1 (cycle)" if num_classes else "only -1 (unconditional)"
+            raise RequestError(f"row {i}: class {label} is out of range: this generator knows {known}")
+        if not 0 <= truncation < math.inf:
+            raise RequestError(f"row {i}: truncation={truncation} must be 0 (none) or a number > 0")
+        parsed.append((n, seed, None if label < 0 else label, truncation or None))
+    return parsed
+
+
+def _integer(value, name: str, row: int) -> int:
+    number = _number(value, name, row)
+    if not math.isfinite(number) or number != int(number):
+        raise RequestError(f"row {row}: {name}={value!r} must be a whole number")
+    return int(value)
+
+
+def _number(value, name: str, row: int) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RequestError(f"row {row}: {name}={value!r} must be a number")
+    return float(value)
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
@@ -33,17 +100,13 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from gan.sampling import sample
 
-        rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
-        batches = []
-        for row in rows:
-            request = {**REQUEST_COLUMNS, **{k: v for k, v in row.items() if not pd.isna(v)}}
-            label = int(request["class"])
-            truncation = float(request["truncation"]) or None
-            images, _ = sample(
-                self.G, int(request["n"]), seed=int(request["seed"]), labels=None if label < 0 else label,
-                truncation=truncation,
-            )  # fmt: skip
-            batches.append(images)
+        requests = parse_requests(model_input, self.G.num_classes)
+        try:
+            batches = [sample(self.G, n, seed=seed, labels=label, truncation=truncation)[0]
+                       for n, seed, label, truncation in requests]  # fmt: skip
+        except Exception:  # the traceback goes to the server's log, never to the client
+            logging.getLogger(__name__).exception("sampling failed")
+            raise RequestError("sampling failed on the server; its log has the details", INTERNAL_ERROR) from None
         return np.concatenate(batches)
 
 
@@ -82,7 +145,7 @@ def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, 
         with mlflow.start_run(run_id=run_id, nested=mlflow.active_run() is not None):
             info = mlflow.pyfunc.log_model(
                 name=name,
-                python_model=GeneratorModel(),
+                python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                 artifacts={"generator": path},
                 code_paths=[str(Path(__file__).parent)],
                 signature=signature(cfg.data.resolution, cfg.data.channels),
@@ -136,23 +199,40 @@ CHAMPION, PREVIOUS = "champion", "previous"
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None):
-    """(G, cfg) of a logged or registered generator model, with clear errors."""
+    """(G, cfg) of a logged or registered generator model, with clear errors.
+
+    Reads two files through this project's code: the MLmodel file (YAML) and the weights
+    (``torch.load(weights_only=True)``). Nothing from the store is unpickled or imported, so
+    a tampered model cannot run code where it is promoted or sampled; ``mlflow.pyfunc.load_model``
+    would run the model's own code (its bundled ``gan`` package, or an unpickled object)."""
     from mlflow.exceptions import MlflowException
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    from gan.sampling import generator_from_state
 
     if tracking_uri:
         use(tracking_uri)
-    # A per-file progress bar for a 2-file model buries the one line that matters.
+    # A per-file progress bar for a 2-file download buries the one line that matters.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    weights = f"artifacts/{GENERATOR_FILE}"
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        repo = get_artifact_repository(model_uri)
+        with tempfile.TemporaryDirectory(prefix="gan-model-") as tmp:
+            flavor = Model.load(repo.download_artifacts("MLmodel", tmp)).flavors.get("python_function", {})
+            if flavor.get("artifacts", {}).get("generator", {}).get("path") != weights:
+                raise RegistryError(f"{model_uri} is not a generator logged by this project")
+            state = torch.load(repo.download_artifacts(weights, tmp), weights_only=True, map_location="cpu")
     except MlflowException as err:
         raise RegistryError(f"{model_uri}: {err.message.splitlines()[0]}") from None
     except OSError as err:  # artefacts listed in the registry but gone from storage
         raise RegistryError(f"{model_uri}: the model's artefacts cannot be read from storage ({err})") from None
-    python_model = model.unwrap_python_model()
-    if not isinstance(python_model, GeneratorModel):
-        raise RegistryError(f"{model_uri} is not a generator logged by this project")
-    return python_model.G, python_model.cfg
+    except pickle.UnpicklingError as err:  # weights_only refused something that is not plain tensors
+        raise RegistryError(f"{model_uri}: {weights} is not plain weights ({str(err).splitlines()[0]})") from None
+    try:
+        return generator_from_state(state)
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise RegistryError(f"{model_uri}: {weights} does not hold this project's generator ({err})") from None
 
 
 def version_by_alias(client, name: str, alias: str):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import threading
 
 import numpy as np
 import torch
@@ -41,19 +42,20 @@ def device_of(module: nn.Module) -> torch.device:
 def latents(
     n: int, z_dim: int, seed: int, truncation: float | None = None, device: torch.device | str = "cpu"
 ) -> torch.Tensor:
-    """Standard normal z on ``device``; with ``truncation`` t, entries beyond |t| are redrawn.
-    Drawn on the CPU (n x z_dim numbers) so a seed means the same z on every device."""
+    """Standard normal z on ``device``; with ``truncation`` t, each entry is drawn from the
+    normal truncated to [-t, t]. Drawn on the CPU (n x z_dim numbers) so a seed means the
+    same z on every device."""
     g = torch.Generator(device="cpu").manual_seed(seed)
-    z = torch.randn(n, z_dim, generator=g, device="cpu")
-    if truncation is not None:
-        if truncation <= 0:
-            raise ValueError(f"truncation={truncation} must be > 0")
-        for _ in range(1000):
-            outside = z.abs() > truncation
-            if not outside.any():
-                break
-            z[outside] = torch.randn(int(outside.sum()), generator=g, device="cpu")
-    return z.to(device)
+    if truncation is None:
+        return torch.randn(n, z_dim, generator=g, device="cpu").to(device)
+    if not 0 < truncation < math.inf:
+        raise ValueError(f"truncation={truncation} must be a number > 0")
+    # Inverse CDF of the truncated normal: one pass for any t, where redrawing the entries
+    # beyond t would loop for ever on a tiny t. float64, so a tiny t keeps its precision.
+    u = torch.rand(n, z_dim, generator=g, dtype=torch.float64, device="cpu")
+    half_mass = torch.special.ndtr(torch.tensor(truncation, dtype=torch.float64, device="cpu")) - 0.5
+    z = torch.special.ndtri(0.5 + (2 * u - 1) * half_mass).clamp_(-truncation, truncation)
+    return z.float().to(device)
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:
@@ -84,36 +86,44 @@ def sample(
     if n < 1:
         raise ValueError(f"n={n} must be >= 1")
     device = torch.device(device) if device is not None else device_of(G)
-    num_classes = G.num_classes
-    if isinstance(labels, int):
-        labels = torch.full((n,), labels, dtype=torch.long, device=device)
-    elif labels is None and num_classes:
-        labels = torch.arange(n, device=device) % num_classes
-    elif labels is not None:
-        labels = labels.to(device)
-    check_labels(labels, num_classes)
-    z = latents(n, G.z_dim, seed, truncation, device=device)
-    with one_thread(device):
+    with one_thread(device):  # every torch call inside: see one_thread
+        num_classes = G.num_classes
+        if isinstance(labels, int):
+            labels = torch.full((n,), labels, dtype=torch.long, device=device)
+        elif labels is None and num_classes:
+            labels = torch.arange(n, device=device) % num_classes
+        elif labels is not None:
+            labels = labels.to(device)
+        check_labels(labels, num_classes)
+        z = latents(n, G.z_dim, seed, truncation, device=device)
         chunks = [
             to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
         ]
-    images = to_numpy(torch.cat(chunks))
+        images = to_numpy(torch.cat(chunks))
     return images, None if labels is None else labels.cpu().numpy()
+
+
+_THREADS = threading.Lock()
 
 
 @contextlib.contextmanager
 def one_thread(device: torch.device | str = "cpu"):
     """Same seed, same pixels: one CPU thread fixes the order of every float sum, so a
-    busy machine cannot shift a value across a uint8 rounding boundary."""
+    busy machine cannot shift a value across a uint8 rounding boundary. torch keeps the
+    count in a process-wide setting that a thread copies at its first torch call, so CPU
+    sampling holds a lock: concurrent callers (a model server's request threads) take turns
+    instead of saving and restoring each other's 1, which would leave threads started
+    later at one thread for good."""
     if torch.device(device).type != "cpu":
         yield
         return
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    with _THREADS:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(threads)
 
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:

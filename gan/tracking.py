@@ -19,6 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gan.config import redact_uri
+
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "gan.run_name"
@@ -107,7 +109,9 @@ def prepare(target: TrackingTarget) -> None:
             for key, value in EXPERIMENT_KIND.items():
                 client.set_experiment_tag(experiment.experiment_id, key, value)
     except Exception as err:  # the store's own errors vary by backend
-        raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+        raise TrackingError(
+            f"cannot use MLflow tracking at {redact_uri(target.uri)}: {type(err).__name__}: {err}"
+        ) from None
 
 
 def ui_link(target: TrackingTarget, run_id: str | None = None) -> str:
@@ -135,9 +139,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
     try:
         response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
     except requests.RequestException as err:
-        raise TrackingError(f"cannot reach the MLflow tracking server at {uri}: {type(err).__name__}") from None
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {type(err).__name__}"
+        ) from None
     if response.status_code >= 400:
-        raise TrackingError(f"the MLflow tracking server at {uri} answered {response.status_code} to /health")
+        raise TrackingError(
+            f"the MLflow tracking server at {redact_uri(uri)} answered {response.status_code} to /health"
+        )
 
 
 def git_commit() -> str:
@@ -187,13 +195,18 @@ class MLflowTracker(Tracker):
             os.environ.setdefault(key, value)
         self.target = target
         self.pending: list[tuple[str, Any, tuple]] = []
+        self.refused = ""
+        """Why the server refused this run's credentials (401/403): tracking has stopped."""
+        self.dropped: list[str] = []
         prepare(target)
         self.client = MlflowClient(target.uri)
         try:
             experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
             found = _find_run(self.client, experiment_id, target.run_name)
         except Exception as err:  # the store's own errors vary by backend
-            raise TrackingError(f"cannot use MLflow tracking at {target.uri}: {type(err).__name__}: {err}") from None
+            raise TrackingError(
+                f"cannot use MLflow tracking at {redact_uri(target.uri)}: {type(err).__name__}: {err}"
+            ) from None
         # Evaluations the run already holds: a restarted worker evaluates them again.
         self.logged_steps: set[int] = set()
         if found:
@@ -320,30 +333,58 @@ class MLflowTracker(Tracker):
         if self.monitor is not None:
             self.monitor.finish()
         self._call("status", self.client.set_terminated, self.run_id, status)
-        if self.pending:
-            lost = ", ".join(what for what, _, _ in self.pending)
+        if self.pending or self.dropped:
+            lost = ", ".join([what for what, _, _ in self.pending] + self.dropped)
+            why = f"refused this run's credentials ({self.refused})" if self.refused else "stayed unreachable"
             print(
-                f"error: MLflow at {self.target.uri} stayed unreachable; not recorded in run {self.run_id}: {lost}. "
+                f"error: MLflow at {redact_uri(self.target.uri)} {why}; not recorded in run {self.run_id}: {lost}. "
                 "The checkpoints hold every evaluation (history in state.pt).",
                 file=sys.stderr,
                 flush=True,
             )
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
+        if self.refused:  # retrying cannot help, and a queue that never drains only grows
+            self.dropped.append(what)
+            return
         self.pending.append((what, fn, (args, kwargs)))
         while self.pending:
             label, call, (call_args, call_kwargs) = self.pending[0]
             try:
                 call(*call_args, **call_kwargs)
             except Exception as err:  # unreachable server, 5xx, store errors: keep for later
+                if status := _refusal(err):
+                    self._stop(status)
+                    return
                 print(
-                    f"warning: MLflow at {self.target.uri} failed ({type(err).__name__}); "
+                    f"warning: MLflow at {redact_uri(self.target.uri)} failed ({type(err).__name__}); "
                     f"{len(self.pending)} log call(s) queued, retried at the next log",
                     file=sys.stderr,
                     flush=True,
                 )
                 return
             self.pending.pop(0)
+
+    def _stop(self, status: str) -> None:
+        self.refused = status
+        self.dropped += [what for what, _, _ in self.pending]
+        self.pending.clear()
+        print(
+            f"error: MLflow at {redact_uri(self.target.uri)} refused this run's credentials ({status}); tracking stops "
+            "for this run, training goes on (the checkpoints hold every evaluation). Check MLFLOW_TRACKING_USERNAME/"
+            "MLFLOW_TRACKING_PASSWORD and the run's experiment permissions.",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _refusal(err: Exception) -> str:
+    """'401 ...' or '403 ...' when the server refused the credentials, else ''."""
+    from mlflow.exceptions import MlflowException
+
+    if isinstance(err, MlflowException) and err.get_http_status_code() in (401, 403):
+        return f"{err.get_http_status_code()} {err.error_code}"
+    return ""
 
 
 def _log_bytes(client, run_id: str, data: bytes, name: str) -> None:

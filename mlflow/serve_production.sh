@@ -18,17 +18,21 @@ set -euo pipefail
 config=$(mktemp -t mlflow-auth-XXXXXX.ini)
 chmod 600 "$config"
 trap 'rm -f "$config"' EXIT
+# MLflow reads this file with configparser, where % starts an interpolation: a URL-encoded
+# password (p%40ss) would stop the server, so every % is doubled.
 cat > "$config" <<INI
 [mlflow]
 default_permission = NO_PERMISSIONS
-database_uri = ${MLFLOW_AUTH_DATABASE_URI}
-admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME}
-admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD}
+database_uri = ${MLFLOW_AUTH_DATABASE_URI//\%/%%}
+admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME//\%/%%}
+admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD//\%/%%}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH=$config
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
+# The backend URI holds the database password: through the environment (mlflow server reads
+# MLFLOW_BACKEND_STORE_URI), never the command line, where every user sees it in ps.
+export MLFLOW_BACKEND_STORE_URI=$MLFLOW_BACKEND_URI
 mlflow server --app-name basic-auth \
-  --backend-store-uri "$MLFLOW_BACKEND_URI" \
   --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --host "${HOST:-0.0.0.0}" --port "${PORT:-5000}" --workers "${WORKERS:-4}"

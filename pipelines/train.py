@@ -18,7 +18,7 @@ import time
 
 from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.config import Config, ConfigError
+from gan.config import Config, ConfigError, redact_uri
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
 from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     if target is not None:
         print(
-            f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}\n  review: {ui_link(target, run_id_of(target))}"
+            f"MLflow run {name!r} in experiment {target.experiment!r} at {redact_uri(target.uri)}\n"
+            f"  review: {redact_uri(ui_link(target, run_id_of(target)))}"
         )
     return 0
 

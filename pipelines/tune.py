@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storage) -> int:
     from gan import sweep
+    from gan.config import redact_uri
     from gan.distributed import connect
     from gan.report import report
     from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
@@ -108,12 +109,12 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     if parent is None:
         return 0
     parent.close("FINISHED")
-    uri, model = parent.target.uri, args.model_name
+    uri, model = redact_uri(parent.target.uri), args.model_name  # printed: no password
     if best.registered:
         print(f"registered models:/{best.registered} (run {best.run_id})")
     print(
         f"MLflow: experiment {args.experiment!r} at {uri}, parent run {name!r}\n"
-        f"  review: {ui_link(parent.target, parent.run_id)}\nnext:\n"
+        f"  review: {redact_uri(ui_link(parent.target, parent.run_id))}\nnext:\n"
         f"  python pipelines/promote.py --sweep {name} --experiment {args.experiment} --model-name {model} "
         f"--tracking-uri {uri}\n"
         f"  python pipelines/sample.py --model models:/{model}@champion --grid grid.png --tracking-uri {uri}\n"

@@ -104,3 +104,38 @@ def test_runtime_env_file_is_a_valid_runtime_env():
     env = RuntimeEnv(**yaml.safe_load((CLUSTER / "runtime_env.yaml").read_text()))
     assert env["working_dir"] == "." and "runs/" in env["excludes"]
     assert not any(SECRET_NAME.search(k) for k in env.get("env_vars", {}))
+
+
+RAY_PORTS = {6379, 8265, 10001}  # GCS, dashboard/job API, Ray client
+
+
+def test_every_ray_pod_uses_token_auth_from_a_secret():
+    for name, template in pod_templates().items():
+        env = {e["name"]: e for e in template["spec"]["containers"][0].get("env", [])}
+        assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", name
+        token = env.get("RAY_AUTH_TOKEN", {}).get("valueFrom", {}).get("secretKeyRef", {})
+        assert token.get("name") == "gan-ray-auth" and token.get("key") == "auth_token", name
+        assert not token.get("optional"), name  # a missing Secret stops the pod; it never starts open
+
+
+def test_network_policy_admits_only_the_clusters_own_pods_to_the_ray_ports():
+    (policy,) = documents("kuberay/networkpolicy.yaml")
+    kubernetes_validate.validate(policy, K8S_VERSION, strict=True)
+    spec = policy["spec"]
+    assert "Ingress" in spec["policyTypes"]
+    selected = spec["podSelector"]["matchLabels"]
+    templates = pod_templates()
+    for name, template in templates.items():  # every Ray pod is covered and may talk to the others
+        assert selected.items() <= template["metadata"]["labels"].items(), name
+    (raycluster,) = documents("kuberay/raycluster.yaml")
+    head_ports = {p["containerPort"] for p in templates["head"]["spec"]["containers"][0]["ports"]}
+    assert RAY_PORTS <= head_ports and raycluster["metadata"]["namespace"] == policy["metadata"]["namespace"]
+    for rule in spec["ingress"]:
+        ports = {p["port"] for p in rule.get("ports", [])} or RAY_PORTS  # no ports: every port
+        sources = rule.get("from")
+        assert sources, f"an ingress rule open to every source reaches ports {ports}"
+        for source in sources:
+            assert "ipBlock" not in source and "podSelector" in source, source
+            assert source["podSelector"].get("matchLabels"), source  # an empty selector admits every pod
+            if source["podSelector"]["matchLabels"] != selected:  # anyone else: the dashboard only
+                assert ports == {8265}, (source, ports)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gan.config import PRESETS, Config, ConfigError, override, preset
+from gan.config import PRESETS, Config, ConfigError, credential_names, override, preset, redact_uri
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -57,3 +57,37 @@ def test_wgan_gp_with_batchnorm_d_is_rejected():
 def test_json_is_complete(tmp_path):
     raw = json.loads(preset("mlp").to_json())
     assert set(raw) == {"name", "data", "model", "loss", "optim", "train", "eval"}
+
+
+@pytest.mark.parametrize(
+    "uri, shown",
+    [
+        ("https://reader:pa/ss@data.example.com/x.npz", "https://reader:***@data.example.com/x.npz"),  # unencoded /
+        ("https://token@data.example.com/x.npz", "https://***@data.example.com/x.npz"),
+        ("https://h/x.npz?X-Amz-Credential=AK&n=1&X-Amz-Signature=ab", "https://h/x.npz?X-Amz-Credential=***&n=1&X-Amz-Signature=***"),
+        ("http://admin:p%40ss@127.0.0.1:5000", "http://admin:***@127.0.0.1:5000"),
+    ],
+)  # fmt: skip
+def test_uris_with_credentials_are_redacted_and_refused(uri, shown):
+    assert redact_uri(uri) == shown
+    with pytest.raises(ConfigError, match="holds credentials") as refused:
+        override(preset("debug"), [f"data.uri={uri}"])
+    assert shown in str(refused.value) and uri not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "uri", ["s3://bucket/a@b/x.npz", "https://h:8080/a@b", "sqlite:///mlflow.db", "/data/x.npz", "https://h/x?a&b=2"]
+)
+def test_uris_without_credentials_are_left_alone(uri):
+    assert redact_uri(uri) == uri
+
+
+def test_credentials_in_storage_options_are_refused_but_endpoints_and_modes_pass():
+    benign = {"client_kwargs": {"endpoint_url": "http://127.0.0.1:9000", "region_name": "eu"}, "anon": False,
+              "token": "google_default", "config_kwargs": {"s3": {"addressing_style": "path"}}}  # fmt: skip
+    assert credential_names(benign) == []
+    override(preset("debug"), [f"data.storage_options={json.dumps(benign)}"])
+    secret = {**benign, "client_kwargs": {"aws_session_token": "x"}, "headers": {"Authorization": "Bearer x"}}
+    assert credential_names(secret) == ["client_kwargs.aws_session_token", "headers.Authorization"]
+    with pytest.raises(ConfigError, match="client_kwargs.aws_session_token, headers.Authorization looks like"):
+        override(preset("debug"), [f"data.storage_options={json.dumps(secret)}"])

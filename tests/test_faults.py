@@ -225,3 +225,35 @@ def _secrets_written_by_a_run(tmp_path: Path, ray_tmp: Path, env: dict) -> list:
         if value in result.stdout + result.stderr:
             leaks.append(("output", key))
     return leaks
+
+
+SECRET_IN_CONFIG = FAKE_SECRETS["AWS_SECRET_ACCESS_KEY"]
+
+
+@pytest.mark.parametrize(
+    "args, named",
+    [
+        (["--set", f'data.storage_options={{"client_kwargs": {{"aws_secret_access_key": "{SECRET_IN_CONFIG}"}}}}'],
+         "client_kwargs.aws_secret_access_key looks like a credential"),
+        (["--set", f'data.storage_options={{"key": "AKIAFAKESECRET000001", "secret": "{SECRET_IN_CONFIG}"}}'],
+         "key, secret looks like a credential"),
+        (["--set", f"data.uri=https://reader:{SECRET_IN_CONFIG}@data.example.com/digits.npz"],
+         "https://reader:***@data.example.com/digits.npz holds credentials"),
+        (["--set", f"data.uri=https://data.example.com/digits.npz?X-Amz-Signature={SECRET_IN_CONFIG}"],
+         "X-Amz-Signature=*** holds credentials"),
+        (["--tracking-uri", f"http://admin:{SECRET_IN_CONFIG}@127.0.0.1:{free_port()}"],
+         "http://admin:***@127.0.0.1"),
+    ],
+)  # fmt: skip
+def test_secrets_in_the_config_or_a_uri_are_refused_or_redacted_never_written(tmp_path, args, named):
+    """The config is logged as MLflow params, config.json, every checkpoint and the MLmodel
+    file: a credential in data.storage_options or a URI is refused before anything is
+    written, and a tracking URI with a password is never printed with it."""
+    result = run_train("--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+                       *args, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
+    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert SECRET_IN_CONFIG not in result.stdout + result.stderr
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert not [p for p in written if SECRET_IN_CONFIG.encode() in p.read_bytes()]
+    assert not any(p.name == "state.pt" for p in written)  # refused before training

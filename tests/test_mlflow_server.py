@@ -79,35 +79,92 @@ def test_ray_train_run_tracked_on_a_server_with_artifacts_in_s3(mlflow_server, s
     assert any(key.endswith("generator.pt") for key in keys)
 
 
-def test_production_server_requires_authentication(postgres, bucket, s3_server, tmp_path):
-    name, _ = bucket
-    password = "s3cret-Passw0rd-for-test"
-    env = {
+ADMIN_PASSWORD = "s3cret-Pa%ss-w0rd-for-test"  # a % broke the generated auth config
+# The test database trusts loopback and ignores the password; it must still never be on a command line.
+DB_PASSWORD = "fake-db-password-7d1e"
+
+
+def production_env(postgres: str, name: str, s3_server: str, tmp_path: Path) -> dict:
+    """Settings of mlflow/serve_production.sh for a fresh database and bucket prefix."""
+    return {
         **server_env(postgres, name, s3_server, free_port()),
-        "MLFLOW_BACKEND_URI": postgres,
+        "MLFLOW_BACKEND_URI": postgres.replace("//gan@", f"//gan:{DB_PASSWORD}@"),
         "MLFLOW_ARTIFACTS_DESTINATION": f"s3://{name}/prod",
         "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-        "MLFLOW_AUTH_ADMIN_PASSWORD": password,
-        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth.db",
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN_PASSWORD,
+        "MLFLOW_AUTH_DATABASE_URI": f"sqlite:///{tmp_path}/auth%25.db",  # URL-encoded, as passwords often are
         "MLFLOW_FLASK_SERVER_SECRET_KEY": "csrf-key-for-test",
         "HOST": "127.0.0.1",
         "WORKERS": "1",
     }
+
+
+def test_production_server_requires_authentication(postgres, bucket, s3_server, tmp_path):
+    import psutil
+
+    name, _ = bucket
+    password, db_password = ADMIN_PASSWORD, DB_PASSWORD
+    env = production_env(postgres, name, s3_server, tmp_path)
     missing = {k: v for k, v in env.items() if k != "MLFLOW_AUTH_ADMIN_PASSWORD"}
     refused = subprocess.run(["bash", "mlflow/serve_production.sh"], cwd=ROOT, env=missing, capture_output=True,
                              text=True, timeout=30)  # fmt: skip
     assert refused.returncode != 0 and "MLFLOW_AUTH_ADMIN_PASSWORD" in refused.stderr
 
+    assert "//gan:" in env["MLFLOW_BACKEND_URI"]
     proc = start_server(env, tmp_path / "prod.log", script="mlflow/serve_production.sh")
     try:
         api = f"http://127.0.0.1:{env['PORT']}/api/2.0/mlflow/experiments/search?max_results=1"
         assert requests.get(api, timeout=10).status_code == 401
         assert requests.get(api, auth=("admin", "wrong"), timeout=10).status_code == 401
         assert requests.get(api, auth=("admin", password), timeout=10).status_code == 200
+        server = [p for p in psutil.process_iter(["cmdline"]) if _in_group(p, proc.pid)]
+        assert len(server) >= 2  # the launcher and mlflow's server processes
+        for process in server:  # what any user on the machine sees in ps
+            assert not any(db_password in arg for arg in process.info["cmdline"] or []), process.info["cmdline"]
     finally:
         stop_server(proc)
     assert password not in (tmp_path / "prod.log").read_text()
     assert not list(Path("/tmp").glob("mlflow-auth-*.ini"))  # the generated config is gone
+
+
+def test_refused_credentials_stop_tracking_instead_of_queueing_for_ever(postgres, bucket, s3_server, tmp_path,
+                                                                      monkeypatch, capsys):  # fmt: skip
+    """Credentials that stop working mid-run (a rotated password, revoked permissions):
+    one error line, tracking stops, training never waits on a queue that cannot drain."""
+    from mlflow.tracking import MlflowClient
+
+    from gan.tracking import MLflowTracker, TrackingTarget
+
+    name, _ = bucket
+    env = production_env(postgres, name, s3_server, tmp_path)
+    proc = start_server(env, tmp_path / "prod.log", script="mlflow/serve_production.sh")
+    try:
+        url = f"http://127.0.0.1:{env['PORT']}"
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        tracker = MLflowTracker(TrackingTarget(url, "refused", "run"))
+        tracker.log_metrics({"fid": 3.0}, step=1)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "rotated-away")  # MLflow reads it for every request
+        tracker.log_metrics({"fid": 2.0}, step=2)
+        tracker.log_metrics({"fid": 1.0}, step=3)
+        assert tracker.pending == [] and tracker.refused.startswith("401")
+        assert tracker.dropped == ["metrics at step 2", "metrics at step 3"]
+        tracker.close("FINISHED")
+        err = capsys.readouterr().err
+        assert err.count("refused this run's credentials (401") == 2  # once when it stops, once at the end
+        assert "metrics at step 2, metrics at step 3, status" in err
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ADMIN_PASSWORD)
+        history = MlflowClient(url).get_metric_history(tracker.run_id, "fid")
+        assert [(m.step, m.value) for m in history] == [(1, 3.0)]  # what was logged before stays
+    finally:
+        stop_server(proc)
+
+
+def _in_group(process, pgid: int) -> bool:
+    try:
+        return os.getpgid(process.pid) == pgid
+    except ProcessLookupError:
+        return False
 
 
 def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, tmp_path):

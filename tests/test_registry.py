@@ -3,6 +3,7 @@ a real MLflow server (PostgreSQL, artefacts in the S3 server on 127.0.0.1)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -185,7 +186,9 @@ model = mlflow.pyfunc.load_model("models:/{NAME}@champion")
 images = model.predict(pd.DataFrame([{{"n": 5, "seed": 1, "class": 7, "truncation": 0.0}}]))
 print(images.shape, images.dtype)
 """
-    result = subprocess.run([sys.executable, "-S", "-c", script], cwd="/", capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # nor a checkout on PYTHONPATH
+    result = subprocess.run([sys.executable, "-S", "-c", script], cwd="/", env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(5, 28, 28) uint8" in result.stdout
 
@@ -214,17 +217,49 @@ def test_missing_artifacts_are_named(registry, s3_server, tmp_path):
     assert "doomed" in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
-def test_mlflow_models_serve_answers_with_images(registry, tmp_path):
+def test_a_tampered_model_runs_no_code_where_it_is_sampled_or_promoted(registry, s3_server, tmp_path):
+    """Whoever can write to the artefact store can change a model's code; sampling and
+    promotion read only its weights (weights_only), so that code never runs there."""
+    import boto3
     import mlflow.pyfunc
-    import pandas as pd
+    from mlflow.tracking import MlflowClient
 
-    url, *_ = registry
+    from gan.registry import logged_model_uri, register
+
+    url, bucket, *_ = registry
+    run_id = train_run(url, "tampered", 0.016, tmp_path)
+    client = MlflowClient(url)
+    model_uri = logged_model_uri(url, client.get_run(run_id), "generator_best")
+    register(url, model_uri, "tampered", preset("debug"), {"source_run": run_id})
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    model_id = model_uri.rsplit("/", 1)[-1]
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket)["Contents"] if model_id in o["Key"]]
+    # The code MLflow runs at load (a copy also sits in the bundled package, code/gan/).
+    (entry,) = [k for k in keys if k.endswith("/pyfunc_entry.py") and "/code/" not in k]
+    marker = tmp_path / "code-from-the-store-ran"
+    original = s3.get_object(Bucket=bucket, Key=entry)["Body"].read().decode()
+    s3.put_object(Bucket=bucket, Key=entry, Body=f"open({str(marker)!r}, 'w').write('ran')\n{original}".encode())
+
+    mlflow.set_tracking_uri(url)
+    mlflow.pyfunc.load_model("models:/tampered/1")  # MLflow's loader runs it: the tamper works
+    assert marker.exists()
+    marker.unlink()
+    cli("sample.py", "--model", "models:/tampered/1", "--n", "4", "--out", str(tmp_path / "x.npz"), url=url, check_rc=0)
+    assert np.load(tmp_path / "x.npz")["images"].shape == (4, 28, 28)
+    promoted = cli("promote.py", "--version", "1", "--model-name", "tampered", "--seeds", "2", "--num-samples", "100",
+                   "--dry-run", url=url, check_rc=0)  # fmt: skip
+    assert "PROMOTE" in promoted.stdout
+    assert not marker.exists(), "the model's own code ran while sampling or promoting it"
+
+
+@contextlib.contextmanager
+def served(url: str, model_uri: str, log_path):
+    """`mlflow models serve` on loopback in its own process group; yields its base URL."""
     port = free_port()
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    log = open(tmp_path / "serve.log", "w")
+    log = open(log_path, "w")
     server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", f"models:/{NAME}@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
+        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
         env=env, stdout=log, stderr=log, start_new_session=True,
     )  # fmt: skip
     try:
@@ -235,19 +270,9 @@ def test_mlflow_models_serve_answers_with_images(registry, tmp_path):
                     break
             except requests.RequestException:
                 pass
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            assert server.poll() is None, log_path.read_text()[-3000:]
             time.sleep(1)
-        request = {"dataframe_records": [{"n": 4, "seed": 9, "class": 7, "truncation": 0.0}]}
-        response = requests.post(f"http://127.0.0.1:{port}/invocations", json=request, timeout=60)
-        assert response.status_code == 200, response.text[:2000]
-        images = np.asarray(response.json()["predictions"], dtype=np.uint8)
-        assert images.shape == (4, 28, 28)
-        mlflow.set_tracking_uri(url)
-        local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame(request["dataframe_records"]))
-        np.testing.assert_array_equal(images, local)  # the class-7 images, as sampled locally
-        bad = requests.post(f"http://127.0.0.1:{port}/invocations", json={"dataframe_records": [{"n": 2, "class": 99}]},
-                            timeout=60)  # fmt: skip
-        assert bad.status_code >= 400 and "out of range" in bad.text
+        yield f"http://127.0.0.1:{port}"
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         try:
@@ -255,3 +280,62 @@ def test_mlflow_models_serve_answers_with_images(registry, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def test_mlflow_models_serve_answers_with_images(registry, tmp_path):
+    import mlflow.pyfunc
+    import pandas as pd
+
+    url, *_ = registry
+    with served(url, f"models:/{NAME}@champion", tmp_path / "serve.log") as base:
+        request = {"dataframe_records": [{"n": 4, "seed": 9, "class": 7, "truncation": 0.0}]}
+        response = requests.post(f"{base}/invocations", json=request, timeout=60)
+        assert response.status_code == 200, response.text[:2000]
+        images = np.asarray(response.json()["predictions"], dtype=np.uint8)
+        assert images.shape == (4, 28, 28)
+        mlflow.set_tracking_uri(url)
+        local = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(pd.DataFrame(request["dataframe_records"]))
+        np.testing.assert_array_equal(images, local)  # the class-7 images, as sampled locally
+        bad = requests.post(f"{base}/invocations", json={"dataframe_records": [{"n": 2, "class": 99}]}, timeout=60)
+        assert bad.status_code == 400 and "out of range" in bad.json()["message"]
+
+
+ABUSIVE = [
+    [{"n": 10**8}],  # 10^8 images
+    [{"n": 600, "seed": 1}, {"n": 600, "seed": 2}],  # over the limit together
+    [{"n": 1}] * 1000,  # too many rows
+    [{"n": -5}],
+    [{"n": 2, "seed": -1}],
+    [{"n": 2, "class": 99}],
+    [{"n": 2, "truncation": -1.0}],
+]
+
+
+def test_mlflow_models_serve_keeps_answering_under_abusive_load(registry, tmp_path):
+    """50 concurrent requests on loopback, a third of them abusive: each abusive one gets a
+    400 with one line and no traceback; every well-formed one gets its images, the same as
+    asked alone (sampling threads do not disturb each other); the server answers afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, *_ = registry
+    good = [[{"n": 4, "seed": seed % 5, "class": 3, "truncation": 1e-12 if seed % 2 else 0.0}] for seed in range(34)]
+    load = [("good", rows) for rows in good] + [("abusive", rows) for rows in ABUSIVE * 3][:16]
+    with served(url, f"models:/{NAME}@champion", tmp_path / "serve.log") as base:
+
+        def ask(rows):
+            return requests.post(f"{base}/invocations", json={"dataframe_records": rows}, timeout=120)
+
+        alone = {(r[0]["seed"], r[0]["truncation"]): ask(r).json()["predictions"] for r in good[:10]}
+        with ThreadPoolExecutor(len(load)) as pool:
+            answers = list(pool.map(lambda item: ask(item[1]), load))
+        for (kind, rows), answer in zip(load, answers, strict=True):
+            if kind == "good":
+                assert answer.status_code == 200, answer.text[:500]
+                assert answer.json()["predictions"] == alone[(rows[0]["seed"], rows[0]["truncation"])]
+            else:
+                assert answer.status_code == 400, (rows[:2], answer.status_code, answer.text[:500])
+                message = answer.json()["message"]
+                assert "\n" not in message and "Traceback" not in answer.text and "File " not in answer.text, message
+        assert requests.get(f"{base}/ping", timeout=10).status_code == 200
+        assert ask(good[0]).json()["predictions"] == alone[(0, 0.0)]
+    assert "Traceback" not in (tmp_path / "serve.log").read_text()  # refusals are not server errors
