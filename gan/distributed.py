@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gan import checkpoint
-from gan.config import Config
+from gan.config import Config, check_split
 from gan.plan import Scaling
 from gan.storage import Storage
 from gan.tracking import TrackingTarget
@@ -329,6 +329,7 @@ def fit(
 
     connect(storage)
     scaling = local_scaling(workers, use_gpu, cpus_per_worker)
+    check_split(cfg.train, scaling.workers)
     check_resources(scaling)
     print(
         f"Ray Train run {name!r}: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"

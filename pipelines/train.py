@@ -18,7 +18,8 @@ import time
 
 from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.config import Config, ConfigError
+from gan.config import Config, ConfigError, check_split
+from gan.metrics import check_backbone
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
 from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
+        if args.workers is not None and not args.in_process:
+            check_split(cfg.train, args.workers)
+        check_backbone(cfg.eval)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
         target = None if args.no_tracking else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name)
