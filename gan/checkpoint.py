@@ -86,8 +86,19 @@ def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any],
         state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as err:
         raise CheckpointError(f"{uri}: corrupt or unsafe checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+        raise CheckpointError(f"{state_path}: not a checkpoint of this project (it holds no config)")
+    try:
+        config_of(state)
+    except ValueError as err:
+        raise CheckpointError(f"{state_path}: its config cannot be read ({err})") from None
     meta_path = state_path.rsplit("/", 1)[0] + "/" + META_FILE
-    meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
+    try:
+        meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: corrupt {META_FILE} ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: corrupt {META_FILE} (not a JSON object)")
     return state, meta
 
 

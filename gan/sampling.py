@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gan.config import Config
+from gan.config import Config, ConfigError, check_seed
 from gan.models import build_models
 
 
@@ -43,17 +43,23 @@ def latents(
 ) -> torch.Tensor:
     """Standard normal z on ``device``; with ``truncation`` t, entries beyond |t| are redrawn.
     Drawn on the CPU (n x z_dim numbers) so a seed means the same z on every device."""
+    check_request(seed, truncation)
     g = torch.Generator(device="cpu").manual_seed(seed)
     z = torch.randn(n, z_dim, generator=g, device="cpu")
     if truncation is not None:
-        if truncation <= 0:
-            raise ValueError(f"truncation={truncation} must be > 0")
         for _ in range(1000):
             outside = z.abs() > truncation
             if not outside.any():
                 break
             z[outside] = torch.randn(int(outside.sum()), generator=g, device="cpu")
     return z.to(device)
+
+
+def check_request(seed: int, truncation: float | None = None) -> None:
+    """A seed torch takes and a truncation that means something (NaN would silently mean none)."""
+    check_seed("seed", seed)
+    if truncation is not None and not (math.isfinite(truncation) and truncation > 0):
+        raise ConfigError(f"truncation={truncation} is not allowed: must be a finite number > 0")
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:
