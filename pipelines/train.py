@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         check_backbone(cfg.eval)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
+        if args.resume:  # refused before its MLflow run is reopened or Ray starts
+            checkpoint.check_resume(storage.join(name), cfg, storage.options)
         target = None if args.no_tracking else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name)
         if target is not None:
             prepare(target)

@@ -126,6 +126,18 @@ def test_resume_with_incompatible_config_fails_clearly(trained):
     assert "incompatible config: model.width: checkpoint has 8, config has 16" in proc.stderr
 
 
+def test_refused_resume_leaves_the_mlflow_run_as_it_was(trained):
+    """The incompatible config is refused before the run's MLflow run is reopened."""
+    out, _ = trained
+    _, before = mlflow_run(out)
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", *tracking_args(out), check=False)
+    assert proc.returncode == 2 and "incompatible config: model.width" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    _, after = mlflow_run(out)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.info.end_time == before.info.end_time
+
+
 def test_sample_npz_grid_and_same_seed_same_images(trained, tmp_path):
     out, _ = trained
     ckpt = str(out)  # a run folder samples its best checkpoint

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gan import checkpoint
+from gan.config import debug
 from gan.storage import Storage
 
 
@@ -68,7 +69,7 @@ def test_s3_storage_is_checked_and_written_over_http(bucket, s3_server):
 
 
 def _save(run, step: int, fid: float, options=None) -> None:
-    state = {"loop": {"step": step}, "w": torch.full((2,), float(step))}
+    state = {"loop": {"step": step}, "w": torch.full((2,), float(step)), "config": debug().to_json()}
     meta = {"step": step, "images_seen": step * 16, "fid": fid}
     checkpoint.save(f"{run}/{checkpoint.dir_name(step)}", state, meta, options, grid_png=b"png")
 
