@@ -155,9 +155,21 @@ def load_latest(
     """(state, uri) of the newest checkpoint under ``run_uri`` that loads, saying which were
     skipped and why (a corrupt newest one must not fail every retry the same way);
     (None, None) when the run has no checkpoint. CheckpointError when none of them loads."""
-    found = find(run_uri, storage_options)
+    newest_first = sorted(find(run_uri, storage_options).all, reverse=True)  # zero-padded steps
+    return _first_that_loads(run_uri, newest_first, storage_options, say, "newest")
+
+
+def load_best(run_uri: str, storage_options: dict | None = None, say=print) -> tuple[dict[str, Any], str]:
+    """(state, uri) of the lowest-FID checkpoint under ``run_uri`` that loads, saying which were skipped."""
+    state, uri = _first_that_loads(run_uri, find(run_uri, storage_options).ranked, storage_options, say, "best")
+    if state is None:
+        raise CheckpointError(f"{run_uri}: no checkpoint here (expected {DIR_PREFIX}* folders)")
+    return state, uri
+
+
+def _first_that_loads(run_uri: str, uris, storage_options: dict | None, say, which: str):
     errors = []
-    for uri in sorted(found.all, reverse=True):  # zero-padded steps: newest first
+    for uri in uris:
         try:
             state, _ = load(uri, storage_options)
         except CheckpointError as err:
@@ -165,10 +177,10 @@ def load_latest(
             say(f"warning: skipping a checkpoint that does not load: {err}", flush=True)
             continue
         if errors:
-            say(f"falling back to {uri}, the newest checkpoint that loads", flush=True)
+            say(f"falling back to {uri}, the {which} checkpoint that loads", flush=True)
         return state, uri
     if errors:
-        raise CheckpointError(f"no checkpoint under {run_uri} loads; the newest: {errors[0]}")
+        raise CheckpointError(f"no checkpoint under {run_uri} loads; the first tried: {errors[0]}")
     return None, None
 
 
@@ -187,6 +199,8 @@ class Found:
     latest: str | None
     best: str | None
     all: tuple[str, ...]
+    ranked: tuple[str, ...] = ()
+    """All of them, lowest FID first."""
 
 
 def find(run_uri: str, storage_options: dict | None = None) -> Found:
@@ -206,9 +220,9 @@ def find(run_uri: str, storage_options: dict | None = None) -> Found:
     if not metas:
         return Found(None, None, ())
     latest = max(metas, key=lambda p: metas[p].get("images_seen", 0))
-    best = min(metas, key=lambda p: (metas[p].get("fid", float("inf")), -metas[p].get("images_seen", 0)))
+    ranked = sorted(metas, key=lambda p: (metas[p].get("fid", float("inf")), -metas[p].get("images_seen", 0)))
     full = lambda p: scheme + p if scheme and "://" not in p else p
-    return Found(full(latest), full(best), tuple(full(p) for p in metas))
+    return Found(full(latest), full(ranked[0]), tuple(full(p) for p in metas), tuple(full(p) for p in ranked))
 
 
 def config_of(state: dict[str, Any]) -> Config:

@@ -61,19 +61,19 @@ def main(argv: list[str] | None = None) -> int:
 
             best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker)
         found = checkpoint.find(storage.join(name), storage.options)
-        state, _ = checkpoint.load(found.best, storage.options)
+        state, best = checkpoint.load_best(storage.join(name), storage.options)
     except USER_ERRORS as err:
         return fail(str(err))
     G, _ = generator_from_state(state)
-    interp = f"{found.best}/interpolation.png"
+    interp = f"{best}/interpolation.png"
     storage.write(interp, png_bytes(*interpolation(G)))
     print(
         f"\ndone in {time.monotonic() - start:.0f}s: best FID {best_fid:.2f}\n"
-        f"  best checkpoint:   {found.best}\n"
+        f"  best checkpoint:   {best}\n"
         f"  latest checkpoint: {found.latest}\n"
         f"  sample grids:      {checkpoint.GRID_FILE} in each checkpoint\n"
         f"  interpolation:     {interp}\n"
-        f"sample it: python pipelines/sample.py --checkpoint {found.best} --n 100 --grid grid.png"
+        f"sample it: python pipelines/sample.py --checkpoint {best} --n 100 --grid grid.png"
     )
     if target is not None:
         print(f"MLflow run {name!r} in experiment {target.experiment!r} at {target.uri}")
