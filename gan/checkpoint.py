@@ -12,15 +12,19 @@ One layout for a run's outputs, in-process or under Ray Train: the run folder ho
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import fsspec
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from gan.config import Config
 
@@ -52,18 +56,58 @@ def write_dir(directory: str, state: dict[str, Any], meta: dict[str, Any], grid_
 def save(
     uri: str, state: dict[str, Any], meta: dict[str, Any], storage_options: dict | None = None, grid_png: bytes = b""
 ) -> None:
-    """Write a checkpoint directory at ``uri`` (local or any fsspec URI), atomically per file;
-    meta.json last, so a directory with meta.json holds a whole checkpoint."""
+    """Write a checkpoint directory at ``uri`` (local or any fsspec URI) so that it is whole
+    or absent: a local one is written as a hidden sibling folder and renamed into place;
+    an object store has no rename, so each file goes to a temporary key and is moved, and
+    meta.json comes last (a directory with meta.json holds a whole checkpoint). A failed
+    write leaves no temporary file behind."""
     fs, root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
-    fs.makedirs(root, exist_ok=True)
+    root = root.rstrip("/")
     buffer = io.BytesIO()
     torch.save(state, buffer)
     files = [(STATE_FILE, buffer.getvalue())] + ([(GRID_FILE, grid_png)] if grid_png else [])
-    for name, payload in [*files, (META_FILE, json.dumps(meta, indent=2).encode())]:
-        target = f"{root.rstrip('/')}/{name}"
+    files.append((META_FILE, json.dumps(meta, indent=2).encode()))
+    if isinstance(fs, LocalFileSystem):
+        _save_local(root, files)
+        return
+    fs.makedirs(root, exist_ok=True)
+    for name, payload in files:
+        target = f"{root}/{name}"
         tmp = f"{target}.tmp-{uuid.uuid4().hex[:8]}"
-        fs.pipe_file(tmp, payload)
-        fs.mv(tmp, target)
+        try:
+            fs.pipe_file(tmp, payload)
+            fs.mv(tmp, target)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                fs.rm(tmp)
+            raise
+
+
+def _save_local(root: str, files: list[tuple[str, bytes]]) -> None:
+    parent, name = os.path.split(root)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        for file_name, payload in files:
+            with open(os.path.join(tmp, file_name), "wb") as handle:
+                handle.write(payload)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from the run's other readers
+        if os.path.isdir(root):  # the same step written again (a resumed run): replace it whole
+            old = f"{tmp}.old"
+            os.rename(root, old)
+            os.rename(tmp, root)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -86,9 +130,66 @@ def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any],
         state = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
     except Exception as err:
         raise CheckpointError(f"{uri}: corrupt or unsafe checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("config"), str):
+        raise CheckpointError(f"{state_path}: not a checkpoint of this project (it holds no config)")
+    try:
+        config_of(state)
+    except ValueError as err:
+        raise CheckpointError(f"{state_path}: its config cannot be read ({err})") from None
     meta_path = state_path.rsplit("/", 1)[0] + "/" + META_FILE
-    meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
+    try:
+        meta = json.loads(fs.cat_file(meta_path)) if fs.exists(meta_path) else {}
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{meta_path}: corrupt {META_FILE} ({err})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{meta_path}: corrupt {META_FILE} (not a JSON object)")
+    step = state.get("loop", {}).get("step") if isinstance(state.get("loop"), dict) else None
+    if "step" in meta and step is not None and meta["step"] != step:
+        raise CheckpointError(f"{meta_path} says step {meta['step']} but {STATE_FILE} holds step {step}")
     return state, meta
+
+
+def load_latest(
+    run_uri: str, storage_options: dict | None = None, say=print
+) -> tuple[dict[str, Any], str] | tuple[None, None]:
+    """(state, uri) of the newest checkpoint under ``run_uri`` that loads, saying which were
+    skipped and why (a corrupt newest one must not fail every retry the same way);
+    (None, None) when the run has no checkpoint. CheckpointError when none of them loads."""
+    newest_first = sorted(find(run_uri, storage_options).all, reverse=True)  # zero-padded steps
+    return _first_that_loads(run_uri, newest_first, storage_options, say, "newest")
+
+
+def load_best(run_uri: str, storage_options: dict | None = None, say=print) -> tuple[dict[str, Any], str]:
+    """(state, uri) of the lowest-FID checkpoint under ``run_uri`` that loads, saying which were skipped."""
+    state, uri = _first_that_loads(run_uri, find(run_uri, storage_options).ranked, storage_options, say, "best")
+    if state is None:
+        raise CheckpointError(f"{run_uri}: no checkpoint here (expected {DIR_PREFIX}* folders)")
+    return state, uri
+
+
+def _first_that_loads(run_uri: str, uris, storage_options: dict | None, say, which: str):
+    errors = []
+    for uri in uris:
+        try:
+            state, _ = load(uri, storage_options)
+        except CheckpointError as err:
+            errors.append(str(err))
+            say(f"warning: skipping a checkpoint that does not load: {err}", flush=True)
+            continue
+        if errors:
+            say(f"falling back to {uri}, the {which} checkpoint that loads", flush=True)
+        return state, uri
+    if errors:
+        raise CheckpointError(f"no checkpoint under {run_uri} loads; the first tried: {errors[0]}")
+    return None, None
+
+
+def check_resume(run_uri: str, cfg: Config, storage_options: dict | None = None) -> None:
+    """Before a resumed run reopens anything (its MLflow run, Ray): the checkpoint it would
+    continue from loads and comes from a compatible config."""
+    state, uri = load_latest(run_uri, storage_options, say=lambda *args, **kwargs: None)
+    if state is not None:
+        check_compatible(state, cfg, uri)
 
 
 @dataclass(frozen=True)
@@ -98,6 +199,8 @@ class Found:
     latest: str | None
     best: str | None
     all: tuple[str, ...]
+    ranked: tuple[str, ...] = ()
+    """All of them, lowest FID first."""
 
 
 def find(run_uri: str, storage_options: dict | None = None) -> Found:
@@ -117,9 +220,9 @@ def find(run_uri: str, storage_options: dict | None = None) -> Found:
     if not metas:
         return Found(None, None, ())
     latest = max(metas, key=lambda p: metas[p].get("images_seen", 0))
-    best = min(metas, key=lambda p: (metas[p].get("fid", float("inf")), -metas[p].get("images_seen", 0)))
+    ranked = sorted(metas, key=lambda p: (metas[p].get("fid", float("inf")), -metas[p].get("images_seen", 0)))
     full = lambda p: scheme + p if scheme and "://" not in p else p
-    return Found(full(latest), full(best), tuple(full(p) for p in metas))
+    return Found(full(latest), full(ranked[0]), tuple(full(p) for p in metas), tuple(full(p) for p in ranked))
 
 
 def config_of(state: dict[str, Any]) -> Config:

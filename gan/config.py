@@ -102,6 +102,31 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
 
 
 RESOLUTIONS = (28, 32, 64)
+MAX_SEED = 2**32 - 1
+"""Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
+NUM_SAMPLES_RANGE = (10, 100_000)
+"""Images per FID/KID evaluation, in training and when promotion scores a model again."""
+
+
+def check_seed(name: str, value: int) -> None:
+    _check(0 <= value <= MAX_SEED, name, f"must be in [0, {MAX_SEED}]", value)
+
+
+def check_num_samples(name: str, value: int) -> None:
+    low, high = NUM_SAMPLES_RANGE
+    _check(low <= value <= high, name, f"must be in [{low}, {high}]", value)
+
+
+def check_split(train: TrainConfig, workers: int) -> None:
+    """The global batch is split evenly over the workers; say so before any worker starts."""
+    _check(workers >= 1, "--workers", "must be at least 1", workers)
+    rest = train.batch_size % workers
+    if rest:
+        sizes = [size for size in (train.batch_size - rest, train.batch_size + workers - rest) if size >= 1]
+        raise ConfigError(
+            f"train.batch_size={train.batch_size} does not split evenly over {workers} workers: use "
+            f"--set train.batch_size={' or '.join(map(str, sizes))}, or other --workers"
+        )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -262,7 +287,7 @@ class TrainConfig:
         _positive("train.total_kimg", self.total_kimg)
         _positive("train.time_budget_s", self.time_budget_s, zero_ok=True)
         _positive("train.ema_half_life_kimg", self.ema_half_life_kimg, zero_ok=True)
-        _check(self.seed >= 0, "train.seed", "must be >= 0", self.seed)
+        check_seed("train.seed", self.seed)
         _check(self.log_every_steps >= 1, "train.log_every_steps", "must be >= 1", self.log_every_steps)
         _check(self.threads >= 0, "train.threads", "must be >= 0", self.threads)
 
@@ -283,7 +308,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _positive("eval.every_kimg", self.every_kimg)
-        _check(10 <= self.num_samples <= 100_000, "eval.num_samples", "must be in [10, 100000]", self.num_samples)
+        check_num_samples("eval.num_samples", self.num_samples)
         _choice("eval.backbone", self.backbone, ("digits", "torchscript"))
         if self.backbone == "torchscript":
             _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
@@ -312,6 +337,13 @@ class Config:
             raise ConfigError(
                 "loss.kind='wgan-gp' with model.d_norm='batch' is not allowed: the gradient "
                 "penalty is per sample and batch norm mixes samples; use 'none' or 'spectral'"
+            )
+        step_kimg = self.train.batch_size * self.optim.d_steps / 1000
+        if self.eval.every_kimg < step_kimg:
+            raise ConfigError(
+                f"eval.every_kimg={self.eval.every_kimg:g} is less than one training step "
+                f"(train.batch_size x optim.d_steps = {step_kimg:g} kimg): the run would evaluate at every "
+                f"step; use at least {step_kimg:g}"
             )
 
     # --- serialisation -------------------------------------------------------------

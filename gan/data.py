@@ -17,16 +17,17 @@ every later load on that node, from any worker or trial, reads the local copy.
 from __future__ import annotations
 
 import fcntl
-import gzip
 import hashlib
 import io
 import json
+import math
 import os
 import posixpath
 import shutil
 import struct
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -50,6 +51,10 @@ CACHE_ENV = "GAN_DATA_CACHE"
 # What decides the bytes training reads; provenance (source URI, tool version, skipped
 # files) stays out, so the same data prepared from a moved copy has the same fingerprint.
 IDENTITY_FIELDS = ("format", "format_version", "count", "shape", "dtype", "class_names", "shards")
+MAX_GUNZIPPED_BYTES = 16 << 30
+"""Most bytes one gzip file may expand to (16 GiB; IDX files: what their header states)."""
+_GUNZIP_STEP = 64 << 20
+_IDX_HEADER_MAX = 4 + 4 * 255  # magic and up to 255 dimensions
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -164,15 +169,52 @@ def _read_uri(fs, path: str, uri: str, labels_uri: str, storage_options: dict) -
     return to_uint8(images, uri), labels
 
 
-def read_bytes(fs, path: str, uri: str) -> bytes:
+def read_bytes(fs, path: str, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
     """The bytes of one file, gunzipped if they are gzip; DataError names the URI."""
     raw = _fetch(fs, path, uri)
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise DataError(f"{uri}: corrupt gzip data ({err})") from None
-    return raw
+    return gunzip(raw, uri, max_bytes) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
+    """Decompress gzip data in steps, never past the limit: ``max_bytes``, or for an IDX file
+    the size its header states. A few kilobytes that expand to gigabytes (a gzip bomb) fail
+    at the limit, not when memory runs out."""
+    out = bytearray()
+    limit, header_read = max_bytes, False
+    stream, pending = zlib.decompressobj(wbits=31), raw
+    try:
+        while True:
+            room = min(limit + 1 - len(out), _GUNZIP_STEP)
+            piece = stream.decompress(pending, room)
+            out += piece
+            pending = stream.unconsumed_tail
+            if not header_read and (len(out) >= _IDX_HEADER_MAX or stream.eof):
+                header_read, stated = True, _idx_size(bytes(out[:_IDX_HEADER_MAX]))
+                if stated is not None and stated > max_bytes:
+                    raise DataError(f"{uri}: its IDX header states {stated:,} bytes, over the limit of {max_bytes:,}")
+                limit = limit if stated is None else stated
+            if len(out) > limit:
+                what = "the size its IDX header states" if limit < max_bytes else "the limit"
+                raise DataError(
+                    f"{uri}: gzip data expands beyond {limit:,} bytes ({what}): a gzip bomb or a corrupt file"
+                )
+            if stream.eof:  # gzip files may hold several members, one after another
+                if stream.unused_data[:2] != b"\x1f\x8b":
+                    break
+                stream, pending = zlib.decompressobj(wbits=31), stream.unused_data
+            elif not pending and len(piece) < room:
+                raise DataError(f"{uri}: corrupt gzip data (truncated)")
+    except zlib.error as err:
+        raise DataError(f"{uri}: corrupt gzip data ({err})") from None
+    return bytes(out)
+
+
+def _idx_size(head: bytes) -> int | None:
+    """Total bytes an IDX file's header states (header included), or None when it is not IDX."""
+    if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES or len(head) < 4 + 4 * head[3]:
+        return None
+    shape = struct.unpack(f">{head[3]}I", head[4 : 4 + 4 * head[3]])
+    return 4 + 4 * head[3] + math.prod(shape) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
 
 
 def parse_idx(raw: bytes, uri: str) -> np.ndarray:
@@ -186,6 +228,8 @@ def parse_idx(raw: bytes, uri: str) -> np.ndarray:
     if len(raw) < header:
         raise DataError(f"{uri}: truncated IDX header")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim > 1 and 0 in shape[1:]:
+        raise DataError(f"{uri}: IDX header says shape {shape}: items of no size (a corrupt header)")
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import uuid
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gan import checkpoint
-from gan.config import Config
+from gan.config import Config, check_split
 from gan.plan import Scaling
 from gan.storage import Storage
 from gan.tracking import TrackingTarget
@@ -128,6 +129,8 @@ class RaySession:
         self.rank, self.world_size = ctx.get_world_rank(), ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self._train = ray.train
+        self.dir_suffix = ""
+        """Added to checkpoint folder names after falling back past a checkpoint that does not load."""
 
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
         return ddp_wrap(module, self.device, sync_bn=sync_batchnorm) if self.world_size > 1 else module
@@ -143,14 +146,44 @@ class RaySession:
         return values if self.world_size == 1 else all_gather(values, self.device)
 
     def restore(self) -> dict[str, Any] | None:
-        ckpt = self._train.get_checkpoint()
-        if ckpt is None:
+        """The state of Ray's latest checkpoint or, when that one does not load (a torn
+        upload), of the newest one before it that does: the same error on every retry
+        would otherwise fail the run."""
+        latest = self._train.get_checkpoint()
+        if latest is None:
             return None
-        with ckpt.as_directory() as directory:
-            state, _ = checkpoint.load(directory)
-        if self.rank == 0:
-            print(f"resuming from {ckpt.path} (step {state['loop']['step']})", flush=True)
-        return state
+        errors = []
+        for ckpt in self._newest_first(latest):
+            try:
+                with ckpt.as_directory() as directory:
+                    state, _ = checkpoint.load(directory)
+            except checkpoint.CheckpointError as err:
+                errors.append(f"{ckpt.path}: {err}")
+                if self.rank == 0:
+                    print(f"warning: skipping a checkpoint that does not load: {errors[-1]}", flush=True)
+                continue
+            if self.rank == 0:
+                print(f"resuming from {ckpt.path} (step {state['loop']['step']})", flush=True)
+            if errors:  # the steps after this one are written again: not into the folders Ray still tracks
+                self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
+            return state
+        raise checkpoint.CheckpointError(f"no checkpoint of this run loads; the newest: {errors[0]}")
+
+    def _newest_first(self, latest):
+        """``latest``, then the run's other checkpoint folders before it, newest first."""
+        from pyarrow.fs import FileSelector, FileType
+
+        parent, name = latest.path.rstrip("/").rsplit("/", 1)
+        try:
+            infos = latest.filesystem.get_file_info(FileSelector(parent))
+        except OSError:
+            infos = []
+        older = sorted(
+            (i.path for i in infos
+             if i.type == FileType.Directory and i.base_name.startswith(checkpoint.DIR_PREFIX) and i.base_name < name),
+            reverse=True,
+        )  # fmt: skip
+        return [latest, *(self._train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
 
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
         # Every worker reports the same number of times; only rank 0 attaches the checkpoint.
@@ -162,7 +195,7 @@ class RaySession:
             self._train.report(
                 metrics,
                 checkpoint=self._train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint.dir_name(int(metrics["step"])),
+                checkpoint_dir_name=checkpoint.dir_name(int(metrics["step"])) + self.dir_suffix,
             )
         print(
             f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f} (best {metrics['best_fid']:.2f}, "
@@ -329,6 +362,7 @@ def fit(
 
     connect(storage)
     scaling = local_scaling(workers, use_gpu, cpus_per_worker)
+    check_split(cfg.train, scaling.workers)
     check_resources(scaling)
     print(
         f"Ray Train run {name!r}: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"

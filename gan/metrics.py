@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
-from gan.config import EvalConfig
+from gan.config import ConfigError, EvalConfig
 from gan.data import ImageDataset
 from gan.sampling import latents, to_uint8
 
@@ -117,12 +117,33 @@ def load_backbone(cfg: EvalConfig) -> tuple[nn.Module, str]:
     if cfg.backbone == "digits":
         model, sha = load_digit_classifier()
         return _DigitFeatures(model), sha
-    with fsspec.open(cfg.backbone_uri, "rb") as handle:
-        raw = handle.read()
-    scripted = torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
+    check_backbone(cfg)
+    try:
+        with fsspec.open(cfg.backbone_uri, "rb") as handle:
+            raw = handle.read()
+        scripted = torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
+    except Exception as err:  # fsspec and TorchScript raise many types; the message says which
+        raise ConfigError(
+            f"eval.backbone_uri={cfg.backbone_uri}: not a readable TorchScript module ({type(err).__name__}: {err})"
+        ) from None
     with torch.no_grad():
         dim = scripted(torch.zeros(1, 3, 299, 299, device="cpu")).flatten(1).shape[1]
     return _ScriptedFeatures(scripted, dim), hashlib.sha256(raw).hexdigest()
+
+
+def check_backbone(cfg: EvalConfig) -> None:
+    """A user-supplied feature network must be there before any training starts."""
+    if cfg.backbone != "torchscript":
+        return
+    try:
+        fs, path = fsspec.core.url_to_fs(cfg.backbone_uri)
+        found = fs.isfile(path)
+    except Exception as err:  # unknown protocols, network and permission errors differ per backend
+        raise ConfigError(
+            f"eval.backbone_uri={cfg.backbone_uri}: cannot reach it ({type(err).__name__}: {err})"
+        ) from None
+    if not found:
+        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file (a TorchScript feature extractor)")
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,7 +26,7 @@ from gan.registry import (
     version_by_alias,
     versions_of_run,
 )
-from gan.tracking import RUN_NAME_TAG, git_commit
+from gan.tracking import RUN_NAME_TAG, filter_value, git_commit
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,9 @@ def resolve_candidate(
         )
     if sweep:
         exp = client.get_experiment_by_name(experiment)
-        parents = client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = '{sweep}'") if exp else []
+        parents = (
+            client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = {filter_value(sweep)}") if exp else []
+        )
         if not parents or not parents[0].data.tags.get("best_run_id"):
             raise RegistryError(f"no finished sweep {sweep!r} in experiment {experiment!r}")
         run, label = parents[0].data.tags["best_run_id"], f"best trial of sweep {sweep}"
@@ -130,7 +132,10 @@ class Scorer:
         from gan.metrics import Evaluator, fid_estimate
 
         G, cfg = load_generator(model_uri, self.tracking_uri)
-        eval_cfg = cfg.eval if self.num_samples is None else dataclasses.replace(cfg.eval, num_samples=self.num_samples)
+        eval_cfg = cfg.eval
+        if self.num_samples is not None:
+            kid_subset = min(eval_cfg.kid_subset_size, self.num_samples)
+            eval_cfg = dataclasses.replace(eval_cfg, num_samples=self.num_samples, kid_subset_size=kid_subset)
         key = (cfg.data, eval_cfg)
         if key not in self.evaluators:
             data = load_dataset(cfg.data)

@@ -24,6 +24,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from gan.tracking import filter_value
+
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
 MAX_IMAGES_PER_REQUEST = 1024
@@ -172,7 +174,7 @@ def logged_model_uri(tracking_uri: str, run, name: str) -> str | None:
     use(tracking_uri)
     found = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}' AND name = '{name}'",
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = {filter_value(name)}",
         output_format="list",
     )
     return found[0].model_uri if found else None
@@ -248,11 +250,11 @@ def version_by_alias(client, name: str, alias: str):
 
 
 def versions_of_run(client, name: str, run_id: str) -> list:
-    return client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return client.search_model_versions(f"name = {filter_value(name)} and run_id = '{run_id}'")
 
 
 def model_exists(client, name: str) -> bool:
-    return bool(client.search_registered_models(f"name = '{name}'"))
+    return bool(client.search_registered_models(f"name = {filter_value(name)}"))
 
 
 def check_model_exists(client, name: str) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gan.config import Config
+from gan.config import Config, ConfigError, check_seed
 from gan.models import build_models
 
 
@@ -45,17 +45,23 @@ def latents(
     """Standard normal z on ``device``; with ``truncation`` t, each entry is drawn from the
     normal truncated to [-t, t]. Drawn on the CPU (n x z_dim numbers) so a seed means the
     same z on every device."""
+    check_request(seed, truncation)
     g = torch.Generator(device="cpu").manual_seed(seed)
     if truncation is None:
         return torch.randn(n, z_dim, generator=g, device="cpu").to(device)
-    if not 0 < truncation < math.inf:
-        raise ValueError(f"truncation={truncation} must be a number > 0")
     # Inverse CDF of the truncated normal: one pass for any t, where redrawing the entries
     # beyond t would loop for ever on a tiny t. float64, so a tiny t keeps its precision.
     u = torch.rand(n, z_dim, generator=g, dtype=torch.float64, device="cpu")
     half_mass = torch.special.ndtr(torch.tensor(truncation, dtype=torch.float64, device="cpu")) - 0.5
     z = torch.special.ndtri(0.5 + (2 * u - 1) * half_mass).clamp_(-truncation, truncation)
     return z.float().to(device)
+
+
+def check_request(seed: int, truncation: float | None = None) -> None:
+    """A seed torch takes and a truncation that means something (NaN would silently mean none)."""
+    check_seed("seed", seed)
+    if truncation is not None and not (math.isfinite(truncation) and truncation > 0):
+        raise ConfigError(f"truncation={truncation} is not allowed: must be a finite number > 0")
 
 
 def check_labels(labels: torch.Tensor | None, num_classes: int) -> None:

@@ -396,8 +396,20 @@ def _log_bytes(client, run_id: str, data: bytes, name: str) -> None:
         client.log_artifact(run_id, str(path))
 
 
+def filter_value(text: str) -> str:
+    """``text`` quoted for an MLflow filter string. MLflow takes either quote and has no
+    escapes, so a name may hold one kind of quote, not both."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise TrackingError(f"name {text!r} holds both ' and \": MLflow cannot search for it; drop one kind of quote")
+
+
 def _find_run(client, experiment_id: str, run_name: str) -> list:
-    return client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'", max_results=1)
+    return client.search_runs(
+        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_value(run_name)}", max_results=1
+    )
 
 
 def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None = None) -> str | None:

@@ -370,12 +370,12 @@ class LocalSession:
         return values
 
     def restore(self) -> dict[str, Any] | None:
-        latest = self.found().latest if self.resume else None
-        if latest is None:
-            if self.resume:
-                print(f"{self.run_uri} holds no checkpoint yet: starting from scratch", flush=True)
+        if not self.resume:
             return None
-        state, _ = checkpoint.load(latest, self.options)
+        state, latest = checkpoint.load_latest(self.run_uri, self.options)
+        if state is None:
+            print(f"{self.run_uri} holds no checkpoint yet: starting from scratch", flush=True)
+            return None
         print(f"resuming from {latest} (step {state['loop']['step']})", flush=True)
         return state
 

@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gan.cli import fail
-from gan.registry import RegistryError
-from gan.tracking import TrackingError, check_reachable, resolve_uri
+from gan.cli import USER_ERRORS, fail
+from gan.config import check_num_samples
+from gan.tracking import check_reachable, filter_value, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,6 +51,13 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--max-copy-share {args.max_copy_share}: must be in [0, 1]")
     if args.seeds < 2:
         return fail(f"--seeds {args.seeds}: need at least 2 for an interval")
+    try:
+        if args.num_samples is not None:
+            check_num_samples("--num-samples", args.num_samples)
+        for name in filter(None, (args.model_name, args.sweep)):
+            filter_value(name)
+    except USER_ERRORS as err:
+        return fail(str(err))
 
     from mlflow.tracking import MlflowClient
 
@@ -68,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         return promotion.promote(
             client, candidate, args.model_name, scorer, args.margin, args.max_copy_share, args.dry_run
         )
-    except (RegistryError, TrackingError) as err:
+    except USER_ERRORS as err:  # RegistryError; the candidate's data unreachable (DataError)
         return fail(str(err))
 
 

@@ -9,13 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import fsspec
 
 from gan import checkpoint
 from gan.cli import fail
-from gan.sampling import class_grid, generator_from_state, interpolation, npz_bytes, png_bytes, sample
+from gan.sampling import check_request, class_grid, generator_from_state, interpolation, npz_bytes, png_bytes, sample
 from gan.tracking import TrackingError, check_reachable, resolve_uri
 
 
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.out or args.grid or args.interp):
         return fail("nothing to write: give --out, --grid and/or --interp")
+    if args.n < 1:
+        return fail(f"--n {args.n}: must be at least 1")
+    try:
+        check_request(args.seed, args.truncation)
+        for flag, path in (("--out", args.out), ("--grid", args.grid), ("--interp", args.interp)):
+            check_writable(flag, path)
+    except ValueError as err:
+        return fail(str(err))
 
     try:
         G = load(args)
@@ -60,6 +69,17 @@ def main(argv: list[str] | None = None) -> int:
             handle.write(payload)
         print(f"wrote {path}")
     return 0
+
+
+def check_writable(flag: str, path: str | None) -> None:
+    """An output goes into a folder that exists: a typo must not cost the sampling, nor make folders."""
+    if not path or "://" in path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def load(args: argparse.Namespace):

@@ -18,7 +18,8 @@ import time
 
 from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.config import Config, ConfigError, redact_uri
+from gan.config import Config, ConfigError, check_split, redact_uri
+from gan.metrics import check_backbone
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
 from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
@@ -43,14 +44,18 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
+        if args.workers is not None and not args.in_process:
+            check_split(cfg.train, args.workers)
+        check_backbone(cfg.eval)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
+        if args.resume:  # refused before its MLflow run is reopened or Ray starts
+            checkpoint.check_resume(storage.join(name), cfg, storage.options)
+        source = source_tags("pipelines/train.py")
         target = (
             None
             if args.no_tracking
-            else TrackingTarget(
-                resolve_uri(args.tracking_uri), args.experiment, name, source=source_tags("pipelines/train.py")
-            )
+            else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name, source=source)
         )
         if target is not None:
             prepare(target)
@@ -61,19 +66,19 @@ def main(argv: list[str] | None = None) -> int:
 
             best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker)
         found = checkpoint.find(storage.join(name), storage.options)
-        state, _ = checkpoint.load(found.best, storage.options)
+        state, best = checkpoint.load_best(storage.join(name), storage.options)
     except USER_ERRORS as err:
         return fail(str(err))
     G, _ = generator_from_state(state)
-    interp = f"{found.best}/interpolation.png"
+    interp = f"{best}/interpolation.png"
     storage.write(interp, png_bytes(*interpolation(G)))
     print(
         f"\ndone in {time.monotonic() - start:.0f}s: best FID {best_fid:.2f}\n"
-        f"  best checkpoint:   {found.best}\n"
+        f"  best checkpoint:   {best}\n"
         f"  latest checkpoint: {found.latest}\n"
         f"  sample grids:      {checkpoint.GRID_FILE} in each checkpoint\n"
         f"  interpolation:     {interp}\n"
-        f"sample it: python pipelines/sample.py --checkpoint {found.best} --n 100 --grid grid.png"
+        f"sample it: python pipelines/sample.py --checkpoint {best} --n 100 --grid grid.png"
     )
     if target is not None:
         print(

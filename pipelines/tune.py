@@ -21,7 +21,9 @@ from gan import plan as plans
 from gan import space as spaces
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, add_sweep_args, fail
 from gan.config import override, preset
+from gan.metrics import check_backbone
 from gan.storage import Storage
+from gan.tracking import filter_value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
             kimg_per_round=args.kimg_per_round or 1.0,
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
-    except ValueError as err:
+        check_backbone(base.eval)
+        if not args.no_tracking:
+            for name in filter(None, (args.name, args.model_name)):
+                filter_value(name)
+    except USER_ERRORS as err:
         return fail(str(err))
     if args.dry_run:
         print(base.to_json() + "\nsearch space:\n" + spaces.describe(space))

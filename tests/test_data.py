@@ -89,6 +89,7 @@ def test_npz_through_s3_api_server(bucket, small, tmp_path):
         ("magic.idx", b"\x12\x34\x56\x78rest", "not an IDX file (bad magic number"),
         ("empty.idx", b"", "empty file"),
         ("bad.gz", b"\x1f\x8b\x08\x00garbage", "corrupt gzip"),
+        ("nopixels.idx", bytes([0, 0, 8, 3, 0, 0, 0, 5]) + bytes(8), "shape (5, 0, 0): items of no size"),
         ("noimg.npz", None, "no image array; expected key 'images'"),
     ],
 )
@@ -101,6 +102,29 @@ def test_corrupt_files_name_file_and_problem(tmp_path, name, payload, fragment):
     with pytest.raises(DataError) as err:
         load_dataset(DataConfig(uri=str(path)))
     assert str(path) in str(err.value) and fragment in str(err.value)
+
+
+def test_gzip_expands_no_further_than_its_limit():
+    """Plain, multi-member and truncated gzip, and bombs: past what an IDX header states, past
+    the size limit, or a header that states more than the limit; each stops at the limit."""
+    from gan.data import gunzip
+
+    images = np.arange(12 * 28 * 28, dtype=np.uint8).reshape(12, 28, 28)
+    raw = idx_bytes(images)
+    assert gunzip(gzip.compress(raw), "x") == raw
+    assert gunzip(gzip.compress(raw[:7]) + gzip.compress(raw[7:]), "x") == raw
+    zeros = bytes(8 << 20)
+    cases = [
+        (gzip.compress(raw + zeros), 1 << 30, f"expands beyond {len(raw):,} bytes (the size its IDX header states)"),
+        (gzip.compress(zeros), 1 << 20, f"expands beyond {1 << 20:,} bytes (the limit)"),
+        (gzip.compress(idx_bytes(np.zeros((0, 28, 28), np.uint8))[:4] + struct.pack(">3I", 2**31, 2**16, 2**16)),
+         1 << 30, "its IDX header states"),
+        (gzip.compress(raw)[:-40], 1 << 30, "corrupt gzip data (truncated)"),
+    ]  # fmt: skip
+    for payload, limit, fragment in cases:
+        with pytest.raises(DataError) as err:
+            gunzip(payload, "bomb.idx.gz", limit)
+        assert str(err.value).startswith("bomb.idx.gz: ") and fragment in str(err.value)
 
 
 def test_corrupt_png_names_the_file(tmp_path):

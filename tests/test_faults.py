@@ -5,8 +5,10 @@ types it, and secrets that must not leak into anything a run writes."""
 from __future__ import annotations
 
 import glob
+import gzip
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import tempfile
@@ -167,6 +169,78 @@ def test_bad_input_as_a_new_user_types_it(args, message, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr and "Traceback" not in result.stderr
     assert not list(tmp_path.iterdir())  # failed before anything was written
+
+
+@pytest.mark.parametrize(
+    "script, args, message",
+    [
+        ("train.py", ["--steps", "0"], "--steps 0: must be at least 1"),
+        ("train.py", ["--set", "train.seed=1e20"], "train.seed=100000000000000000000 is not allowed: must be in"),
+        ("train.py", ["--set", "eval.every_kimg=1e-9"], "eval.every_kimg=1e-09 is less than one training step"),
+        ("train.py", ["--set", "eval.backbone=torchscript", "--set", "eval.backbone_uri=/no/such/inception.pt"],
+         "eval.backbone_uri=/no/such/inception.pt: no such file"),
+        ("train.py", ["--workers", "3", "--set", "train.batch_size=64"],
+         "train.batch_size=64 does not split evenly over 3 workers: use --set train.batch_size=63 or 66"),
+        ("tune.py", ["--set", "eval.backbone=torchscript", "--set", "eval.backbone_uri=/no/such/inception.pt"],
+         "eval.backbone_uri=/no/such/inception.pt: no such file"),
+        ("tune.py", ["--name", "it's \"best\""], "holds both ' and \""),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_before_ray_starts(script, args, message, tmp_path):
+    """Without --in-process: refused in one line before Ray starts (no Ray log lines, no retries)."""
+    storage = tmp_path / "runs"
+    result = subprocess.run([sys.executable, f"pipelines/{script}", "--preset", "debug", "--storage", str(storage),
+                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    assert not storage.exists() and not (tmp_path / "mlflow.db").exists()
+
+
+def bad_data(kind: str, folder: Path) -> Path:
+    """Data a user may be handed: it looks like a dataset and is not one."""
+    if kind == "idx-without-pixels":  # the header says 5 images of 0 x 0
+        path = folder / "train-images.idx"
+        path.write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 5, 0, 0))
+    elif kind == "gzip-bomb":  # 100 digits stated; 1.5 GiB of zeros in 1.5 MB (24 gzip members of 64 MiB)
+        path = folder / "train-images.idx.gz"
+        member = gzip.compress(bytes(64 << 20), 9)
+        path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3I", 100, 28, 28)) + member * 24)
+    else:  # a 90-megapixel PNG of 11 kB, over Pillow's decompression-bomb limit
+        from PIL import Image
+
+        path = folder / "images"
+        path.mkdir()
+        Image.new("1", (10000, 9000)).save(path / "a.png")
+    return path
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("idx-without-pixels", "IDX header says shape (5, 0, 0): items of no size"),
+        ("gzip-bomb", "gzip data expands beyond 78,416 bytes (the size its IDX header states)"),
+        ("png-bomb", "a.png: 10000x9000 pixels is over the limit of 89,478,485"),
+    ],
+)
+def test_bad_data_fails_in_one_line_and_small_memory(kind, message, tmp_path):
+    """One line naming the file, before training; a bomb is refused without expanding it
+    (the process's peak memory stays far below what it would expand to)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    uri = bad_data(kind, data)
+    storage = tmp_path / "runs"
+    command = [sys.executable, "pipelines/train.py", "--preset", "debug", "--in-process", "--no-tracking",
+               "--storage", str(storage), "--set", f"data.uri={uri}"]  # fmt: skip
+    with open(tmp_path / "err", "w") as err:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    stderr = (tmp_path / "err").read_text()
+    assert proc.returncode == 2 and "Traceback" not in stderr, stderr[-2000:]
+    assert message in stderr and str(uri) in stderr and len(stderr.strip().splitlines()) == 1, stderr[-2000:]
+    assert usage.ru_maxrss * 1024 < 1 << 30  # kilobytes on Linux; the bomb expands to 1.5 GiB
+    assert not list(storage.iterdir())
 
 
 @pytest.mark.parametrize("kind", ["empty", "corrupt"])

@@ -163,6 +163,18 @@ def test_resume_with_incompatible_config_fails_clearly(trained):
     assert "incompatible config: model.width: checkpoint has 8, config has 16" in proc.stderr
 
 
+def test_refused_resume_leaves_the_mlflow_run_as_it_was(trained):
+    """The incompatible config is refused before the run's MLflow run is reopened."""
+    out, _ = trained
+    _, before = mlflow_run(out)
+    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", *tracking_args(out), check=False)
+    assert proc.returncode == 2 and "incompatible config: model.width" in proc.stderr, proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    _, after = mlflow_run(out)
+    assert after.info.status == before.info.status == "FINISHED"
+    assert after.info.end_time == before.info.end_time
+
+
 def test_sample_npz_grid_and_same_seed_same_images(trained, tmp_path):
     out, _ = trained
     ckpt = str(out)  # a run folder samples its best checkpoint
@@ -209,6 +221,49 @@ def test_sample_rejects_out_of_range_class(trained, tmp_path):
         check=False,
     )
     assert proc.returncode == 2 and "class label 12 is out of range" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("out-folder-missing", "--out /no/dir/x.npz: folder /no/dir does not exist"),
+        ("seed-2**70", f"seed={2**70} is not allowed: must be in [0, 4294967295]"),
+        ("truncation-nan", "truncation=nan is not allowed: must be a finite number > 0"),
+        ("state-without-config", "state.pt: not a checkpoint of this project (it holds no config)"),
+        ("corrupt-meta", "meta.json: corrupt meta.json"),
+    ],
+)
+def test_sample_bad_input_gets_one_clear_line(trained, tmp_path, kind, message):
+    """One line naming the flag or file, exit 2, nothing written, the checkpoint untouched."""
+    import shutil
+
+    import torch
+
+    out, _ = trained
+    ckpt = latest(out)
+    source, extra = str(ckpt), ["--out", str(tmp_path / "x.npz")]
+    if kind == "out-folder-missing":
+        extra = ["--out", "/no/dir/x.npz"]
+    elif kind == "seed-2**70":
+        extra += ["--seed", str(2**70)]
+    elif kind == "truncation-nan":
+        extra += ["--truncation", "nan"]
+    elif kind == "state-without-config":
+        state = torch.load(ckpt / "state.pt", weights_only=True)
+        del state["config"]
+        torch.save(state, tmp_path / "state.pt")
+        source = str(tmp_path / "state.pt")
+    else:
+        shutil.copytree(ckpt, tmp_path / "ckpt")
+        (tmp_path / "ckpt" / "meta.json").write_text('{"step": 20, "fid": ')  # torn by a full disk
+        source = str(tmp_path / "ckpt")
+    before = sorted(tmp_path.rglob("*"))
+    proc = run("pipelines/sample.py", "--checkpoint", source, *extra, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    if kind in ("state-without-config", "corrupt-meta"):
+        assert source in proc.stderr  # names the file
+    assert sorted(tmp_path.rglob("*")) == before and not Path("/no").exists()
 
 
 def test_dry_run_prints_resolved_config():

@@ -140,6 +140,30 @@ def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320]
 
 
+def test_resume_falls_back_past_a_torn_latest_checkpoint(tmp_path):
+    """Ray's latest checkpoint lost its state.pt's tail: the resumed run says so, continues
+    from the checkpoint before it and finishes, instead of failing every retry the same way."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", str(tmp_path),
+            "--name", "torn", "--cpus-per-worker", "1", "--no-tracking", "--set", "eval.every_kimg=0.16"]  # fmt: skip
+
+    def run(*extra):
+        proc = subprocess.run([*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    run("--set", "train.total_kimg=0.32")
+    older, newest = (tmp_path / "torn" / checkpoint.dir_name(step) for step in (10, 20))
+    assert (older / "state.pt").exists()
+    state_file = newest / "state.pt"
+    state_file.write_bytes(state_file.read_bytes()[:1000])
+    out = run("--set", "train.total_kimg=0.48", "--resume")
+    assert f"skipping a checkpoint that does not load: {newest}" in out, out[-3000:]
+    assert f"resuming from {older} (step 10)" in out
+    state, meta = checkpoint.load(checkpoint.find(str(tmp_path / "torn")).latest)
+    assert state["loop"]["step"] == meta["step"] == 30 and state["loop"]["images_seen"] == 480
+
+
 def test_missing_bucket_fails_before_any_worker(s3_server):
     env = {**os.environ, "AWS_ENDPOINT_URL": s3_server}
     proc = subprocess.run(

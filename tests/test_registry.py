@@ -21,12 +21,14 @@ pytestmark = pytest.mark.integration
 NAME = "digits"
 
 
-def train_run(url: str, run_name: str, kimg: float, tmp_path) -> str:
+def train_run(url: str, run_name: str, kimg: float, tmp_path, overrides: tuple[str, ...] = ()) -> str:
     """A real (tiny) training run tracked on the server; returns its run id."""
     from gan.tracking import MLflowTracker, TrackingTarget
     from gan.trainer import LocalSession, Trainer
 
-    cfg = override(preset("debug"), [f"train.total_kimg={kimg}", f"eval.every_kimg={kimg}", "eval.num_samples=300"])
+    cfg = override(
+        preset("debug"), [f"train.total_kimg={kimg}", f"eval.every_kimg={kimg}", "eval.num_samples=300", *overrides]
+    )
     tracker = MLflowTracker(TrackingTarget(url, "candidates", run_name))
     Trainer(cfg, LocalSession(str(tmp_path / run_name), quiet=True), tracker=tracker).train()
     return tracker.run_id
@@ -165,6 +167,64 @@ def test_promotion_refuses_a_generator_that_copies_training_images(registry, dig
     (version,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.run_id == run.info.run_id]
     assert version.tags["promotion.decision"] == "refused" and float(version.tags["promotion.copy_share"]) == 1.0
     assert version.tags["promotion.max_copy_share"] == "0.05"
+
+
+def one_line(result: subprocess.CompletedProcess, message: str) -> None:
+    assert message in result.stderr and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr[-3000:]
+
+
+def test_promote_refuses_too_few_samples_before_scoring(registry):
+    url, _, good, _ = registry
+    one_line(cli("promote.py", "--run", good, "--num-samples", "5", url=url, check_rc=2),
+             "--num-samples=5 is not allowed: must be in [10, 100000]")  # fmt: skip
+
+
+def test_promote_a_candidate_whose_data_is_gone(registry, s3_server, tmp_path):
+    """Trained on digits in the S3 bucket that were deleted since: one line naming the URI,
+    nothing registered."""
+    import io
+    import json
+
+    import boto3
+    from mlflow.tracking import MlflowClient
+
+    from gan.config import DataConfig
+    from gan.data import load_dataset
+
+    url, bucket, *_ = registry
+    digits = load_dataset(DataConfig())
+    payload = io.BytesIO()
+    np.savez(payload, images=digits.images[:400, 0].numpy(), labels=digits.labels[:400].numpy())
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+    s3.put_object(Bucket=bucket, Key="data/digits.npz", Body=payload.getvalue())
+    data_uri = f"s3://{bucket}/data/digits.npz"
+    options = json.dumps({"client_kwargs": {"endpoint_url": s3_server}})
+    run = train_run(url, "orphan", 0.016, tmp_path, (f"data.uri={data_uri}", f"data.storage_options={options}"))
+    s3.delete_object(Bucket=bucket, Key="data/digits.npz")
+    result = cli("promote.py", "--run", run, "--model-name", "orphan", "--num-samples", "100", url=url, check_rc=2)
+    one_line(result, f"{data_uri}: no such file or folder")
+    assert not MlflowClient(url).search_registered_models("name = 'orphan'")
+
+
+def test_names_with_a_quote(registry, tmp_path):
+    """A run and a model named with a quote are found by name (filter strings quote them),
+    promoted and sampled; a name with both kinds of quote is refused before any work."""
+    from mlflow.tracking import MlflowClient
+
+    url, *_ = registry
+    run = train_run(url, "o'brien", 0.016, tmp_path)
+    model = "o'brien-digits"
+    cli("promote.py", "--run", run, "--model-name", model, "--seeds", "2", "--num-samples", "100", url=url,
+        check_rc=0)  # fmt: skip
+    assert MlflowClient(url).get_registered_model(model).aliases["champion"] == "1"
+    cli("sample.py", "--model", f"models:/{model}@champion", "--n", "4", "--out", str(tmp_path / "x.npz"), url=url,
+        check_rc=0)  # fmt: skip
+    assert np.load(tmp_path / "x.npz")["images"].shape == (4, 28, 28)
+    one_line(cli("promote.py", "--sweep", "o'brien", "--experiment", "candidates", url=url, check_rc=2),
+             "no finished sweep \"o'brien\" in experiment 'candidates'")  # fmt: skip
+    one_line(cli("promote.py", "--run", run, "--model-name", "say \"o'brien\"", url=url, check_rc=2),
+             "holds both ' and \"")  # fmt: skip
 
 
 def test_loading_needs_only_the_models_declared_requirements(registry):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from gan import checkpoint
+from gan.config import debug
 from gan.storage import Storage
 
 
@@ -68,7 +69,7 @@ def test_s3_storage_is_checked_and_written_over_http(bucket, s3_server):
 
 
 def _save(run, step: int, fid: float, options=None) -> None:
-    state = {"loop": {"step": step}, "w": torch.full((2,), float(step))}
+    state = {"loop": {"step": step}, "w": torch.full((2,), float(step)), "config": debug().to_json()}
     meta = {"step": step, "images_seen": step * 16, "fid": fid}
     checkpoint.save(f"{run}/{checkpoint.dir_name(step)}", state, meta, options, grid_png=b"png")
 
@@ -88,6 +89,24 @@ def test_find_tells_latest_from_best_and_skips_torn_checkpoints(tmp_path):
     assert state["loop"]["step"] == 20 and meta["fid"] == 30.0
     assert json.loads((tmp_path / "run/checkpoint_step00000030/meta.json").read_text())["step"] == 30
     assert (tmp_path / "run/checkpoint_step00000030/grid.png").read_bytes() == b"png"
+
+
+def test_the_best_and_the_newest_that_load(tmp_path):
+    """A torn state.pt (the best by FID and the newest) is skipped with a line saying so."""
+    run = str(tmp_path / "run")
+    for step, fid in ((10, 50.0), (20, 30.0)):
+        _save(run, step, fid)
+    torn = tmp_path / "run" / checkpoint.dir_name(20) / "state.pt"
+    torn.write_bytes(torn.read_bytes()[:100])
+    said = []
+    for load in (checkpoint.load_best, checkpoint.load_latest):
+        state, uri = load(run, say=lambda line, **_: said.append(line))
+        assert state["loop"]["step"] == 10 and uri.endswith(checkpoint.dir_name(10))
+    assert said[0].startswith(f"warning: skipping a checkpoint that does not load: {torn.parent}")
+    assert said[1] == f"falling back to {run}/{checkpoint.dir_name(10)}, the best checkpoint that loads"
+    torn.parent.with_name(checkpoint.dir_name(10)).joinpath("state.pt").write_bytes(b"")
+    with pytest.raises(checkpoint.CheckpointError, match="no checkpoint under .* loads"):
+        checkpoint.load_best(run, say=lambda *_, **__: None)
 
 
 def test_find_returns_full_uris_on_s3(bucket, s3_server):

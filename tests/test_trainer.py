@@ -100,3 +100,44 @@ def test_time_budget_stops_at_the_step_where_it_runs_out(tiny_cfg, digits, tmp_p
     assert trainer._steps_left(seconds_per_step=0.1) == 0
     result = trainer.train()
     assert result.step == 0 and len(result.history) == 1  # over budget at the start: evaluate only
+
+
+def test_resume_falls_back_past_a_corrupt_latest_checkpoint(tiny_cfg, digits, tmp_path, capsys):
+    """A newest checkpoint whose state.pt is torn is skipped, with a line saying so; the run
+    resumes from the one before and writes that step again, whole."""
+    import json
+    import shutil
+
+    run = tmp_path / "run"
+    cfg = override(tiny_cfg, ["train.total_kimg=0.32", "eval.every_kimg=0.32"])
+    Trainer(cfg, LocalSession(str(run), quiet=True), data=digits).train()
+    good = run / checkpoint.dir_name(20)
+    torn = run / checkpoint.dir_name(30)
+    shutil.copytree(good, torn)
+    meta = json.loads((good / "meta.json").read_text())
+    (torn / "meta.json").write_text(json.dumps({**meta, "step": 30, "images_seen": 480}))
+    (torn / "state.pt").write_bytes((good / "state.pt").read_bytes()[:1000])
+
+    longer = override(tiny_cfg, ["train.total_kimg=0.48", "eval.every_kimg=0.16"])
+    resumed = Trainer(longer, LocalSession(str(run), resume=True, quiet=True), data=digits)
+    said = capsys.readouterr().out
+    assert f"skipping a checkpoint that does not load: {torn}" in said
+    assert f"falling back to {good}" in said and resumed.loop.step == 20
+    resumed.train()
+    state, meta = checkpoint.load(str(torn))  # written again, whole
+    assert state["loop"]["step"] == meta["step"] == 30
+    assert not [p.name for p in run.iterdir() if p.name.startswith(".")]  # no partial folder left
+
+
+def test_checkpoint_written_whole_or_not_at_all(tiny_cfg, digits, tmp_path):
+    """A write that fails leaves no folder and no temporary file; state.pt and meta.json that
+    disagree are refused, naming the file."""
+    run = tmp_path / "run"
+    trainer = Trainer(tiny_cfg, LocalSession(str(run), quiet=True), data=digits)
+    state = trainer.state_dict()
+    with pytest.raises(TypeError):
+        checkpoint.save(str(run / checkpoint.dir_name(1)), state, {"step": 0}, grid_png="not bytes")
+    assert not run.exists() or not list(run.iterdir())
+    checkpoint.save(str(run / checkpoint.dir_name(1)), state, {"step": 5})
+    with pytest.raises(checkpoint.CheckpointError, match="meta.json says step 5 but state.pt holds step 0"):
+        checkpoint.load(str(run / checkpoint.dir_name(1)))
