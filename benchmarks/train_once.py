@@ -1,7 +1,9 @@
 """One training run for the benchmarks, in a fresh process so its peak memory is its own.
 
 Prints one JSON line: the evaluation history, images, training seconds, img/s (overall, and
-of the last logging window: the steady state, after any compilation) and peak RSS.
+of the last logging window: the steady state, after any compilation), peak RSS, and peak
+anonymous memory (RssAnon, sampled every 5 ms: RSS minus file-backed pages such as a
+streamed dataset's memory-mapped shards, which are page cache shared by the node).
     python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
     python benchmarks/train_once.py --seconds 40 --ray-default     # what `python pipelines/train.py` reserves
@@ -14,6 +16,7 @@ import json
 import resource
 import sys
 import tempfile
+import threading
 
 from gan.config import override, preset
 
@@ -31,7 +34,8 @@ def main() -> int:
     sets = list(args.overrides)
     sets += [f"train.time_budget_s={args.seconds}"] if args.seconds else []
     sets += [f"train.total_kimg={args.kimg}"] if args.kimg else []
-    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp:
+    anon = AnonPeak()
+    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp, anon:
         if args.ray_default:
             history = with_ray_defaults(override(preset(args.preset), sets), tmp)
         elif args.ray_workers:
@@ -56,10 +60,40 @@ def main() -> int:
                 "fid": last["fid"],
                 "fid_floor": last["fid_floor"],
                 "peak_rss_mib": peak_kib / 1024,
+                "peak_anon_mib": anon.peak_kib / 1024,
             }
         )
     )
     return 0
+
+
+class AnonPeak:
+    """The highest RssAnon of this process while the block runs (Ray workers are other
+    processes: this sees the driver only)."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def read_kib() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak_kib = max(self.peak_kib, self.read_kib())
+
+    def __enter__(self) -> AnonPeak:
+        self.peak_kib = self.read_kib()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak_kib = max(self.peak_kib, self.read_kib())
 
 
 def in_process(cfg, out: str) -> list[dict]:
