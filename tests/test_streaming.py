@@ -126,6 +126,15 @@ def test_a_remote_dataset_streams_from_the_node_copy_hashed_on_download(small, c
     assert torch.equal(streamed.rows(torch.arange(100)), load(small).images)
 
 
+def test_streaming_never_converts_a_mismatched_resolution_or_other_formats(small, tmp_path):
+    with pytest.raises(DataError, match="prepared at 28 px grayscale, but data.resolution=32") as err:
+        load_dataset(DataConfig(uri=str(small), resolution=32, memory_budget_mb=0.05))
+    assert "\n" not in str(err.value)
+    np.savez(tmp_path / "plain.npz", images=np.zeros((100, 28, 28), np.uint8))
+    with pytest.warns(UserWarning, match="over data.memory_budget_mb=0.05; only prepared datasets stream"):
+        assert isinstance(load(tmp_path / "plain.npz", budget_mb=0.05), ImageDataset)
+
+
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "lots"])
 def test_bad_budgets_are_one_line_errors(tiny_cfg, value):
     with pytest.raises(ConfigError) as err:
@@ -196,7 +205,7 @@ def test_a_run_under_a_budget_far_below_the_dataset_trains_and_resumes(tiny_cfg,
         return proc.stdout, result["growth_mib"]
 
     out, first_growth = child("--steps", "10")
-    assert f"({BIG_IMAGES} images" in out
+    assert f"({BIG_IMAGES} images, streamed from its shards" in out
     out, resumed_growth = child("--steps", "20", "--resume")
     assert "(step 10)" in out and "resuming from" in out
     print(f"anonymous memory growth: {first_growth:.1f} MiB, resumed {resumed_growth:.1f} MiB")
