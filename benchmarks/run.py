@@ -322,7 +322,7 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
     img_s = {label: median(r["img_per_s"] for r in rs) for label, rs in runs.items()}
     ratios = [s["img_per_s"] / m["img_per_s"] for s, m in zip(runs["streamed"], runs["in memory"], strict=True)]
-    rss = {label: median(r["peak_rss_mib"] for r in rs) for label, rs in runs.items()}
+    rss = {label: median(r["peak_rss_self_mib"] for r in rs) for label, rs in runs.items()}
     anon = {label: median(r["peak_anon_mib"] for r in rs) for label, rs in runs.items()}
     return [
         ("prepared dataset / data.memory_budget_mb", f"{size_mib:.0f} / {cap} MiB",
@@ -332,7 +332,7 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
         ("streamed / in memory img/s (target >= 0.8)", f"{median(ratios):.2f}",
          f"per interleaved pair {[round(r, 2) for r in ratios]}"),
         ("peak RSS per worker, streamed / in memory", f"{rss['streamed']:.0f} / {rss['in memory']:.0f} MiB",
-         "ru_maxrss: counts the mapped shard pages a streamed run touched (page cache)"),
+         "VmHWM of the worker: counts the mapped shard pages a streamed run touched (page cache)"),
         ("peak anonymous memory per worker, streamed / in memory", f"{anon['streamed']:.0f} / {anon['in memory']:.0f} MiB",
          "RssAnon sampled every 5 ms: the process's own memory, which the budget is about"),
         ("data work before the first step, node holds the dataset (target < 2 s)", f"{median(opens):.3f} s",

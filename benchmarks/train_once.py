@@ -1,8 +1,9 @@
 """One training run for the benchmarks, in a fresh process so its peak memory is its own.
 
 Prints one JSON line: the evaluation history, images, training seconds, img/s (overall, and
-of the last logging window: the steady state, after any compilation), peak RSS, and peak
-anonymous memory (RssAnon, sampled every 5 ms: RSS minus file-backed pages such as a
+of the last logging window: the steady state, after any compilation), peak RSS (the
+larger of this process's and its children's; ``peak_rss_self_mib``: this process's alone,
+VmHWM), and peak anonymous memory (RssAnon, sampled every 5 ms: RSS minus file-backed pages such as a
 streamed dataset's memory-mapped shards, which are page cache shared by the node).
     python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
@@ -60,11 +61,18 @@ def main() -> int:
                 "fid": last["fid"],
                 "fid_floor": last["fid_floor"],
                 "peak_rss_mib": peak_kib / 1024,
+                "peak_rss_self_mib": status_kib("VmHWM") / 1024,
                 "peak_anon_mib": anon.peak_kib / 1024,
             }
         )
     )
     return 0
+
+
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
 
 
 class AnonPeak:
@@ -78,8 +86,7 @@ class AnonPeak:
 
     @staticmethod
     def read_kib() -> int:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) for line in status if line.startswith("RssAnon:"))
+        return status_kib("RssAnon")
 
     def _sample(self) -> None:
         while not self.done.wait(0.005):
