@@ -23,6 +23,9 @@ Benchmarks (each also runs alone with --only):
   s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
             (fetched once per node into its cache)
+  streaming img/s streaming a prepared dataset over 10x data.memory_budget_mb from its
+            memory-mapped shards vs the same data in memory, peak memory per worker, and
+            the data work before a trial's first step on a node that holds the dataset
 Nothing here is a test: targets are reported, never asserted.
 """
 
@@ -34,6 +37,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 import statistics
@@ -72,10 +76,12 @@ S3READS_PLAN = (
     ["--trials", "4", "--rounds", "1", "--kimg-per-round", "0.25"],
 )
 EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is reached
+STREAM_CAP_MIB = (32, 8)  # (full, quick) data.memory_budget_mb; the dataset is 10.5x this
+STREAM_SECONDS = (30, 10)
 
 
-def train_once(*args: str) -> dict:
-    proc = subprocess.run([PY, "benchmarks/train_once.py", *args], cwd=ROOT, capture_output=True, text=True)
+def train_once(*args: str, env: dict | None = None) -> dict:
+    proc = subprocess.run([PY, "benchmarks/train_once.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"train_once {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -392,6 +398,106 @@ def s3reads(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+def synthetic_prepared(folder: str, count: int) -> str:
+    """A prepared dataset of ``count`` 28x28 digits written by pipelines/prepare_data.py: the
+    embedded 5,000 repeated, each copy shifted by a random offset (nothing downloaded)."""
+    import numpy as np
+
+    from gan.config import DataConfig
+    from gan.data import load_dataset
+
+    digits = load_dataset(DataConfig())
+    base, labels = digits.images[:, 0].numpy(), digits.labels.numpy()
+    rng = np.random.default_rng(0)
+    copies = math.ceil(count / len(base))
+    shifts = rng.integers(-3, 4, size=(copies, 2))
+    images = np.concatenate([np.roll(base, (int(dy), int(dx)), axis=(1, 2)) for dy, dx in shifts])[:count]
+    np.savez(f"{folder}/digits.npz", images=images, labels=np.tile(labels, copies)[:count])
+    del images
+    dest = f"{folder}/prepared"
+    proc = subprocess.run([PY, "pipelines/prepare_data.py", f"{folder}/digits.npz", dest, "--resolution", "28",
+                           "--channels", "1"], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        raise RuntimeError(f"prepare_data failed:\n{proc.stderr[-3000:]}")
+    os.remove(f"{folder}/digits.npz")
+    return dest
+
+
+def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """Streamed and in-memory runs interleaved (drift hits both alike), each a fresh process
+    so its peak memory is its own; then, in this process with the dataset's shards already
+    hashed on this node, the data work a trial does before its first step."""
+    from gan.config import override, preset
+    from gan.data import CACHE_ENV, MappedDataset, load_dataset
+    from gan.trainer import LocalSession, Trainer
+
+    cap, seconds = STREAM_CAP_MIB[quick], STREAM_SECONDS[quick]
+    count = math.ceil(10.5 * cap * 2**20 / (28 * 28))
+    size_mib = count * 28 * 28 / 2**20
+    with tempfile.TemporaryDirectory(prefix="gan-bench-stream-") as tmp:
+        env = {**os.environ, CACHE_ENV: f"{tmp}/cache", "PYTHONPATH": str(ROOT)}
+        started = time.monotonic()
+        dest = synthetic_prepared(tmp, count)
+        prepare_s = time.monotonic() - started
+        shards = len(json.loads(Path(f"{dest}/manifest.json").read_text())["shards"])
+        sets = ["--seconds", str(seconds), "--threads", str(os.cpu_count() or 1), "--set", "eval.every_kimg=1000",
+                "--set", "eval.num_samples=500", "--set", f"data.uri={dest}"]  # fmt: skip
+        budgets = {"streamed": cap, "in memory": math.ceil(2 * size_mib)}
+        runs: dict[str, list[dict]] = {label: [] for label in budgets}
+        for _ in range(repeats):
+            for label, budget in budgets.items():
+                runs[label].append(train_once(*sets, "--set", f"data.memory_budget_mb={budget}", env=env))
+
+        saved_cache = os.environ.get(CACHE_ENV)
+        os.environ[CACHE_ENV] = f"{tmp}/cache-here"  # no stamp yet: the first open hashes
+        try:
+            cfg = override(preset("dcgan"), [f"data.uri={dest}", f"data.memory_budget_mb={cap}"])
+            started = time.monotonic()
+            if not isinstance(load_dataset(cfg.data), MappedDataset):
+                raise RuntimeError(f"{dest} was loaded, not streamed, under data.memory_budget_mb={cap}")
+            first_open_s = time.monotonic() - started
+            opens, to_first_step = [], []
+            for i in range(repeats):
+                started = time.monotonic()
+                data = load_dataset(cfg.data)
+                opens.append(time.monotonic() - started)
+                trainer = Trainer(cfg, LocalSession(f"{tmp}/first-step-{i}", quiet=True), data=data)
+                trainer.loop.train_step()
+                trainer.loop.read_stats()
+                to_first_step.append(time.monotonic() - started)
+        finally:
+            if saved_cache is None:
+                os.environ.pop(CACHE_ENV)
+            else:
+                os.environ[CACHE_ENV] = saved_cache
+
+    def per_run(label: str, key: str, digits: int = 0) -> str:
+        return f"runs {[round(r[key], digits) for r in runs[label]]}"
+
+    img_s = {label: median(r["img_per_s"] for r in rs) for label, rs in runs.items()}
+    ratios = [s["img_per_s"] / m["img_per_s"] for s, m in zip(runs["streamed"], runs["in memory"], strict=True)]
+    rss = {label: median(r["peak_rss_self_mib"] for r in rs) for label, rs in runs.items()}
+    anon = {label: median(r["peak_anon_mib"] for r in rs) for label, rs in runs.items()}
+    return [
+        ("prepared dataset / data.memory_budget_mb", f"{size_mib:.0f} / {cap} MiB",
+         f"{count:,} images 1x28x28 in {shards} shards ({size_mib / cap:.1f}x the cap); prepare_data {prepare_s:.0f}s"),
+        ("img/s streamed / in memory", f"{img_s['streamed']:.0f} / {img_s['in memory']:.0f}",
+         f"{per_run('streamed', 'img_per_s')} / {per_run('in memory', 'img_per_s')}; {seconds}s each, in-process"),
+        ("streamed / in memory img/s (target >= 0.8)", f"{median(ratios):.2f}",
+         f"per interleaved pair {[round(r, 2) for r in ratios]}"),
+        ("peak RSS per worker, streamed / in memory", f"{rss['streamed']:.0f} / {rss['in memory']:.0f} MiB",
+         "VmHWM of the worker: counts the mapped shard pages a streamed run touched (page cache)"),
+        ("peak anonymous memory per worker, streamed / in memory", f"{anon['streamed']:.0f} / {anon['in memory']:.0f} MiB",
+         "RssAnon sampled every 5 ms: the process's own memory, which the budget is about"),
+        ("data work before the first step, node holds the dataset (target < 2 s)", f"{median(opens):.3f} s",
+         f"runs {[round(t, 3) for t in opens]}: manifest, stamp check, memory maps, labels"),
+        ("first open on the node (hashes every shard once)", f"{first_open_s:.2f} s", f"{size_mib:.0f} MiB"),
+        ("trial start to first step done, streamed", f"{median(to_first_step):.2f} s",
+         f"runs {[round(t, 2) for t in to_first_step]}: open + Trainer (models, FID real statistics of 5,000 "
+         "streamed images) + one step"),
+    ]  # fmt: skip
+
+
 BENCHMARKS = {
     "quality": quality,
     "overhead": overhead,
@@ -401,6 +507,7 @@ BENCHMARKS = {
     "eval": eval_cost,
     "tracking": tracking,
     "s3reads": s3reads,
+    "streaming": streaming,
 }
 
 

@@ -1,7 +1,10 @@
 """One training run for the benchmarks, in a fresh process so its peak memory is its own.
 
 Prints one JSON line: the evaluation history, images, training seconds, img/s (overall, and
-of the last logging window: the steady state, after any compilation) and peak RSS.
+of the last logging window: the steady state, after any compilation), peak RSS (the
+larger of this process's and its children's; ``peak_rss_self_mib``: this process's alone,
+VmHWM), and peak anonymous memory (RssAnon, sampled every 5 ms: RSS minus file-backed pages such as a
+streamed dataset's memory-mapped shards, which are page cache shared by the node).
     python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
     python benchmarks/train_once.py --seconds 40 --ray-default     # what `python pipelines/train.py` reserves
@@ -14,6 +17,7 @@ import json
 import resource
 import sys
 import tempfile
+import threading
 
 from gan.config import override, preset
 
@@ -32,7 +36,8 @@ def main() -> int:
     sets = list(args.overrides)
     sets += [f"train.time_budget_s={args.seconds}"] if args.seconds else []
     sets += [f"train.total_kimg={args.kimg}"] if args.kimg else []
-    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp:
+    anon = AnonPeak()
+    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp, anon:
         wall_s = None
         if args.ray_default:
             history = with_ray_defaults(override(preset(args.preset), sets), tmp)
@@ -61,10 +66,46 @@ def main() -> int:
                 # In-process: images over the wall time of train() less evaluation, so the
                 # time spent logging (which train_s leaves out) counts against speed.
                 "img_per_s_wall": wall_s and last["images_seen"] / (wall_s - sum(h["time/eval_s"] for h in history)),
+                "peak_rss_self_mib": status_kib("VmHWM") / 1024,
+                "peak_anon_mib": anon.peak_kib / 1024,
             }
         )
     )
     return 0
+
+
+def status_kib(field: str) -> int:
+    """A memory figure of this process from /proc/self/status, in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(f"{field}:"))
+
+
+class AnonPeak:
+    """The highest RssAnon of this process while the block runs (Ray workers are other
+    processes: this sees the driver only)."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    @staticmethod
+    def read_kib() -> int:
+        return status_kib("RssAnon")
+
+    def _sample(self) -> None:
+        while not self.done.wait(0.005):
+            self.peak_kib = max(self.peak_kib, self.read_kib())
+
+    def __enter__(self) -> AnonPeak:
+        self.peak_kib = self.read_kib()
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.done.set()
+        self.thread.join()
+        self.peak_kib = max(self.peak_kib, self.read_kib())
 
 
 def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dict], float]:

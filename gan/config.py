@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import typing
 import urllib.parse
@@ -146,8 +147,19 @@ class DataConfig:
     storage_options: str = ""
     """JSON object of fsspec storage options (e.g. an S3 endpoint_url). Credentials are
     refused here (the config is logged everywhere): they come from the environment."""
+    memory_budget_mb: float = 4096.0
+    """Memory (MiB) a worker may spend holding the dataset. A prepared dataset larger than
+    this is not loaded but streamed: each step reads only its rows of the batch from the
+    memory-mapped shards of the node's copy. Other formats are always loaded whole."""
 
     def __post_init__(self) -> None:
+        budget = self.memory_budget_mb
+        _check(
+            isinstance(budget, int | float) and not isinstance(budget, bool) and math.isfinite(budget) and budget > 0,
+            "data.memory_budget_mb",
+            "must be a number of MiB > 0",
+            self.memory_budget_mb,
+        )
         _choice("data.resolution", self.resolution, RESOLUTIONS)
         _choice("data.channels", self.channels, (1, 3))
         _check(bool(self.uri.strip()), "data.uri", "must not be empty", self.uri)

@@ -12,6 +12,13 @@ https://, ...) is first copied into a node-local cache keyed by that sha256
 (``$GAN_DATA_CACHE``, default ``<tmp>/gan-data-cache``): the first process on a node to
 want it downloads it under a file lock into a temporary folder renamed into place, and
 every later load on that node, from any worker or trial, reads the local copy.
+
+A prepared dataset larger than ``data.memory_budget_mb`` is streamed instead of loaded: a
+``MappedDataset`` memory-maps the shards of the local copy and each step reads only the
+rows it needs, so the kernel's page cache (one per node, reclaimable) holds the data for
+every worker and trial there rather than each process's own memory. Its shards are hashed
+in chunks once per node (a stamp in the cache records each file's size, mtime and inode;
+a changed file is hashed again), not at every load; a loaded one is hashed as it is read.
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ MANIFEST = "manifest.json"
 FORMAT = "gan-prepared-dataset"
 FORMAT_VERSION = 1
 CACHE_ENV = "GAN_DATA_CACHE"
+STAMPS = "verified"  # the cache's folder of stamps, beside the copies (named by 64 hex digits)
+MIB = 2**20
+CHUNK_BYTES = MIB  # shards are hashed and copied in pieces this big, never whole
 # What decides the bytes training reads; provenance (source URI, tool version, skipped
 # files) stays out, so the same data prepared from a moved copy has the same fingerprint.
 IDENTITY_FIELDS = ("format", "format_version", "count", "shape", "dtype", "class_names", "shards")
@@ -82,14 +92,78 @@ class ImageDataset:
     def num_classes(self) -> int:
         return 0 if self.labels is None else int(self.labels.max()) + 1
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """C, H, W of one image."""
+        return tuple(self.images.shape[1:])
+
+    @property
+    def nbytes(self) -> int:
+        return self.images.numel() + (0 if self.labels is None else self.labels.numel() * 8)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images at ``idx``, in that order."""
+        return self.images[idx]
+
     def to_float(self, idx: torch.Tensor | slice | None = None) -> torch.Tensor:
         """Images in [-1, 1] as float32."""
         x = self.images if idx is None else self.images[idx]
         return x.float().div_(127.5).sub_(1.0)
 
 
-def load_dataset(cfg: DataConfig) -> ImageDataset:
-    """Load, convert and fingerprint the dataset ``cfg`` names."""
+class MappedDataset:
+    """A prepared dataset left in its memory-mapped shards: ``rows`` reads only the images
+    asked for. Labels (8 bytes an image) are held in memory."""
+
+    def __init__(
+        self,
+        shards: list[np.ndarray],
+        labels: torch.Tensor | None,
+        fingerprint: str,
+        source: str,
+        class_names: tuple[str, ...] = (),
+    ) -> None:
+        self.shards = shards
+        self.starts = np.cumsum([0] + [len(s) for s in shards])
+        self.shape = tuple(shards[0].shape[1:])
+        self.labels, self.fingerprint, self.source, self.class_names = labels, fingerprint, source, class_names
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    @property
+    def num_classes(self) -> int:
+        return 0 if self.labels is None else int(self.labels.max()) + 1
+
+    @property
+    def nbytes(self) -> int:
+        return len(self) * math.prod(self.shape) + (0 if self.labels is None else self.labels.numel() * 8)
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """uint8 images at ``idx`` (CPU), in that order. Read shard by shard in ascending
+        order, so each shard's pages are touched front to back."""
+        wanted = idx.numpy()
+        if wanted.size and (wanted.min() < 0 or wanted.max() >= len(self)):
+            raise IndexError(f"image index out of range 0..{len(self) - 1}")
+        out = np.empty((len(wanted), *self.shape), dtype=np.uint8)
+        if not wanted.size:
+            return torch.from_numpy(out)
+        order = np.argsort(wanted, kind="stable")
+        ascending = wanted[order]
+        shard_of = np.searchsorted(self.starts, ascending, side="right") - 1
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1  # where the next shard's rows begin
+        for lo, hi in zip(np.r_[0, cuts], np.r_[cuts, len(ascending)], strict=True):
+            shard = shard_of[lo]
+            out[order[lo:hi]] = self.shards[shard][ascending[lo:hi] - self.starts[shard]]
+        return torch.from_numpy(out)
+
+
+Dataset = ImageDataset | MappedDataset
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    """Load, convert and fingerprint the dataset ``cfg`` names; a prepared one larger than
+    ``cfg.memory_budget_mb`` is memory-mapped instead of loaded."""
     storage_options = json.loads(cfg.storage_options) if cfg.storage_options else {}
     if cfg.uri == EMBEDDED:
         images, labels = _embedded_mnist()
@@ -110,7 +184,14 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     label_tensor = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     if label_tensor is not None and int(label_tensor.min()) < 0:
         raise DataError(f"{cfg.labels_uri or cfg.uri}: negative class labels")
-    return ImageDataset(tensor, label_tensor, fingerprint(tensor, label_tensor), cfg.uri)
+    dataset = ImageDataset(tensor, label_tensor, fingerprint(tensor, label_tensor), cfg.uri)
+    if dataset.nbytes > cfg.memory_budget_mb * MIB:
+        warnings.warn(
+            f"{cfg.uri}: {dataset.nbytes / MIB:.0f} MiB in memory, over data.memory_budget_mb="
+            f"{cfg.memory_budget_mb:g}; only prepared datasets stream (pipelines/prepare_data.py)",
+            stacklevel=2,
+        )
+    return dataset
 
 
 def fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
@@ -413,7 +494,7 @@ def _shard_files(manifest: dict) -> list[tuple[str, str]]:
     return files
 
 
-def _load_prepared(fs, path: str, cfg: DataConfig) -> ImageDataset:
+def _load_prepared(fs, path: str, cfg: DataConfig) -> Dataset:
     from fsspec.implementations.local import LocalFileSystem
 
     uri = cfg.uri
@@ -437,6 +518,8 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> ImageDataset:
         raise DataError(f"{uri}: {err}") from None
     local = path if isinstance(fs, LocalFileSystem) else str(_cached_copy(fs, path, uri, manifest))
     try:
+        if manifest["count"] * channels * height * width > cfg.memory_budget_mb * MIB:
+            return _open_mapped(local, manifest, uri)
         images, labels = _read_shards(local, manifest, uri)
     except (KeyError, TypeError, ValueError) as err:
         if isinstance(err, DataError):
@@ -466,11 +549,110 @@ def _read_shards(root: str, manifest: dict, uri: str) -> tuple[np.ndarray, np.nd
         if labels is not None:
             labels[start : start + n] = _read_npy(root, shard["labels"], shard["labels_sha256"], (n,), np.int64)
         start += n
-    if start != count:
-        raise DataError(f"{uri}: the shards hold {start} images, the manifest says {count}")
+    _check_totals(start, labels, manifest, uri)
+    return images, labels
+
+
+def _check_totals(count: int, labels: np.ndarray | None, manifest: dict, uri: str) -> None:
+    if count != manifest["count"]:
+        raise DataError(f"{uri}: the shards hold {count} images, the manifest says {manifest['count']}")
     if labels is not None and count and not (0 <= labels.min() and labels.max() < len(manifest["class_names"])):
         raise DataError(f"{uri}: labels outside 0..{len(manifest['class_names']) - 1}")
-    return images, labels
+
+
+def _open_mapped(root: str, manifest: dict, uri: str) -> MappedDataset:
+    """The shards of a local prepared dataset, memory-mapped (read-only), checked once per node."""
+    if not manifest["shards"]:
+        raise DataError(f"{uri}: the dataset holds no images")
+    _verify_once(root, manifest, uri)
+    shape = tuple(manifest["shape"])
+    shards, labels = [], []
+    for shard in manifest["shards"]:
+        path = os.path.join(root, shard["images"])
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(f"{path}: cannot map this shard ({err})") from None
+        if array.shape != (shard["count"], *shape) or array.dtype != np.uint8:
+            raise DataError(
+                f"{path}: shard is {array.dtype} {array.shape}, the manifest says uint8 {(shard['count'], *shape)}"
+            )
+        shards.append(array)
+        if manifest["class_names"]:
+            labels.append(_read_npy(root, shard["labels"], shard["labels_sha256"], (shard["count"],), np.int64))
+    label_array = np.concatenate(labels) if labels else None
+    _check_totals(sum(len(a) for a in shards), label_array, manifest, uri)
+    return MappedDataset(
+        shards,
+        None if label_array is None else torch.from_numpy(label_array),
+        manifest["sha256"],
+        uri,
+        tuple(manifest["class_names"]),
+    )
+
+
+def _verify_once(root: str, manifest: dict, uri: str) -> None:
+    """Hash every shard of a local prepared dataset in chunks, unless this node already has
+    for these very files: a stamp in the cache holds each one's size, mtime and inode.
+    Concurrent workers wait on a lock and then find the stamp."""
+    stamp = _stamp_path(root)
+    seen = _file_identities(root, manifest)
+    if _read_stamp(stamp) == seen:
+        return
+    _cache_dir(uri, STAMPS)
+    with open(stamp.with_suffix(".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _read_stamp(stamp) == seen:
+            return
+        for name, sha256 in _shard_files(manifest):
+            path = os.path.join(root, name)
+            if _sha256_file(path) != sha256:
+                raise DataError(
+                    f"{path}: shard sha256 does not match the manifest (corrupt or changed); prepare it again"
+                )
+        _write_stamp(stamp, seen)
+
+
+def _stamp_path(root: str | Path) -> Path:
+    """Where this node records that the prepared dataset at ``root`` was hashed."""
+    return cache_root() / STAMPS / f"{hashlib.sha256(os.path.realpath(root).encode()).hexdigest()[:32]}.json"
+
+
+def _file_identities(root: str, manifest: dict) -> dict:
+    files = {}
+    for name, _ in _shard_files(manifest):
+        path = os.path.join(root, name)
+        try:
+            st = os.stat(path)
+        except OSError as err:
+            raise DataError(f"{path}: cannot read this shard ({err})") from None
+        files[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
+    return {"manifest_sha256": manifest["sha256"], "files": files}
+
+
+def _read_stamp(stamp: Path) -> dict | None:
+    try:
+        return json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_stamp(stamp: Path, content: dict) -> None:
+    stamp.parent.mkdir(exist_ok=True)  # the cache itself exists: whoever stamps created it
+    tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content))
+    os.replace(tmp, stamp)  # readers see the old stamp or the whole new one
+
+
+def _sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(CHUNK_BYTES):
+                digest.update(chunk)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read this shard ({err})") from None
+    return digest.hexdigest()
 
 
 def _read_npy(root: str, name: str, sha256: str, shape: tuple, dtype) -> np.ndarray:
@@ -490,11 +672,7 @@ def _read_npy(root: str, name: str, sha256: str, shape: tuple, dtype) -> np.ndar
 
 def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
     """The node-local copy of a remote prepared dataset, fetched by the first process that wants it."""
-    root = cache_root()
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise DataError(f"{uri}: cannot create the node-local data cache {root} ({err}); set ${CACHE_ENV}") from None
+    root = _cache_dir(uri)
     final = root / manifest["sha256"]
     if (final / MANIFEST).is_file():
         return final
@@ -507,10 +685,7 @@ def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
         tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the copy from other users of the node
         try:
             for name, sha256 in _shard_files(manifest):
-                raw = _fetch(fs, f"{path}/{name}", f"{uri.rstrip('/')}/{name}")
-                if hashlib.sha256(raw).hexdigest() != sha256:
-                    raise DataError(f"{uri.rstrip('/')}/{name}: shard sha256 does not match the manifest")
-                (tmp / name).write_bytes(raw)
+                _download(fs, f"{path}/{name}", f"{uri.rstrip('/')}/{name}", tmp / name, sha256)
             # The manifest last: a folder without one is never taken for a copy.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if final.exists():  # left without its manifest by hand: replace it
@@ -519,7 +694,32 @@ def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+        # Every shard was hashed on the way in: streaming from this copy need not hash it again.
+        _write_stamp(_stamp_path(final), _file_identities(str(final), manifest))
     return final
+
+
+def _cache_dir(uri: str, *sub: str) -> Path:
+    root = cache_root().joinpath(*sub)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"{uri}: cannot create the node-local data cache {root} ({err}); set ${CACHE_ENV}") from None
+    return root
+
+
+def _download(fs, path: str, uri: str, dest: Path, sha256: str) -> None:
+    """Copy one shard to ``dest`` in chunks, hashing as it goes: memory stays one chunk."""
+    digest = hashlib.sha256()
+    try:
+        with fs.open(path, "rb") as source, open(dest, "wb") as out:
+            while chunk := source.read(CHUNK_BYTES):
+                digest.update(chunk)
+                out.write(chunk)
+    except Exception as err:
+        raise DataError(f"{uri}: cannot copy it into the node cache ({type(err).__name__}: {err})") from None
+    if digest.hexdigest() != sha256:
+        raise DataError(f"{uri}: shard sha256 does not match the manifest")
 
 
 def _fetch(fs, path: str, uri: str) -> bytes:

@@ -5,6 +5,11 @@ All randomness of a step (which images, z, fake labels, augmentation) is drawn f
 its own rows. So N workers x batch b trains exactly like 1 worker x batch N*b, and a
 result does not depend on how many workers produced it. That generator lives on the run's
 device, and so does the dataset when it fits (uint8, converted per batch on the device).
+A streamed dataset (``MappedDataset``, over ``data.memory_budget_mb``) stays in its
+memory-mapped shards: each rank reads only its rows of the global batch, by the same
+per-epoch permutation drawn on the CPU, so it trains exactly like the same data loaded
+into CPU memory (on a GPU whose memory would hold the data, the in-memory run draws its
+permutation there instead: another order, the same scheme).
 
 Nothing in a step waits for the device: statistics stay device tensors and a cheap
 on-device check records the first step where one became NaN/Inf. ``read_stats`` (called
@@ -24,7 +29,7 @@ import torch.nn as nn
 
 from gan.augment import DiffAugment
 from gan.config import Config
-from gan.data import ImageDataset
+from gan.data import Dataset, MappedDataset
 from gan.losses import GANLoss
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -104,7 +109,7 @@ class GANLoop:
         self,
         cfg: Config,
         nets: Nets,
-        data: ImageDataset,
+        data: Dataset,
         *,
         rank: int = 0,
         world_size: int = 1,
@@ -123,9 +128,12 @@ class GANLoop:
         self.rows = slice(rank * self.local_batch, (rank + 1) * self.local_batch)
         self.num_classes = cfg.model.num_classes
         # uint8 on the device when it fits: a batch is then an index and a conversion there.
-        nbytes = data.images.numel() + (0 if data.labels is None else data.labels.numel() * 8)
-        self.data_device = self.device if fits_on(self.device, nbytes) else torch.device("cpu")
-        self.images = data.images.to(self.data_device)
+        # A streamed dataset is read from its shards on the host, a batch at a time.
+        self.data, self.num_images = data, len(data)
+        self.streamed = isinstance(data, MappedDataset)
+        on_device = not self.streamed and fits_on(self.device, data.nbytes)
+        self.data_device = self.device if on_device else torch.device("cpu")
+        self.images = None if self.streamed else data.images.to(self.data_device)
         self.labels = None if data.labels is None else data.labels.to(self.data_device)
         # One generator for everything random in a step, in the same state on every rank.
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
@@ -146,7 +154,7 @@ class GANLoop:
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator(device=self.data_device).manual_seed(self.cfg.train.seed * 1_000_003 + epoch)
-        return torch.randperm(len(self.images), generator=g, device=self.data_device)
+        return torch.randperm(self.num_images, generator=g, device=self.data_device)
 
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.cursor + self.global_batch > len(self.perm):  # drop the ragged tail
@@ -155,7 +163,7 @@ class GANLoop:
             self.perm = self._permutation(self.epoch)
         idx = self.perm[self.cursor : self.cursor + self.global_batch][self.rows]
         self.cursor += self.global_batch
-        real = self.images[idx].to(self.device, non_blocking=True)
+        real = (self.data.rows(idx) if self.streamed else self.images[idx]).to(self.device, non_blocking=True)
         real = real.float().div_(127.5).sub_(1.0).contiguous(memory_format=self.memory_format)
         labels = self.labels[idx].to(self.device, non_blocking=True) if self.num_classes else None
         return real, labels

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
 from gan.config import ConfigError, EvalConfig
-from gan.data import ImageDataset
+from gan.data import Dataset
 from gan.sampling import latents, to_uint8
 
 EVALUATOR_FILE = "digits_evaluator.pt"
@@ -250,7 +250,7 @@ class Evaluator:
     same latents. Split over ranks, each generates its share and the features are
     gathered (StyleGAN's metric code does the same), so every rank reports the same value."""
 
-    def __init__(self, cfg: EvalConfig, data: ImageDataset, device: torch.device | str = "cpu") -> None:
+    def __init__(self, cfg: EvalConfig, data: Dataset, device: torch.device | str = "cpu") -> None:
         self.cfg, self.device = cfg, torch.device(device)
         self.backbone, self.sha256 = load_backbone(cfg)
         self.backbone = self.backbone.to(self.device)
@@ -259,21 +259,28 @@ class Evaluator:
             raise ValueError(f"the dataset has {len(data)} images; FID needs at least 4")
         self.num_real = len(ref_idx)
         self.kid_subset = min(cfg.kid_subset_size, self.num_real)
-        self.real_features = self.features(data.images[ref_idx].to(self.device))
+        self.real_features = self.real_features_of(data, ref_idx)
         self.real_gaussian = gaussian(self.real_features)
         # The floor: the FID a perfect generator would get at this sample count.
-        held = self.features(data.images[held_idx].to(self.device))
+        held = self.real_features_of(data, held_idx)
         self.floor = frechet_distance(*gaussian(held), *self.real_gaussian)
         # Every training image up to the cap (a fixed choice beyond it), read in index order.
         g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
         pick = torch.randperm(len(data), generator=g)[:COPY_REFERENCE].sort().values
-        self.copy_reference = torch.cat([self.features(data.images[pick[i : i + 5000]].to(self.device))
-                                         for i in range(0, len(pick), 5000)])  # fmt: skip
+        self.copy_reference = self.real_features_of(data, pick)
         self.copy_threshold = copy_threshold(self.copy_reference)
 
     @torch.no_grad()
     def features(self, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
         return torch.cat([self.backbone(images[i : i + batch]).float() for i in range(0, len(images), batch)])
+
+    @torch.no_grad()
+    def real_features_of(self, data: Dataset, idx: torch.Tensor, batch: int = 500) -> torch.Tensor:
+        """Features of the real images at ``idx``, read a batch at a time: a streamed dataset
+        is never held whole."""
+        return torch.cat(
+            [self.backbone(data.rows(idx[i : i + batch]).to(self.device)).float() for i in range(0, len(idx), batch)]
+        )
 
     def score_features(self, fake: torch.Tensor) -> dict[str, float]:
         fid = frechet_distance(*gaussian(fake), *self.real_gaussian)

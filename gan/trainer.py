@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from gan import checkpoint
 from gan.config import Config, TrainConfig
-from gan.data import ImageDataset, load_dataset
+from gan.data import Dataset, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
 from gan.metrics import Evaluator
 from gan.models import build_models
@@ -49,7 +49,7 @@ class Session(Protocol):
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
 
 
-def check_data_fits(cfg: Config, data: ImageDataset) -> None:
+def check_data_fits(cfg: Config, data: Dataset) -> None:
     if cfg.model.num_classes and data.labels is None:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but {data.source} has no labels; "
@@ -80,7 +80,7 @@ class Result:
 
 class Trainer:
     def __init__(
-        self, cfg: Config, session: Session, data: ImageDataset | None = None, tracker: Tracker | None = None
+        self, cfg: Config, session: Session, data: Dataset | None = None, tracker: Tracker | None = None
     ) -> None:
         self.cfg, self.session = cfg, session
         self.tracker = tracker or NullTracker()
@@ -142,7 +142,7 @@ class Trainer:
     def _log_inputs(self) -> None:
         data, ev = self.data, self.cfg.eval
         name = data.source.rstrip("/").rsplit("/", 1)[-1].removeprefix("embedded:") or data.source
-        shape = list(data.images.shape[1:])
+        shape = list(data.shape)
         # MLflow keeps 36 characters of a digest: the full fingerprint is in the tags and the profile.
         profile = {"count": len(data), "shape": shape, "classes": data.num_classes, "fingerprint": data.fingerprint}
         self.tracker.log_dataset(name, data.fingerprint[:32], data.source, "training", profile)

@@ -101,15 +101,17 @@ def budget_overrides(args: argparse.Namespace, cfg: Config) -> list[str]:
 def train_in_process(
     cfg: Config, storage: Storage, name: str, target: TrackingTarget | None, resume: bool, gpu: bool
 ) -> float:
+    from gan.data import MappedDataset
     from gan.trainer import LocalSession, Trainer
 
     session = LocalSession(
         storage.join(name), resume=resume, device="cuda" if gpu else "cpu", storage_options=storage.options
     )
     trainer = Trainer(cfg, session, tracker=MLflowTracker(target, system_metrics=True) if target else None)
+    streamed = ", streamed from its shards" if isinstance(trainer.data, MappedDataset) else ""
     print(
         f"training {cfg.name}: {cfg.model.family} on {trainer.data.source} "
-        f"({len(trainer.data)} images, fingerprint {trainer.data.fingerprint[:12]}); "
+        f"({len(trainer.data)} images{streamed}, fingerprint {trainer.data.fingerprint[:12]}); "
         f"evaluator sha256 {trainer.evaluator.sha256[:12]}; FID floor {trainer.evaluator.floor:.2f}",
         flush=True,
     )
