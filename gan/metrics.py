@@ -35,7 +35,7 @@ EVAL_SEED = 1234  # the same latents at every evaluation: FID moves only when G 
 # Leakage: a sample is a near-copy when it is closer (in the evaluator's feature space) to
 # its nearest training image than all but COPY_QUANTILE of training images are to theirs.
 COPY_QUANTILE = 0.01
-COPY_REFERENCE = 50_000  # training images a sample is compared with, at most
+COPY_REFERENCE = 10_000  # training images a sample is compared with, at most (memory: x feature size)
 COPY_QUERIES = 2_000  # training images that set the real-vs-real distance
 
 
