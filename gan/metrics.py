@@ -37,6 +37,7 @@ EVAL_SEED = 1234  # the same latents at every evaluation: FID moves only when G 
 COPY_QUANTILE = 0.01
 COPY_REFERENCE = 10_000  # training images a sample is compared with, at most (memory: x feature size)
 COPY_QUERIES = 2_000  # training images that set the real-vs-real distance
+PR_NEIGHBOURS = 3  # k of the k-NN balls of precision and recall (Kynkaanniemi et al., 2019)
 
 
 class DigitClassifier(nn.Module):
@@ -231,6 +232,39 @@ def nearest_distance(
     return torch.cat(out)
 
 
+def _rows_per_chunk(n: int) -> int:
+    return max(1, 2**24 // max(n, 1))  # a distance chunk of at most 16M entries
+
+
+def knn_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS) -> torch.Tensor:
+    """Each row's distance to its k-th nearest other row."""
+    step = _rows_per_chunk(len(features))
+    return torch.cat([
+        torch.cdist(features[i : i + step].float(), features.float()).kthvalue(k + 1, dim=1).values
+        for i in range(0, len(features), step)
+    ])  # fmt: skip
+
+
+def covered(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """The share of queries inside at least one centre's ball."""
+    step = _rows_per_chunk(len(centres))
+    inside = [
+        (torch.cdist(queries[i : i + step].float(), centres.float()) <= radii).any(1)
+        for i in range(0, len(queries), step)
+    ]
+    return float(torch.cat(inside).float().mean())
+
+
+def precision_recall(
+    real: torch.Tensor, fake: torch.Tensor, real_radii: torch.Tensor | None = None
+) -> tuple[float, float]:
+    """k-NN precision (the share of samples that look real: inside some real image's
+    k-NN ball) and recall (the share of real images the samples cover), in feature space.
+    Poor samples lower precision; dropped modes lower recall, where FID mixes both."""
+    real_radii = knn_radii(real) if real_radii is None else real_radii
+    return covered(fake, real, real_radii), covered(real, fake, knn_radii(fake))
+
+
 def copy_threshold(reference: torch.Tensor, quantile: float = COPY_QUANTILE, queries: int = COPY_QUERIES) -> float:
     """The real-vs-real nearest-neighbour distance at ``quantile`` (over a fixed random
     subset of training images, each against all the others): a sample closer than this to
@@ -261,6 +295,7 @@ class Evaluator:
         self.kid_subset = min(cfg.kid_subset_size, self.num_real)
         self.real_features = self.real_features_of(data, ref_idx)
         self.real_gaussian = gaussian(self.real_features)
+        self.real_radii = knn_radii(self.real_features)
         # The floor: the FID a perfect generator would get at this sample count.
         held = self.real_features_of(data, held_idx)
         self.floor = frechet_distance(*gaussian(held), *self.real_gaussian)
@@ -286,7 +321,9 @@ class Evaluator:
         fid = frechet_distance(*gaussian(fake), *self.real_gaussian)
         kid_mean = kid(self.real_features, fake, min(self.kid_subset, len(fake)))
         copies = copy_share(fake, self.copy_reference, self.copy_threshold)
-        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor, "leakage/copy_share": copies}
+        precision, recall = precision_recall(self.real_features, fake, self.real_radii)
+        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor, "precision": precision, "recall": recall,
+                "leakage/copy_share": copies}  # fmt: skip
 
     def score_images(self, images: torch.Tensor) -> dict[str, float]:
         return self.score_features(self.features(images.to(self.device)))

@@ -392,6 +392,7 @@ class LocalSession:
             marker = "  * new best" if snapshot.is_best else ""
             print(
                 f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
+                f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  "
                 f"(floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s{marker}",
                 file=sys.stdout,
                 flush=True,

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from gan.config import EvalConfig
-from gan.metrics import DigitClassifier, Evaluator, copy_share, copy_threshold, evaluator_path, split_real
+from gan.metrics import (
+    DigitClassifier,
+    Evaluator,
+    copy_share,
+    copy_threshold,
+    evaluator_path,
+    precision_recall,
+    split_real,
+)
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +91,19 @@ def test_a_copying_generator_is_caught_and_a_fresh_one_is_not(digits, evaluator)
     fresh_G = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)[0]
     fresh = evaluator(fresh_G, num_classes=cfg.model.num_classes)["leakage/copy_share"]
     assert copied > 0.99 and fresh < 0.01, (copied, fresh)
+
+
+def test_precision_and_recall_on_hand_made_features():
+    # Real features: two well-separated clusters (two "modes") of 200 points each.
+    g = torch.Generator().manual_seed(0)
+    mode_a = torch.randn(200, 4, generator=g)
+    mode_b = torch.randn(200, 4, generator=g) + 50
+    real = torch.cat([mode_a, mode_b])
+    same = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 50])
+    precision, recall = precision_recall(real, same)
+    assert precision > 0.9 and recall > 0.9  # a generator like the data: both high
+    one_mode = torch.randn(400, 4, generator=g)  # every sample real-looking, half the data missed
+    precision, recall = precision_recall(real, one_mode)
+    assert precision > 0.9 and 0.4 < recall < 0.6
+    far = torch.randn(400, 4, generator=g) + 1000  # nothing like the data
+    assert precision_recall(real, far) == (0.0, 0.0)
