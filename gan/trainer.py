@@ -285,18 +285,19 @@ class Trainer:
         evaluated_at = self.loop.images_seen if self.history else -1
         budget = cfg.train.time_budget_s > 0
         stop_step = self.loop.step if budget and self._over_time() else math.inf
-        tick, steps_since_tick = time.monotonic(), 0
+        tick = time.monotonic()
+        # The pace that sets the last steps is this process's average: one slow logging
+        # interval (another process's burst on a shared machine) would otherwise end the run early.
+        first_step, time_before = self.loop.step, self.train_time_s
         while self.loop.images_seen < total_img and self.loop.step < stop_step:
             self.loop.train_step()
-            steps_since_tick += 1
             window_images += cfg.train.batch_size * cfg.optim.d_steps
             log_now = self.loop.step % cfg.train.log_every_steps == 0
             eval_now = self.loop.images_seen >= next_eval
             if not (log_now or eval_now):
                 continue
             stats = self.loop.read_stats()  # waits for the device: the seconds up to here are training
-            segment_s = time.monotonic() - tick
-            self.train_time_s += segment_s
+            self.train_time_s += time.monotonic() - tick
             if log_now:
                 img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
                 window_start, window_images = time.monotonic(), 0
@@ -304,7 +305,8 @@ class Trainer:
                 if not eval_now:  # an evaluation logs them with its metrics
                     self.tracker.log_curves({**stats, "throughput/img_per_s": img_per_s}, self.loop.images_seen)
                 if budget and stop_step == math.inf:
-                    steps_left = self._steps_left(segment_s / steps_since_tick)
+                    pace = (self.train_time_s - time_before) / (self.loop.step - first_step)
+                    steps_left = self._steps_left(pace)
                     if steps_left < cfg.train.log_every_steps:
                         stop_step = self.loop.step + steps_left
             if eval_now:
@@ -312,7 +314,7 @@ class Trainer:
                 evaluated_at = self.loop.images_seen
                 next_eval += every_img * max(1, math.ceil((self.loop.images_seen - next_eval + 1) / every_img))
                 window_start, window_images = time.monotonic(), 0
-            tick, steps_since_tick = time.monotonic(), 0
+            tick = time.monotonic()
         if evaluated_at != self.loop.images_seen:
             if self.loop.step:
                 stats = self.loop.read_stats()
