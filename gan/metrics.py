@@ -270,7 +270,7 @@ def copy_threshold(reference: torch.Tensor, quantile: float = COPY_QUANTILE, que
     subset of training images, each against all the others): a sample closer than this to
     a training image is nearer to it than almost any training image is to another."""
     g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
-    rows = torch.randperm(len(reference), generator=g)[:queries].to(reference.device)
+    rows = torch.randperm(len(reference), generator=g, device="cpu")[:queries].to(reference.device)
     return float(torch.quantile(nearest_distance(reference[rows], reference, rows).double(), quantile))
 
 
@@ -301,7 +301,7 @@ class Evaluator:
         self.floor = frechet_distance(*gaussian(held), *self.real_gaussian)
         # Every training image up to the cap (a fixed choice beyond it), read in index order.
         g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
-        pick = torch.randperm(len(data), generator=g)[:COPY_REFERENCE].sort().values
+        pick = torch.randperm(len(data), generator=g, device="cpu")[:COPY_REFERENCE].sort().values
         self.copy_reference = self.real_features_of(data, pick)
         self.copy_threshold = copy_threshold(self.copy_reference)
 
