@@ -215,14 +215,6 @@ def bad_data(kind: str, folder: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize(
-    "kind, message",
-    [
-        ("idx-without-pixels", "IDX header says shape (5, 0, 0): items of no size"),
-        ("gzip-bomb", "gzip data expands beyond 78,416 bytes (the size its IDX header states)"),
-        ("png-bomb", "a.png: 10000x9000 pixels is over the limit of 89,478,485"),
-    ],
-)
 def peak_memory_kib(proc: subprocess.Popen) -> int:
     """The process's own high-water RSS (VmHWM, since its exec), polled until it exits.
     Not ru_maxrss: that counts the pages a child shares with the test process it was
@@ -238,6 +230,14 @@ def peak_memory_kib(proc: subprocess.Popen) -> int:
     return peak
 
 
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("idx-without-pixels", "IDX header says shape (5, 0, 0): items of no size"),
+        ("gzip-bomb", "gzip data expands beyond 78,416 bytes (the size its IDX header states)"),
+        ("png-bomb", "a.png: 10000x9000 pixels is over the limit of 89,478,485"),
+    ],
+)
 def test_bad_data_fails_in_one_line_and_small_memory(kind, message, tmp_path):
     """One line naming the file, before training; a bomb is refused without expanding it
     (the process's peak memory stays far below what it would expand to)."""
