@@ -178,7 +178,7 @@ def test_missing_bucket_fails_before_any_worker(s3_server):
 def test_too_many_workers_fails_clearly(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--workers", "64",
-         "--storage", str(tmp_path), "--no-tracking"],
+         "--set", "train.batch_size=64", "--storage", str(tmp_path), "--no-tracking"],  # a batch that splits
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2 and "64 workers x 1 CPU need 64 CPUs" in proc.stderr
