@@ -218,22 +218,23 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int =
     return float(torch.stack(scores).mean())
 
 
+def _rows_per_chunk(n: int) -> int:
+    return max(1, 2**21 // max(n, 1))  # a distance chunk of at most 2M entries (8 MB)
+
+
 def nearest_distance(
     queries: torch.Tensor, reference: torch.Tensor, own_rows: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Euclidean distance from each query to its nearest reference row, in chunks;
     ``own_rows[i]``: the reference row query i is, which it must not find."""
     out = []
-    for i in range(0, len(queries), 1024):
-        d = torch.cdist(queries[i : i + 1024].float(), reference.float())
+    step = _rows_per_chunk(len(reference))
+    for i in range(0, len(queries), step):
+        d = torch.cdist(queries[i : i + step].float(), reference.float())
         if own_rows is not None:
-            d[torch.arange(d.shape[0], device=d.device), own_rows[i : i + 1024]] = math.inf
+            d[torch.arange(d.shape[0], device=d.device), own_rows[i : i + step]] = math.inf
         out.append(d.min(1).values)
     return torch.cat(out)
-
-
-def _rows_per_chunk(n: int) -> int:
-    return max(1, 2**24 // max(n, 1))  # a distance chunk of at most 16M entries
 
 
 def knn_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS) -> torch.Tensor:

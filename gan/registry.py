@@ -24,6 +24,7 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
+from gan.sampling import MAX_SEED
 from gan.tracking import filter_value
 
 GENERATOR_FILE = "generator.pt"
@@ -31,7 +32,6 @@ REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
 MAX_IMAGES_PER_REQUEST = 1024
 """Images one request may ask for over all its rows: a response is built in memory."""
 MAX_ROWS_PER_REQUEST = 64
-MAX_SEED = 2**63 - 1
 
 
 class RequestError(MlflowException):

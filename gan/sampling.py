@@ -18,8 +18,11 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gan.config import Config, ConfigError, check_seed
+from gan.config import Config, ConfigError
 from gan.models import build_models
+
+MAX_SEED = 2**63 - 1
+"""Largest sampling seed: a torch generator takes any non-negative int64."""
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -59,7 +62,8 @@ def latents(
 
 def check_request(seed: int, truncation: float | None = None) -> None:
     """A seed torch takes and a truncation that means something (NaN would silently mean none)."""
-    check_seed("seed", seed)
+    if not 0 <= seed <= MAX_SEED:  # what torch.Generator.manual_seed takes
+        raise ConfigError(f"seed={seed} is not allowed: must be in [0, {MAX_SEED}]")
     if truncation is not None and not (math.isfinite(truncation) and truncation > 0):
         raise ConfigError(f"truncation={truncation} is not allowed: must be a finite number > 0")
 
