@@ -219,7 +219,7 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int =
 
 
 def _rows_per_chunk(n: int) -> int:
-    return max(1, 2**21 // max(n, 1))  # a distance chunk of at most 2M entries (8 MB)
+    return max(1, 2**18 // max(n, 1))  # a distance chunk of at most 256K entries (1 MB)
 
 
 def nearest_distance(
