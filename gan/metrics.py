@@ -218,41 +218,40 @@ def kid(real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int =
     return float(torch.stack(scores).mean())
 
 
-def _rows_per_chunk(n: int) -> int:
-    return max(1, 2**18 // max(n, 1))  # a distance chunk of at most 256K entries (1 MB)
+def distance_blocks(queries: torch.Tensor, reference: torch.Tensor):
+    """(first query row, Euclidean distances of a block of queries to every reference row),
+    blocks of at most 256K entries. The reference's squared norms are computed once; each
+    block allocates only itself (torch.cdist copies the whole reference on every call)."""
+    ref = reference.float()
+    ref_sq = ref.square().sum(1)
+    step = max(1, 2**18 // max(len(ref), 1))
+    for i in range(0, len(queries), step):
+        q = queries[i : i + step].float()
+        d = (q @ ref.T).mul_(-2).add_(ref_sq).add_(q.square().sum(1, keepdim=True))
+        yield i, d.clamp_(min=0).sqrt_()
 
 
 def nearest_distance(
     queries: torch.Tensor, reference: torch.Tensor, own_rows: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Euclidean distance from each query to its nearest reference row, in chunks;
-    ``own_rows[i]``: the reference row query i is, which it must not find."""
+    """Euclidean distance from each query to its nearest reference row; ``own_rows[i]``:
+    the reference row query i is, which it must not find."""
     out = []
-    step = _rows_per_chunk(len(reference))
-    for i in range(0, len(queries), step):
-        d = torch.cdist(queries[i : i + step].float(), reference.float())
+    for i, d in distance_blocks(queries, reference):
         if own_rows is not None:
-            d[torch.arange(d.shape[0], device=d.device), own_rows[i : i + step]] = math.inf
+            d[torch.arange(d.shape[0], device=d.device), own_rows[i : i + len(d)]] = math.inf
         out.append(d.min(1).values)
     return torch.cat(out)
 
 
 def knn_radii(features: torch.Tensor, k: int = PR_NEIGHBOURS) -> torch.Tensor:
     """Each row's distance to its k-th nearest other row."""
-    step = _rows_per_chunk(len(features))
-    return torch.cat([
-        torch.cdist(features[i : i + step].float(), features.float()).kthvalue(k + 1, dim=1).values
-        for i in range(0, len(features), step)
-    ])  # fmt: skip
+    return torch.cat([d.kthvalue(k + 1, dim=1).values for _, d in distance_blocks(features, features)])
 
 
 def covered(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
     """The share of queries inside at least one centre's ball."""
-    step = _rows_per_chunk(len(centres))
-    inside = [
-        (torch.cdist(queries[i : i + step].float(), centres.float()) <= radii).any(1)
-        for i in range(0, len(queries), step)
-    ]
+    inside = [(d <= radii).any(1) for _, d in distance_blocks(queries, centres)]
     return float(torch.cat(inside).float().mean())
 
 
@@ -303,7 +302,8 @@ class Evaluator:
         # Every training image up to the cap (a fixed choice beyond it), read in index order.
         g = torch.Generator(device="cpu").manual_seed(SPLIT_SEED)
         pick = torch.randperm(len(data), generator=g, device="cpu")[:COPY_REFERENCE].sort().values
-        self.copy_reference = self.real_features_of(data, pick)
+        # In batches no larger than FID's own reads, so the reference adds no memory peak.
+        self.copy_reference = self.real_features_of(data, pick, batch=min(500, len(ref_idx)))
         self.copy_threshold = copy_threshold(self.copy_reference)
 
     @torch.no_grad()
