@@ -26,7 +26,7 @@ from gan.prepare import PrepareConfig, prepare
 from gan.trainer import LocalSession, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
-BIG_IMAGES = 100_000  # 1 x 28 x 28 each: 75 MiB, over 10x the 7 MiB budget of the streamed run
+BIG_IMAGES = 200_000  # 1 x 28 x 28 each: 150 MiB, 20x the 7 MiB budget of the streamed run
 BIG_BUDGET_MB = 7
 
 
@@ -151,7 +151,7 @@ def test_bad_budget_in_a_config_file_is_a_one_line_error():
 # memory-mapped shards count as RssFile: page cache, shared by every process on the node
 # and reclaimable under pressure, so they are not what the budget is about.
 CHILD = r"""
-import json, sys, tempfile, threading, time
+import json, os, sys, tempfile, threading, time
 from importlib.util import module_from_spec, spec_from_file_location
 
 import gan.trainer, gan.metrics, torchmetrics.image.kid  # what a run imports, before the baseline
@@ -163,26 +163,35 @@ def rss_anon_kib():
 spec = spec_from_file_location("train", "pipelines/train.py")
 train = module_from_spec(spec)
 spec.loader.exec_module(train)
-# A short run on the embedded digits first: torch's thread pools, allocator caches and the
-# evaluator's first use (about 70 MiB here, whatever the data) are then in the baseline.
-with tempfile.TemporaryDirectory() as warm_up:
-    assert train.main(["--in-process", "--preset", "debug", "--no-tracking", "--storage", warm_up, "--steps", "2"]) == 0
-baseline = peak = rss_anon_kib()
-done = threading.Event()
 
-def sample():
-    global peak
-    while not done.is_set():
-        peak = max(peak, rss_anon_kib())
-        time.sleep(0.001)
+def peak_while(argv):
+    # (exit code, highest RssAnon while train.main(argv) runs)
+    peak, done = rss_anon_kib(), threading.Event()
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_anon_kib())
+            time.sleep(0.001)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        code = train.main(argv)
+    finally:
+        done.set()
+        sampler.join()
+    return code, max(peak, rss_anon_kib())
 
-sampler = threading.Thread(target=sample)
-sampler.start()
-try:
-    code = train.main(sys.argv[1:])
-finally:
-    done.set()
-    sampler.join()
+# The baseline is the peak of the same run on a small prepared dataset held in memory
+# ($WARM_ARGS), run once before to pay for torch's thread pools, allocator caches and the
+# evaluator's first use (about 70 MiB here, whatever the data). The baseline then holds the
+# transient memory of steps, evaluations and checkpoints, and what the streamed run adds
+# beyond it is what the dataset costs.
+warm = json.loads(os.environ["WARM_ARGS"])
+with tempfile.TemporaryDirectory() as first, tempfile.TemporaryDirectory() as second:
+    assert peak_while([*warm, "--storage", first])[0] == 0
+    warm_code, baseline = peak_while([*warm, "--storage", second])
+    assert warm_code == 0
+code, peak = peak_while(sys.argv[1:])
 print(json.dumps({"code": code, "growth_mib": (peak - baseline) / 1024}))
 """
 
@@ -195,7 +204,10 @@ def test_a_run_under_a_budget_far_below_the_dataset_trains_and_resumes(tiny_cfg,
     command = [sys.executable, "-c", CHILD, "--in-process", "--preset", "debug", "--no-tracking",
                "--storage", str(tmp_path / "runs"), "--name", "streamed"]  # fmt: skip
     command += [arg for s in sets for arg in ("--set", s)]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), data_mod.CACHE_ENV: str(cache)}
+    small = prepared(tmp_path / "warm", 5_000, shard_size=4096)  # 3.7 MiB: held in memory
+    warm = ["--in-process", "--preset", "debug", "--no-tracking", "--steps", "10", "--set", f"data.uri={small}",
+            "--set", f"data.memory_budget_mb={BIG_BUDGET_MB}", "--set", "eval.every_kimg=0.16"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT), data_mod.CACHE_ENV: str(cache), "WARM_ARGS": json.dumps(warm)}
 
     def child(*args):
         proc = subprocess.run([*command, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -209,7 +221,7 @@ def test_a_run_under_a_budget_far_below_the_dataset_trains_and_resumes(tiny_cfg,
     out, resumed_growth = child("--steps", "20", "--resume")
     assert "(step 10)" in out and "resuming from" in out
     print(f"anonymous memory growth: {first_growth:.1f} MiB, resumed {resumed_growth:.1f} MiB")
-    # Loaded whole, the images alone would add 75 MiB to each process; streamed, what grows
+    # Loaded whole, the images alone would add 150 MiB to each process; streamed, what grows
     # is the labels and the epoch's permutation (16 bytes an image) and the run's own state.
     for growth in (first_growth, resumed_growth):
         assert growth < 0.3 * dataset_mib, f"anonymous memory grew {growth:.1f} MiB for a {dataset_mib:.0f} MiB dataset"
