@@ -131,10 +131,13 @@ def test_sampling_bad_input_gets_one_clear_line(registry, tmp_path, args, messag
 
 
 def test_promote_bad_input(registry):
+    from mlflow.tracking import MlflowClient
+
     url, *_ = registry
     unknown = cli("promote.py", "--version", "1", "--model-name", "nope", url=url, check_rc=2)
     assert "no registered model 'nope'" in unknown.stderr
-    missing = cli("promote.py", "--version", "99", "--model-name", NAME, url=url, check_rc=2)
+    MlflowClient(url).create_registered_model("no-versions")
+    missing = cli("promote.py", "--version", "99", "--model-name", "no-versions", url=url, check_rc=2)
     assert "has no version 99" in missing.stderr
     norun = cli("promote.py", "--run", "0" * 32, "--model-name", NAME, url=url, check_rc=2)
     assert "no run" in norun.stderr
@@ -159,12 +162,12 @@ def test_promotion_refuses_a_generator_that_copies_training_images(registry, dig
         out.bias.copy_((digits.images[0].flatten().float() / 127.5 - 1).clamp(-0.999, 0.999).atanh())
     run = client.create_run(client.get_experiment_by_name("candidates").experiment_id, run_name="copier")
     gan_registry.log_generator(url, run.info.run_id, "generator_best", G.state_dict(), cfg.to_json())
-    before = aliases(url)
-    refused = cli("promote.py", "--run", run.info.run_id, "--model-name", NAME, "--seeds", "2", "--num-samples", "300",
-                  url=url, check_rc=1)  # fmt: skip
+    # A model of its own with no champion yet, where any other candidate would win.
+    refused = cli("promote.py", "--run", run.info.run_id, "--model-name", "copier", "--seeds", "2",
+                  "--num-samples", "300", url=url, check_rc=1)  # fmt: skip
     assert "REFUSE" in refused.stdout and "100.0% of its samples are near-copies" in refused.stdout, refused.stdout
-    assert aliases(url) == before
-    (version,) = [v for v in client.search_model_versions(f"name = '{NAME}'") if v.run_id == run.info.run_id]
+    assert client.get_registered_model("copier").aliases == {}
+    (version,) = client.search_model_versions("name = 'copier'")
     assert version.tags["promotion.decision"] == "refused" and float(version.tags["promotion.copy_share"]) == 1.0
     assert version.tags["promotion.max_copy_share"] == "0.05"
 
