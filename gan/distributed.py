@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from gan import checkpoint
 from gan.config import Config, check_split
+from gan.loop import DivergenceError
 from gan.plan import Scaling
 from gan.storage import Storage
 from gan.tracking import TrackingTarget
@@ -204,9 +205,12 @@ class RaySession:
         )
 
 
-def train_worker(loop_config: dict[str, Any]) -> None:
+def train_worker(loop_config: dict[str, Any]) -> str | None:
     """Ray Train's train_loop_per_worker: the same Trainer, behind a RaySession; rank 0
-    tracks the run (a restarted worker finds the same MLflow run by its name)."""
+    tracks the run (a restarted worker finds the same MLflow run by its name).
+
+    Divergence is returned (its message), not raised: every rank meets it at the same
+    step, and Ray would restart the workers from the last checkpoint only to diverge again."""
     from gan.tracking import MLflowTracker, NullTracker
 
     cfg = Config.from_json(loop_config["config"])
@@ -222,7 +226,19 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             "ray.node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
         }
         tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags, system_metrics=True)
-    Trainer(cfg, session, tracker=tracker).train()
+    try:
+        Trainer(cfg, session, tracker=tracker).train()
+    except DivergenceError as err:
+        return str(err)
+    return None
+
+
+def fit_trainer(trainer):
+    """``trainer.fit()``'s Result; a divergence the workers returned is raised as itself."""
+    result = trainer.fit()
+    if result.return_value:
+        raise DivergenceError(result.return_value)
+    return result
 
 
 def default_scaling(
@@ -375,7 +391,7 @@ def fit(
         cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking
     )
     try:
-        result = trainer.fit()
+        result = fit_trainer(trainer)
     except KeyboardInterrupt:
         if tracking:
             finish_run(tracking, "KILLED")

@@ -67,7 +67,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     resumed sweep) find their Train run by name and continue from its checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from gan.distributed import make_trainer
+    from gan.distributed import fit_trainer, make_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_json(setup.base_config), params, setup.plan)
@@ -82,7 +82,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         callbacks=[TuneReportCallback()],
         tracking=setup.trial_tracking(trial_id, params),
     )
-    trainer.fit()
+    fit_trainer(trainer)
 
 
 def concurrency(plan: Plan, max_concurrent: int | None) -> int:

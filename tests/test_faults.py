@@ -44,7 +44,7 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     command = [sys.executable, "pipelines/tune.py", "--trials", "1", "--rounds", "3", "--grace-rounds", "3", *TINY,
                "--kimg-per-round", "3", "--space", "loss.r1_gamma=grid:0,1e39", "--space", "loss.r1_every=1",
-               "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "faults",
+               "--set", "train.log_every_steps=10", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "faults",
                "--tracking-uri", tracking, "--experiment", "faults"]  # fmt: skip
     log_path = tmp_path / "sweep.log"
     with open(log_path, "w") as log:
@@ -75,6 +75,8 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
     assert driver.returncode == 0, output[-5000:]
     assert killed, "no worker was killed"
     assert "resuming from" in output  # the replacement worker restored the checkpoint
+    # The killed worker is replaced once; a divergence is not retried (it would diverge again).
+    assert output.count("Attempting to start training worker group") == 3, output[-5000:]
 
     client = MlflowClient(tracking)
     experiment = client.get_experiment_by_name("faults")
