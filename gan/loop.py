@@ -66,6 +66,15 @@ def update_ema(ema: nn.Module, model: nn.Module, beta: float, foreach: bool = Fa
         b_ema.copy_(b)
 
 
+def load_moments(opt: torch.optim.Optimizer, saved: dict) -> None:
+    """The saved optimizer state (Adam's moments) under this run's hyperparameters: a run
+    resumed with new learning rates or betas trains with them, as its params say."""
+    current = [{k: v for k, v in group.items() if k != "params"} for group in opt.param_groups]
+    opt.load_state_dict(saved)
+    for group, hyper in zip(opt.param_groups, current, strict=True):
+        group.update(hyper)
+
+
 def adam(params, cfg, lr: float) -> torch.optim.Adam:
     """Adam with the implementation ``optim.adam_impl`` names ('auto': torch's choice)."""
     impl = {"auto": {}, "for-loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -265,8 +274,8 @@ class GANLoop:
         self.nets.G.load_state_dict(state["G"])
         self.nets.D.load_state_dict(state["D"])
         self.nets.G_ema.load_state_dict(state["G_ema"])
-        self.opt_g.load_state_dict(state["opt_g"])
-        self.opt_d.load_state_dict(state["opt_d"])
+        load_moments(self.opt_g, state["opt_g"])
+        load_moments(self.opt_d, state["opt_d"])
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.perm = self._permutation(self.epoch)

@@ -182,6 +182,7 @@ class Trainer:
         self.loop.load_state_dict(state["loop"])
         torch.set_rng_state(state["torch_rng"])
         self.best_fid = float(state["best_fid"])
+        self.best_G_ema = state.get("best_G_ema")  # absent from checkpoints written before it was kept
         self.history = list(state["history"])
         self.train_time_s = float(state["train_time_s"])
 
@@ -193,6 +194,8 @@ class Trainer:
             "dataset_fingerprint": self.data.fingerprint,
             "evaluator_sha256": self.evaluator.sha256,
             "best_fid": self.best_fid,
+            # The best evaluation's EMA weights: the run's generator_best, after any restart.
+            "best_G_ema": self.best_G_ema,
             "history": self.history,
             "train_time_s": self.train_time_s,
         }

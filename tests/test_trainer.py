@@ -38,6 +38,21 @@ def test_resume_from_disk_is_bit_for_bit(tiny_cfg, digits, tmp_path, options):
     assert [h["fid"] for h in a["history"]] == [h["fid"] for h in b["history"]]
 
 
+def test_a_resumed_run_keeps_its_best_weights_and_takes_new_learning_rates(tiny_cfg, digits, tmp_path):
+    cfg = override(tiny_cfg, ["train.total_kimg=0.32", "eval.every_kimg=0.32"])
+    first = Trainer(cfg, LocalSession(str(tmp_path), quiet=True), data=digits)
+    first.train()
+    changed = ["train.total_kimg=0.48", "optim.lr_g=1e-5", "optim.lr_d=3e-5", "optim.beta2=0.9"]
+    resumed = Trainer(override(cfg, changed), LocalSession(str(tmp_path), resume=True, quiet=True), data=digits)
+    assert resumed.best_G_ema is not None  # what generator_best is logged from, after any restart
+    for key, value in first.best_G_ema.items():
+        assert torch.equal(resumed.best_G_ema[key], value), key
+    opt_g, opt_d = resumed.loop.opt_g, resumed.loop.opt_d
+    assert opt_g.state and opt_d.state  # Adam's moments came with the checkpoint
+    assert [g["lr"] for g in opt_g.param_groups] == [1e-5] and [g["lr"] for g in opt_d.param_groups] == [3e-5]
+    assert all(g["betas"] == (cfg.optim.beta1, 0.9) for g in opt_g.param_groups + opt_d.param_groups)
+
+
 def _images(trainer: Trainer) -> torch.Tensor:
     z = torch.randn(100, trainer.cfg.model.z_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
