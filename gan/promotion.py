@@ -16,6 +16,7 @@ from gan.metrics import COPY_QUANTILE, FIDEstimate
 from gan.registry import (
     CHAMPION,
     PREVIOUS,
+    ROLLING_BACK,
     RegistryError,
     check_model_exists,
     load_generator,
@@ -26,7 +27,7 @@ from gan.registry import (
     version_by_alias,
     versions_of_run,
 )
-from gan.tracking import RUN_NAME_TAG, filter_value, git_commit
+from gan.tracking import LOCATION_TAG, RUN_NAME_TAG, filter_value, git_commit
 
 
 @dataclass(frozen=True)
@@ -87,9 +88,13 @@ def resolve_candidate(
         parents = (
             client.search_runs([exp.experiment_id], f"tags.`{RUN_NAME_TAG}` = {filter_value(sweep)}") if exp else []
         )
-        if not parents or not parents[0].data.tags.get("best_run_id"):
+        finished = [p for p in parents if p.data.tags.get("best_run_id")]
+        if not finished:
             raise RegistryError(f"no finished sweep {sweep!r} in experiment {experiment!r}")
-        run, label = parents[0].data.tags["best_run_id"], f"best trial of sweep {sweep}"
+        if len(finished) > 1:  # one name, checkpoints in several places: several users' sweeps
+            places = ", ".join(p.data.tags.get(LOCATION_TAG, "?") for p in finished)
+            raise RegistryError(f"{len(finished)} sweeps are named {sweep!r} (checkpoints in {places}); pass --run")
+        run, label = finished[0].data.tags["best_run_id"], f"best trial of sweep {sweep}"
     elif best_of:
         exp = client.get_experiment_by_name(best_of)
         if exp is None:
@@ -118,30 +123,55 @@ def resolve_candidate(
 
 
 class Scorer:
-    """FID with an interval on fresh seeds; one evaluator (real statistics) per dataset."""
+    """FID with an interval on fresh seeds. Every model is scored with one evaluation config,
+    the first model's (the candidate's, with ``num_samples``): FIDs on other sample counts
+    do not compare. A model trained with another evaluator is refused."""
 
     def __init__(self, tracking_uri: str, seeds: int, num_samples: int | None) -> None:
         self.tracking_uri, self.num_samples = tracking_uri, num_samples
         # Fresh latents: never the seed FID was tracked with during training.
         self.seeds = [10_000 + i for i in range(seeds)]
+        self.eval_cfg = None
+        self.models: dict = {}
         self.evaluators: dict = {}
+
+    def check(self, model_uris: list[str]) -> None:
+        """Load the models; the first one's evaluation (with ``num_samples``) becomes the one
+        for all. A model trained with another evaluator is refused before anything is scored."""
+        for uri in model_uris:
+            _, cfg = self.models[uri] = load_generator(uri, self.tracking_uri)
+            if self.eval_cfg is None:
+                eval_cfg = cfg.eval
+                if self.num_samples is not None:
+                    kid_subset = min(eval_cfg.kid_subset_size, self.num_samples)
+                    eval_cfg = dataclasses.replace(eval_cfg, num_samples=self.num_samples, kid_subset_size=kid_subset)
+                self.eval_cfg = eval_cfg
+            elif (cfg.eval.backbone, cfg.eval.backbone_uri) != (self.eval_cfg.backbone, self.eval_cfg.backbone_uri):
+                raise RegistryError(
+                    f"{uri} was evaluated with the {evaluator_name(cfg.eval)} evaluator, the candidate with "
+                    f"{evaluator_name(self.eval_cfg)}: their FIDs do not compare; register the candidate under "
+                    "another --model-name"
+                )
 
     def __call__(self, model_uri: str):
         """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model."""
         from gan.data import load_dataset
         from gan.metrics import Evaluator, fid_estimate
 
-        G, cfg = load_generator(model_uri, self.tracking_uri)
-        eval_cfg = cfg.eval
-        if self.num_samples is not None:
-            kid_subset = min(eval_cfg.kid_subset_size, self.num_samples)
-            eval_cfg = dataclasses.replace(eval_cfg, num_samples=self.num_samples, kid_subset_size=kid_subset)
+        if model_uri not in self.models:
+            self.check([model_uri])
+        G, cfg = self.models[model_uri]
+        eval_cfg = self.eval_cfg
         key = (cfg.data, eval_cfg)
         if key not in self.evaluators:
             data = load_dataset(cfg.data)
             self.evaluators[key] = (Evaluator(eval_cfg, data), data.fingerprint)
         evaluator, fingerprint = self.evaluators[key]
         return fid_estimate(evaluator, G, cfg.model.num_classes, self.seeds), cfg, fingerprint, evaluator.sha256
+
+
+def evaluator_name(eval_cfg) -> str:
+    return eval_cfg.backbone_uri if eval_cfg.backbone == "torchscript" else f"{eval_cfg.backbone!r}"
 
 
 def promote(
@@ -152,12 +182,14 @@ def promote(
     if champion is not None and candidate.version == champion.version:
         print(f"{candidate.label} is already {model_name}@{CHAMPION}; nothing to do")
         return 0
+    champion_uri = f"models:/{model_name}/{champion.version}" if champion else None
+    scorer.check([candidate.model_uri, *filter(None, [champion_uri])])
     print(f"scoring the candidate, {candidate.label} ({len(scorer.seeds)} fresh seeds)...", flush=True)
     cand_fid, cfg, fingerprint, evaluator_sha = scorer(candidate.model_uri)
     champ_fid = None
     if champion is not None:
         print(f"scoring the champion, version {champion.version}...", flush=True)
-        champ_fid, _, champ_fingerprint, _ = scorer(f"models:/{model_name}/{champion.version}")
+        champ_fid, _, champ_fingerprint, _ = scorer(champion_uri)
         if champ_fingerprint != fingerprint:
             raise RegistryError(
                 f"the candidate was trained on dataset {fingerprint[:12]} and the champion on {champ_fingerprint[:12]}: "
@@ -174,6 +206,7 @@ def promote(
         "promotion.margin": str(margin),
         "promotion.copy_share": f"{cand_fid.copy_share:.4f}",
         "promotion.max_copy_share": str(max_copy_share),
+        "promotion.eval": f"{scorer.eval_cfg.num_samples} samples x {len(scorer.seeds)} seeds, both models",
         "promotion.time": _now(),
         "dataset_fingerprint": fingerprint,
         "evaluator_sha256": evaluator_sha,
@@ -187,6 +220,14 @@ def promote(
     if dry_run:
         print("dry run: nothing changed")
         return 0
+    # Scoring takes minutes: another promotion may have moved the alias meanwhile.
+    now = version_by_alias(client, model_name, CHAMPION) if model_exists(client, model_name) else None
+    if (now and now.version) != (champion and champion.version):
+        raise RegistryError(
+            f"{model_name}@{CHAMPION} moved from version {champion.version if champion else '-'} to "
+            f"{now.version if now else '-'} while the candidate was scored; nothing changed: promote again to "
+            "compare with the new champion"
+        )
     version = candidate.version
     if version is None:
         version = register(scorer.tracking_uri, candidate.model_uri, model_name, cfg,
@@ -203,20 +244,32 @@ def promote(
 
 
 def rollback(client, model_name: str, dry_run: bool) -> int:
-    """Swap ``champion`` and ``previous``, so running it again undoes the rollback."""
+    """Swap ``champion`` and ``previous``, so running it again undoes the rollback.
+
+    The outgoing champion first gets the alias ``rolling-back``: a crash between the alias
+    writes leaves every version with an alias, and running it again finishes the swap."""
     check_model_exists(client, model_name)
     champion = version_by_alias(client, model_name, CHAMPION)
     previous = version_by_alias(client, model_name, PREVIOUS)
-    if previous is None:
+    outgoing = version_by_alias(client, model_name, ROLLING_BACK)
+    finishing = outgoing is not None and champion is not None and champion.version != outgoing.version
+    if finishing:  # interrupted after the champion moved: only `previous` is left to write
+        print(f"finishing an interrupted rollback: version {outgoing.version} becomes @{PREVIOUS}")
+        champion, previous = outgoing, champion
+    elif previous is None:
         raise RegistryError(f"{model_name} has no @{PREVIOUS} version to roll back to")
     print(f"{model_name}@{CHAMPION}: version {champion.version if champion else '-'} -> {previous.version}")
     if dry_run:
         print("dry run: nothing changed")
         return 0
-    client.set_registered_model_alias(model_name, CHAMPION, previous.version)
+    if not finishing:
+        if champion is not None:
+            client.set_registered_model_alias(model_name, ROLLING_BACK, champion.version)
+        client.set_registered_model_alias(model_name, CHAMPION, previous.version)
     if champion is not None:
         client.set_registered_model_alias(model_name, PREVIOUS, champion.version)
         client.set_model_version_tag(model_name, champion.version, "promotion.rolled_back", _now())
+        client.delete_registered_model_alias(model_name, ROLLING_BACK)
     print(f"rolled back: {model_name}@{CHAMPION} is version {previous.version}")
     return 0
 

@@ -137,10 +137,14 @@ def use(tracking_uri: str) -> None:
 
 def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, config_json: str) -> str:
     """Log a generator as an MLflow model under ``run_id``; returns its models:/ URI."""
+    from mlflow.tracking import MlflowClient
+
     from gan.config import Config
 
     use(tracking_uri)
     cfg = Config.from_json(config_json)
+    client = MlflowClient(tracking_uri)
+    status = client.get_run(run_id).info.status
     with tempfile.TemporaryDirectory(prefix="gan-model-") as tmp:
         path = os.path.join(tmp, GENERATOR_FILE)
         torch.save({"G_ema": G_ema_state, "config": config_json}, path)
@@ -156,6 +160,8 @@ def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, 
                 # In the MLmodel file, so the registry UI shows what the generator is.
                 metadata={"config": cfg.to_dict(), "classes": list(range(cfg.model.num_classes))},
             )
+    if status != "FINISHED":  # leaving start_run ended it FINISHED: a running or stopped run keeps its status
+        client.update_run(run_id, status=status)
     return info.model_uri
 
 
@@ -197,7 +203,7 @@ class RegistryError(ValueError):
     """A model name, alias, version or run that cannot be used; the message says which."""
 
 
-CHAMPION, PREVIOUS = "champion", "previous"
+CHAMPION, PREVIOUS, ROLLING_BACK = "champion", "previous", "rolling-back"
 
 
 def load_generator(model_uri: str, tracking_uri: str | None = None):

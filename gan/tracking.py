@@ -24,6 +24,7 @@ from gan.config import redact_uri
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 RUN_NAME_TAG = "gan.run_name"
+LOCATION_TAG = "gan.checkpoints"
 STOPPED_TAG = "sweep.stopped_early"
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 # Without it MLflow 3's UI opens an experiment on GenAI traces instead of its training runs.
@@ -52,6 +53,9 @@ class TrackingTarget:
 
     label: str = ""
     """The name the runs table shows (default: run_name, which stays the run's identity)."""
+    location: str = ""
+    """Where the run's checkpoints live. With run_name, the run's identity: two users who
+    train one config against one server (same name) keep two runs."""
 
     def child(self, run_name: str, parent_run_id: str, label: str = "") -> TrackingTarget:
         return replace(self, run_name=run_name, parent_run_id=parent_run_id, label=label)
@@ -202,7 +206,7 @@ class MLflowTracker(Tracker):
         self.client = MlflowClient(target.uri)
         try:
             experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
-            found = _find_run(self.client, experiment_id, target.run_name)
+            found = _find_run(self.client, experiment_id, target)
         except Exception as err:  # the store's own errors vary by backend
             raise TrackingError(
                 f"cannot use MLflow tracking at {redact_uri(target.uri)}: {type(err).__name__}: {err}"
@@ -216,7 +220,7 @@ class MLflowTracker(Tracker):
                 self.client.update_run(self.run_id, status="RUNNING")
             self.logged_steps = {m.step for m in self.client.get_metric_history(self.run_id, "fid")}
         else:
-            identity = {RUN_NAME_TAG: target.run_name}
+            identity = {RUN_NAME_TAG: target.run_name, **({LOCATION_TAG: target.location} if target.location else {})}
             if target.parent_run_id:
                 identity["mlflow.parentRunId"] = target.parent_run_id
             run = self.client.create_run(experiment_id, run_name=target.label or target.run_name, tags=identity)
@@ -406,10 +410,11 @@ def filter_value(text: str) -> str:
     raise TrackingError(f"name {text!r} holds both ' and \": MLflow cannot search for it; drop one kind of quote")
 
 
-def _find_run(client, experiment_id: str, run_name: str) -> list:
-    return client.search_runs(
-        [experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = {filter_value(run_name)}", max_results=1
-    )
+def _find_run(client, experiment_id: str, target: TrackingTarget) -> list:
+    wanted = f"tags.`{RUN_NAME_TAG}` = {filter_value(target.run_name)}"
+    if target.location:
+        wanted += f" and tags.`{LOCATION_TAG}` = {filter_value(target.location)}"
+    return client.search_runs([experiment_id], filter_string=wanted, max_results=1)
 
 
 def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None = None) -> str | None:
@@ -423,7 +428,7 @@ def finish_run(target: TrackingTarget, status: str, tags: dict[str, Any] | None 
     experiment = client.get_experiment_by_name(target.experiment)
     if experiment is None:
         return None
-    for run in _find_run(client, experiment.experiment_id, target.run_name):
+    for run in _find_run(client, experiment.experiment_id, target):
         if tags:  # the reason, also on a run its worker closed itself
             client.log_batch(run.info.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         if run.info.status != "RUNNING":
@@ -439,5 +444,5 @@ def run_id_of(target: TrackingTarget) -> str | None:
 
     client = MlflowClient(target.uri)
     experiment = client.get_experiment_by_name(target.experiment)
-    found = _find_run(client, experiment.experiment_id, target.run_name) if experiment else []
+    found = _find_run(client, experiment.experiment_id, target) if experiment else []
     return found[0].info.run_id if found else None

@@ -55,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         target = (
             None
             if args.no_tracking
-            else TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name, source=source)
+            else TrackingTarget(
+                resolve_uri(args.tracking_uri), args.experiment, name, source=source, location=storage.join(name)
+            )  # fmt: skip
         )
         if target is not None:
             prepare(target)

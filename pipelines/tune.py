@@ -76,8 +76,9 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     storage.claim(name, args.resume, "sweep")
     parent = None
     if not args.no_tracking:
-        parent = MLflowTracker(TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name, source=source_tags("pipelines/tune.py")),
-                               tags={"sweep.kind": "parent"})  # fmt: skip
+        target = TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name,
+                                source=source_tags("pipelines/tune.py"), location=storage.join(name))  # fmt: skip
+        parent = MLflowTracker(target, tags={"sweep.kind": "parent"})
         parent.log_params({**plans.plan_params(plan), **{f"base.{k}": v for k, v in base.flat().items()}})
         parent.log_dict(spaces.space_as_dict(space), "search_space.json")
     tracking = dataclasses.replace(parent.target, parent_run_id=parent.run_id) if parent else None
