@@ -211,7 +211,7 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
 
     Divergence is returned (its message), not raised: every rank meets it at the same
     step, and Ray would restart the workers from the last checkpoint only to diverge again."""
-    from gan.tracking import MLflowTracker, NullTracker
+    from gan.tracking import WORKER_WAIT_S, MLflowTracker, NullTracker
 
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:  # the CPUs this worker reserved
@@ -225,7 +225,7 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
             "ray.experiment": session.context.get_experiment_name(),
             "ray.node_id": ray.get_runtime_context().get_node_id(),  # where rank 0 ran
         }
-        tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags, system_metrics=True)
+        tracker = MLflowTracker(loop_config["tracking"], tags=ray_tags, system_metrics=True, wait_s=WORKER_WAIT_S)
     try:
         Trainer(cfg, session, tracker=tracker).train()
     except DivergenceError as err:

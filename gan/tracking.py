@@ -32,6 +32,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SOURCE_COMMIT_ENV = "GAN_SOURCE_COMMIT"
 CURVES_FLUSH_S = 15.0  # training curves go out in one batch this often: a call per log step would slow training
 SYSTEM_METRICS_INTERVAL_S = 10.0
+WORKER_WAIT_S = 600.0
+"""How long a (re)started Ray worker waits for an unreachable tracking server before failing."""
 
 
 class TrackingError(RuntimeError):
@@ -152,6 +154,25 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         )
 
 
+def wait_until_reachable(uri: str, wait_s: float, poll_s: float = 5.0) -> None:
+    """``check_reachable``, retried for up to ``wait_s``: a worker Ray restarts during an
+    outage waits for the server, instead of failing again and using up the run's retries."""
+    deadline = time.monotonic() + wait_s
+    said = False
+    while True:
+        try:
+            return check_reachable(uri)
+        except TrackingError as err:
+            if time.monotonic() >= deadline:
+                raise
+            if not said:
+                print(
+                    f"warning: {err}; waiting up to {wait_s:.0f}s for it before training", file=sys.stderr, flush=True
+                )
+                said = True
+        time.sleep(poll_s)
+
+
 def git_commit() -> str:
     """The checkout's commit; under `ray job submit` the uploaded working dir has no .git,
     so cluster/submit.sh passes the submitting side's commit in $GAN_SOURCE_COMMIT."""
@@ -191,12 +212,19 @@ class MLflowTracker(Tracker):
     the run closes is reported, never dropped silently (checkpoints keep the history)."""
 
     def __init__(
-        self, target: TrackingTarget, tags: dict[str, Any] | None = None, system_metrics: bool = False
+        self,
+        target: TrackingTarget,
+        tags: dict[str, Any] | None = None,
+        system_metrics: bool = False,
+        wait_s: float = 0.0,
     ) -> None:
+        """``wait_s``: how long to wait for an unreachable server (a worker); 0 fails at once."""
         from mlflow.tracking import MlflowClient
 
         for key, value in HTTP_DEFAULTS.items():
             os.environ.setdefault(key, value)
+        if wait_s:
+            wait_until_reachable(target.uri, wait_s)
         self.target = target
         self.pending: list[tuple[str, Any, tuple]] = []
         self.refused = ""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -26,13 +27,22 @@ def test_tracking_fills_the_gap_after_a_server_outage(bucket, s3_server, postgre
     url = f"http://127.0.0.1:{env['PORT']}"
     proc = start_server(env, tmp_path / "server.log")
     try:
-        tracker = MLflowTracker(TrackingTarget(url, "outage", "run"))
+        target = TrackingTarget(url, "outage", "run")
+        tracker = MLflowTracker(target)
         tracker.log_metrics({"fid": 3.0}, step=1)
         stop_server(proc)
         started = time.monotonic()
         tracker.log_metrics({"fid": 2.0}, step=2)  # training goes on: queued, no exception
         assert time.monotonic() - started < 60 and len(tracker.pending) == 1
+        # A worker Ray restarts now waits for the server instead of failing (a retry used up).
+        restarted: dict = {}
+        worker = threading.Thread(target=lambda: restarted.update(tracker=MLflowTracker(target, wait_s=300)))
+        worker.start()
+        worker.join(timeout=8)
+        assert worker.is_alive()  # still waiting, not failed
         proc = start_server(env, tmp_path / "server.log")
+        worker.join(timeout=120)
+        assert restarted["tracker"].run_id == tracker.run_id  # it found its run again
         tracker.log_metrics({"fid": 1.0}, step=3)  # the gap is sent first
         assert tracker.pending == []
         tracker.close("FINISHED")
