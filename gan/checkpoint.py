@@ -27,6 +27,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from gan.config import Config
+from gan.storage import folder_mode
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -91,7 +92,7 @@ def _save_local(root: str, files: list[tuple[str, bytes]]) -> None:
         for file_name, payload in files:
             with open(os.path.join(tmp, file_name), "wb") as handle:
                 handle.write(payload)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 would hide it from the run's other readers
+        os.chmod(tmp, folder_mode())  # mkdtemp's 0700 would hide it from the run's other readers
         if os.path.isdir(root):  # the same step written again (a resumed run): replace it whole
             old = f"{tmp}.old"
             os.rename(root, old)
@@ -102,12 +103,6 @@ def _save_local(root: str, files: list[tuple[str, bytes]]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -153,32 +148,35 @@ def load_latest(
     run_uri: str, storage_options: dict | None = None, say=print
 ) -> tuple[dict[str, Any], str] | tuple[None, None]:
     """(state, uri) of the newest checkpoint under ``run_uri`` that loads, saying which were
-    skipped and why (a corrupt newest one must not fail every retry the same way);
-    (None, None) when the run has no checkpoint. CheckpointError when none of them loads."""
+    skipped and why; (None, None) when the run has no checkpoint."""
     newest_first = sorted(find(run_uri, storage_options).all, reverse=True)  # zero-padded steps
-    return _first_that_loads(run_uri, newest_first, storage_options, say, "newest")
+    return first_that_loads(run_uri, newest_first, lambda uri: load(uri, storage_options)[0], say, "newest")
 
 
 def load_best(run_uri: str, storage_options: dict | None = None, say=print) -> tuple[dict[str, Any], str]:
     """(state, uri) of the lowest-FID checkpoint under ``run_uri`` that loads, saying which were skipped."""
-    state, uri = _first_that_loads(run_uri, find(run_uri, storage_options).ranked, storage_options, say, "best")
+    ranked = find(run_uri, storage_options).ranked
+    state, uri = first_that_loads(run_uri, ranked, lambda uri: load(uri, storage_options)[0], say, "best")
     if state is None:
         raise CheckpointError(f"{run_uri}: no checkpoint here (expected {DIR_PREFIX}* folders)")
     return state, uri
 
 
-def _first_that_loads(run_uri: str, uris, storage_options: dict | None, say, which: str):
+def first_that_loads(run_uri: str, candidates, load_one, say=print, which: str = "newest", label=str):
+    """(state, candidate) of the first of ``candidates`` that ``load_one`` loads, saying
+    which were skipped and why: a corrupt newest checkpoint must not fail every retry the
+    same way. (None, None) without candidates; CheckpointError when none loads."""
     errors = []
-    for uri in uris:
+    for candidate in candidates:
         try:
-            state, _ = load(uri, storage_options)
+            state = load_one(candidate)
         except CheckpointError as err:
             errors.append(str(err))
             say(f"warning: skipping a checkpoint that does not load: {err}", flush=True)
             continue
         if errors:
-            say(f"falling back to {uri}, the {which} checkpoint that loads", flush=True)
-        return state, uri
+            say(f"falling back to {label(candidate)}, the {which} checkpoint that loads", flush=True)
+        return state, candidate
     if errors:
         raise CheckpointError(f"no checkpoint under {run_uri} loads; the first tried: {errors[0]}")
     return None, None

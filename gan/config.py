@@ -103,14 +103,14 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
 
 
 RESOLUTIONS = (28, 32, 64)
-MAX_SEED = 2**32 - 1
+MAX_TRAIN_SEED = 2**32 - 1
 """Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
 NUM_SAMPLES_RANGE = (10, 100_000)
 """Images per FID/KID evaluation, in training and when promotion scores a model again."""
 
 
 def check_seed(name: str, value: int) -> None:
-    _check(0 <= value <= MAX_SEED, name, f"must be in [0, {MAX_SEED}]", value)
+    _check(0 <= value <= MAX_TRAIN_SEED, name, f"must be in [0, {MAX_TRAIN_SEED}]", value)
 
 
 def check_num_samples(name: str, value: int) -> None:

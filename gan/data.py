@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from gan.config import RESOLUTIONS, DataConfig
+from gan.storage import folder_mode
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -682,7 +683,7 @@ def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
         if (final / MANIFEST).is_file():
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest['sha256'][:16]}.partial-", dir=root))
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would hide the copy from other users of the node
+        tmp.chmod(folder_mode())  # mkdtemp's 0700 would hide the copy from other users of the node
         try:
             for name, sha256 in _shard_files(manifest):
                 _download(fs, f"{path}/{name}", f"{uri.rstrip('/')}/{name}", tmp / name, sha256)
@@ -728,9 +729,3 @@ def _fetch(fs, path: str, uri: str) -> bytes:
             return handle.read()
     except Exception as err:
         raise DataError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask

@@ -153,22 +153,23 @@ class RaySession:
         latest = self._train.get_checkpoint()
         if latest is None:
             return None
-        errors = []
-        for ckpt in self._newest_first(latest):
-            try:
-                with ckpt.as_directory() as directory:
-                    state, _ = checkpoint.load(directory)
-            except checkpoint.CheckpointError as err:
-                errors.append(f"{ckpt.path}: {err}")
-                if self.rank == 0:
-                    print(f"warning: skipping a checkpoint that does not load: {errors[-1]}", flush=True)
-                continue
-            if self.rank == 0:
-                print(f"resuming from {ckpt.path} (step {state['loop']['step']})", flush=True)
-            if errors:  # the steps after this one are written again: not into the folders Ray still tracks
-                self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
-            return state
-        raise checkpoint.CheckpointError(f"no checkpoint of this run loads; the newest: {errors[0]}")
+        say = print if self.rank == 0 else (lambda *args, **kwargs: None)
+        parent = latest.path.rstrip("/").rsplit("/", 1)[0]
+        state, found = checkpoint.first_that_loads(
+            parent, self._newest_first(latest), self._load, say, "newest", label=lambda ckpt: ckpt.path
+        )
+        say(f"resuming from {found.path} (step {state['loop']['step']})", flush=True)
+        if found is not latest:  # the steps after this one are written again: not into the folders Ray still tracks
+            self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
+        return state
+
+    @staticmethod
+    def _load(ckpt) -> dict[str, Any]:
+        try:
+            with ckpt.as_directory() as directory:
+                return checkpoint.load(directory)[0]
+        except checkpoint.CheckpointError as err:  # it names a local copy: say which checkpoint
+            raise checkpoint.CheckpointError(f"{ckpt.path}: {err}") from None
 
     def _newest_first(self, latest):
         """``latest``, then the run's other checkpoint folders before it, newest first."""

@@ -368,7 +368,7 @@ class FIDEstimate:
     ci95: float
     values: tuple[float, ...]
     floor: float
-    copy_share: float = math.nan
+    copy_share: float
     """Mean share of samples that are near-copies of training images."""
 
     def __str__(self) -> str:

@@ -154,12 +154,10 @@ class Scorer:
                 )
 
     def __call__(self, model_uri: str):
-        """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model."""
+        """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model ``check`` loaded."""
         from gan.data import load_dataset
         from gan.metrics import Evaluator, fid_estimate
 
-        if model_uri not in self.models:
-            self.check([model_uri])
         G, cfg = self.models[model_uri]
         eval_cfg = self.eval_cfg
         key = (cfg.data, eval_cfg)

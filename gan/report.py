@@ -11,7 +11,7 @@ from typing import Any
 from gan import checkpoint
 from gan.plan import Plan, child_run_name, trial_label
 from gan.sampling import class_grid, generator_from_state, png_bytes
-from gan.space import Dimension
+from gan.space import Dimension, searched
 from gan.storage import Storage
 from gan.tracking import MLflowTracker, git_commit, run_id_of
 
@@ -42,11 +42,11 @@ class TrialSummary:
 
 def table(rows: list[TrialSummary], space: dict[str, Dimension], plan: Plan) -> str:
     """The sweep at a glance: one line per trial, best first, searched values only."""
-    searched = [k for k, d in space.items() if d.kind != "constant"]
-    header = ["trial", "best FID", "last FID", "kimg", "time", "status", *searched]
+    fields = searched(space)
+    header = ["trial", "best FID", "last FID", "kimg", "time", "status", *fields]
     lines = []
     for row in rows:
-        values = [_short(row.params.get(k)) for k in searched]
+        values = [_short(row.params.get(k)) for k in fields]
         best = f"{row.best_fid:.2f}" if math.isfinite(row.best_fid) else "-"
         last = f"{row.fid:.2f}" if math.isfinite(row.fid) else "-"
         lines.append([row.trial_id, best, last, f"{row.kimg:.1f}", f"{row.time_s:.0f}s", row.status(plan), *values])
@@ -147,13 +147,12 @@ def report(
         registered = f"{model_name}/{version.version}"
     tags = {"best_trial": row.trial_id, "best_run_id": run_id or "", "best_checkpoint": row.best_checkpoint}
     parent.set_tags(tags | ({"registered_model": registered} if registered else {}))
-    searched = tuple(k for k, dim in space.items() if dim.kind != "constant")
-    parent.describe(sweep_description(rows, plan, row, worker_s, registered, searched))
+    parent.describe(sweep_description(rows, plan, row, worker_s, registered, searched(space)))
     return Best(row, row.best_checkpoint, meta, run_id, registered)
 
 
 def sweep_description(
-    rows: list[TrialSummary], plan: Plan, best: TrialSummary, worker_s: float, registered, searched: tuple[str, ...]
+    rows: list[TrialSummary], plan: Plan, best: TrialSummary, worker_s: float, registered, fields: tuple[str, ...]
 ) -> str:
     """The parent run's paragraph (markdown): the search, its outcome, the best trial and
     a link to its registered version."""
@@ -162,7 +161,7 @@ def sweep_description(
         f"Sweep of {len(rows)} trials, up to {plan.rounds} rounds of {plan.kimg_per_round:g} kimg each, "
         f"{plan.search} search with ASHA on FID: {outcomes['completed']} completed, {outcomes['stopped']} stopped "
         f"early, {outcomes['error']} failed; {worker_s:.0f} worker-seconds. "
-        f"Best: **{trial_label(best.trial_id, best.params, searched)}**, FID {best.best_fid:.2f} (floor {best.floor:.2f}) "
+        f"Best: **{trial_label(best.trial_id, best.params, fields)}**, FID {best.best_fid:.2f} (floor {best.floor:.2f}) "
         f"within {best.kimg:.1f} kimg."
     )
     if registered:

@@ -138,6 +138,11 @@ def space_as_dict(space: dict[str, Dimension]) -> dict[str, Any]:
     return {k: (d.values[0] if d.kind == "constant" else {d.kind: list(d.values)}) for k, d in space.items()}
 
 
+def searched(space: dict[str, Dimension]) -> tuple[str, ...]:
+    """The fields a sweep varies (what tables and labels show of a trial)."""
+    return tuple(k for k, dim in space.items() if dim.kind != "constant")
+
+
 def describe(space: dict[str, Dimension]) -> str:
     return "\n".join(f"  {key} = {dim.describe()}" for key, dim in space.items())
 

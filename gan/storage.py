@@ -124,3 +124,11 @@ class Storage:
             raise ValueError(f"no access to {where} (check AWS credentials): {err}") from None
         except (OSError, botocore.exceptions.BotoCoreError) as err:
             raise ValueError(f"cannot reach {where}: {type(err).__name__}: {err}") from None
+
+
+def folder_mode() -> int:
+    """The mode a new folder gets under the process's umask: what a folder made by
+    mkdtemp (0700) is given before it is renamed into place, so others can read it."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask

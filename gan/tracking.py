@@ -438,6 +438,12 @@ def filter_value(text: str) -> str:
     raise TrackingError(f"name {text!r} holds both ' and \": MLflow cannot search for it; drop one kind of quote")
 
 
+def check_names(*names: str | None) -> None:
+    """Before any work: every given name is one MLflow can search for."""
+    for name in filter(None, names):
+        filter_value(name)
+
+
 def _find_run(client, experiment_id: str, target: TrackingTarget) -> list:
     wanted = f"tags.`{RUN_NAME_TAG}` = {filter_value(target.run_name)}"
     if target.location:

@@ -19,7 +19,7 @@ import sys
 
 from gan.cli import USER_ERRORS, fail
 from gan.config import check_num_samples
-from gan.tracking import check_reachable, filter_value, resolve_uri
+from gan.tracking import check_names, check_reachable, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples is not None:
             check_num_samples("--num-samples", args.num_samples)
-        for name in filter(None, (args.model_name, args.sweep)):
-            filter_value(name)
+        check_names(args.model_name, args.sweep)
     except USER_ERRORS as err:
         return fail(str(err))
 

@@ -23,7 +23,7 @@ from gan.cli import USER_ERRORS, add_config_args, add_run_args, add_sweep_args, 
 from gan.config import override, preset
 from gan.metrics import check_backbone
 from gan.storage import Storage
-from gan.tracking import filter_value
+from gan.tracking import check_names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
         check_backbone(base.eval)
         if not args.no_tracking:
-            for name in filter(None, (args.name, args.model_name)):
-                filter_value(name)
+            check_names(args.name, args.model_name)
     except USER_ERRORS as err:
         return fail(str(err))
     if args.dry_run:
@@ -82,8 +81,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         parent.log_params({**plans.plan_params(plan), **{f"base.{k}": v for k, v in base.flat().items()}})
         parent.log_dict(spaces.space_as_dict(space), "search_space.json")
     tracking = dataclasses.replace(parent.target, parent_run_id=parent.run_id) if parent else None
-    searched = tuple(k for k, dim in space.items() if dim.kind != "constant")
-    setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking, searched)
+    setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking, spaces.searched(space))
     print(
         f"{'resuming' if args.resume else 'starting'} sweep {name!r}: {plan.trials} trials x up to {plan.rounds} "
         f"rounds of {plan.kimg_per_round:g} kimg, ASHA (grace {plan.grace_rounds}, reduction {plan.reduction_factor}) "

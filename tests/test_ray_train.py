@@ -107,45 +107,17 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     assert MlflowClient(tracking.uri).get_run(run_id).info.status == "FINISHED"
 
 
-def test_resume_from_checkpoint_in_s3(bucket, s3_server, tmp_path):
-    name, _ = bucket
-    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", f"s3://{name}/runs",
-            "--name", "s3run", "--cpus-per-worker", "1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
-
-    def run(*extra):
-        proc = subprocess.run([*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        return proc.stdout + proc.stderr
-
-    run("--set", "train.total_kimg=0.16")
-    refused = subprocess.run(
-        [*base, "--set", "train.total_kimg=0.32"], cwd=ROOT, env=env, capture_output=True, text=True
-    )
-    assert refused.returncode == 2 and "already holds a run: pass --resume" in refused.stderr
-    out = run("--set", "train.total_kimg=0.32", "--resume")
-    assert "resuming from" in out and "(step 10)" in out
+def test_resume_from_checkpoint_in_s3_past_a_torn_latest_checkpoint(bucket, s3_server, tmp_path):
+    """A run in S3 is refused a second start without --resume. Its latest checkpoint then
+    loses its state.pt's tail: the resumed run says so, continues from the checkpoint
+    before it and finishes, instead of failing every retry the same way; its one MLflow
+    run has every evaluation once."""
     import s3fs
 
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
-    latest = max(p for p in fs.ls(f"{name}/runs/s3run") if "checkpoint_" in p)
-    state, _ = checkpoint.load(f"s3://{latest}", {"client_kwargs": {"endpoint_url": s3_server}})
-    assert state["loop"]["step"] == 20 and state["loop"]["images_seen"] == 320
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])  # one run, resumed
-    assert tracked.info.status == "FINISHED" and tracked.data.tags["world_size"] == "1"
-    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320]
-
-
-def test_resume_falls_back_past_a_torn_latest_checkpoint(tmp_path):
-    """Ray's latest checkpoint lost its state.pt's tail: the resumed run says so, continues
-    from the checkpoint before it and finishes, instead of failing every retry the same way."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", str(tmp_path),
-            "--name", "torn", "--cpus-per-worker", "1", "--no-tracking", "--set", "eval.every_kimg=0.16"]  # fmt: skip
+    name, _ = bucket
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"AWS_ENDPOINT_URL": s3_server}
+    base = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--storage", f"s3://{name}/runs",
+            "--name", "s3run", "--cpus-per-worker", "1", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"]  # fmt: skip
 
     def run(*extra):
         proc = subprocess.run([*base, *extra], cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -153,15 +125,25 @@ def test_resume_falls_back_past_a_torn_latest_checkpoint(tmp_path):
         return proc.stdout + proc.stderr
 
     run("--set", "train.total_kimg=0.32")
-    older, newest = (tmp_path / "torn" / checkpoint.dir_name(step) for step in (10, 20))
-    assert (older / "state.pt").exists()
-    state_file = newest / "state.pt"
-    state_file.write_bytes(state_file.read_bytes()[:1000])
+    refused = subprocess.run(
+        [*base, "--set", "train.total_kimg=0.48"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "already holds a run: pass --resume" in refused.stderr
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server})
+    older, newest = (f"{name}/runs/s3run/{checkpoint.dir_name(step)}" for step in (10, 20))
+    fs.pipe(f"{newest}/state.pt", fs.cat(f"{newest}/state.pt")[:1000])
     out = run("--set", "train.total_kimg=0.48", "--resume")
     assert f"skipping a checkpoint that does not load: {newest}" in out, out[-3000:]
     assert f"resuming from {older} (step 10)" in out
-    state, meta = checkpoint.load(checkpoint.find(str(tmp_path / "torn")).latest)
+    latest = max(p for p in fs.ls(f"{name}/runs/s3run") if "checkpoint_" in p)
+    state, meta = checkpoint.load(f"s3://{latest}", {"client_kwargs": {"endpoint_url": s3_server}})
     assert state["loop"]["step"] == meta["step"] == 30 and state["loop"]["images_seen"] == 480
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])  # one run, resumed
+    assert tracked.info.status == "FINISHED" and tracked.data.tags["world_size"] == "1"
+    assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320, 480]
 
 
 def test_missing_bucket_fails_before_any_worker(s3_server):
