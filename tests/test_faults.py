@@ -43,7 +43,7 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     command = [sys.executable, "pipelines/tune.py", "--trials", "1", "--rounds", "3", "--grace-rounds", "3", *TINY,
-               "--kimg-per-round", "3", "--space", "loss.r1_gamma=grid:0,1e39", "--space", "loss.r1_every=1",
+               "--kimg-per-round", "1.5", "--space", "loss.r1_gamma=grid:0,1e39", "--space", "loss.r1_every=1",
                "--set", "train.log_every_steps=10", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "faults",
                "--tracking-uri", tracking, "--experiment", "faults"]  # fmt: skip
     log_path = tmp_path / "sweep.log"

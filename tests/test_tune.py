@@ -145,9 +145,9 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
-    # Rounds long enough (about 10 s) to catch a trial between two checkpoints.
+    # Rounds long enough (5 to 15 s here, longer on a slower machine) to catch a trial between two checkpoints.
     command = [sys.executable, "pipelines/tune.py", "--trials", "2", "--rounds", "3", "--grace-rounds", "3",
-               *TINY, "--kimg-per-round", "3", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "killed",
+               *TINY, "--kimg-per-round", "1.5", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "killed",
                "--tracking-uri", tracking, "--experiment", "resume"]  # fmt: skip
     sweep_dir = tmp_path / "runs" / "killed"
     log = open(tmp_path / "first.log", "w")
@@ -175,6 +175,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
     resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600,
                              start_new_session=True)  # fmt: skip
     output = resumed.stdout + resumed.stderr
+    (tmp_path / "resumed.log").write_text(output)
     assert resumed.returncode == 0, output[-5000:]
     assert "resuming from" in output  # the interrupted trial continued from its checkpoint
     assert sorted(os.listdir(sweep_dir / "trials" / finished)) == finished_checkpoints  # not run again

@@ -30,12 +30,12 @@ def cli(*args: str) -> str:
 
 @pytest.fixture(scope="module")
 def reviewed(mlflow_server_module, tmp_path_factory):
-    """A 3-trial sweep tracked on the server, its best generator promoted to champion."""
+    """A 2-trial sweep tracked on the server, its best generator promoted to champion."""
     from mlflow.tracking import MlflowClient
 
     url, _ = mlflow_server_module
     storage = tmp_path_factory.mktemp("sweeps")
-    out = cli("pipelines/tune.py", "--trials", "3", "--rounds", "2", "--kimg-per-round", "0.5",
+    out = cli("pipelines/tune.py", "--trials", "2", "--rounds", "2", "--kimg-per-round", "0.5",
               "--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50", "--storage", str(storage),
               "--set", "train.log_every_steps=2",  # rounds of 8 steps: curves need a log step more often
               "--tracking-uri", url, "--experiment", EXPERIMENT, "--model-name", MODEL)  # fmt: skip
