@@ -1,6 +1,7 @@
-"""The registry's and the tracker's bookkeeping on a real MLflow store (SQLite, local
-artefacts) when several users share it or a process dies: no status rewritten, no
-duplicate version, no champion overwritten unseen or lost, FIDs that compare."""
+"""The registry's and the tracker's bookkeeping on a real `mlflow server` (PostgreSQL,
+artefacts in the S3 server on 127.0.0.1) when several users share it or a process dies:
+no status rewritten, no duplicate version, no champion overwritten unseen or lost, FIDs
+that compare."""
 
 from __future__ import annotations
 
@@ -12,18 +13,17 @@ from gan.models import build_models
 from gan.report import TrialSummary, register_best
 from gan.tracking import MLflowTracker, TrackingTarget, finish_run, run_id_of
 
+pytestmark = pytest.mark.integration
 DEBUG = preset("debug")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory):
+def store(mlflow_server_module):
     from mlflow.tracking import MlflowClient
 
-    tmp = tmp_path_factory.mktemp("store")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = MlflowClient(uri)
-    experiment = client.create_experiment("runs", artifact_location=(tmp / "artifacts").as_uri())
-    return uri, client, experiment
+    url, _ = mlflow_server_module
+    client = MlflowClient(url)
+    return url, client, client.create_experiment("runs")
 
 
 def logged_run(store, cfg=DEBUG) -> tuple[str, str]:

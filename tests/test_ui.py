@@ -148,7 +148,9 @@ def test_a_run_page_shows_its_data_description_and_source(reviewed, page):
     digest = child.data.tags["dataset_fingerprint"][:32]
     assert f"mnist5k ({digest})" in body and "Training" in body  # the dataset input
     assert "tune.py" in body and child.data.tags["mlflow.source.git.commit"][:7] in body  # the source
-    page.get_by_text("+1", exact=True).click()  # the second input: the evaluator
+    # The second input, the evaluator, behind the "+1" beside the dataset (metric rows have
+    # "+1" chips too, for the run's second model).
+    page.locator(':text-is("+1"):right-of(:text("mnist5k"))').first.click()
     page.get_by_text(re.compile(r"evaluator:digits")).first.wait_for()
 
 
