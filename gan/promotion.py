@@ -18,14 +18,14 @@ from gan.registry import (
     PREVIOUS,
     ROLLING_BACK,
     RegistryError,
+    champion_of,
     check_model_exists,
+    latest_version_of_run,
     load_generator,
     logged_model_uri,
-    model_exists,
     register,
     set_aliases,
     version_by_alias,
-    versions_of_run,
 )
 from gan.tracking import LOCATION_TAG, RUN_NAME_TAG, filter_value, git_commit
 
@@ -114,8 +114,7 @@ def resolve_candidate(
     model_uri = logged_model_uri(tracking_uri, found_run, "generator_best")
     if model_uri is None:
         raise RegistryError(f"{label} has no generator_best model (did it finish?)")
-    registered = versions_of_run(client, model_name, run) if model_exists(client, model_name) else []
-    latest = max(registered, key=lambda v: int(v.version)) if registered else None
+    latest = latest_version_of_run(client, model_name, run)
     if latest is not None:
         return Candidate(f"models:/{model_name}/{latest.version}", run, latest.version,
                          f"{label} (version {latest.version})")  # fmt: skip
@@ -176,7 +175,7 @@ def promote(
     client, candidate: Candidate, model_name: str, scorer: Scorer, margin: float, max_copy_share: float, dry_run: bool
 ) -> int:
     """Score, decide, record the evidence and move the aliases; 0 promoted, 1 refused."""
-    champion = version_by_alias(client, model_name, CHAMPION) if model_exists(client, model_name) else None
+    champion = champion_of(client, model_name)
     if champion is not None and candidate.version == champion.version:
         print(f"{candidate.label} is already {model_name}@{CHAMPION}; nothing to do")
         return 0
@@ -219,7 +218,7 @@ def promote(
         print("dry run: nothing changed")
         return 0
     # Scoring takes minutes: another promotion may have moved the alias meanwhile.
-    now = version_by_alias(client, model_name, CHAMPION) if model_exists(client, model_name) else None
+    now = champion_of(client, model_name)
     if (now and now.version) != (champion and champion.version):
         raise RegistryError(
             f"{model_name}@{CHAMPION} moved from version {champion.version if champion else '-'} to "

@@ -255,8 +255,17 @@ def version_by_alias(client, name: str, alias: str):
         raise
 
 
-def versions_of_run(client, name: str, run_id: str) -> list:
-    return client.search_model_versions(f"name = {filter_value(name)} and run_id = '{run_id}'")
+def latest_version_of_run(client, name: str, run_id: str):
+    """The newest version of ``name`` registered from ``run_id``, or None."""
+    if not model_exists(client, name):
+        return None
+    found = client.search_model_versions(f"name = {filter_value(name)} and run_id = '{run_id}'")
+    return max(found, key=lambda v: int(v.version)) if found else None
+
+
+def champion_of(client, name: str):
+    """The version behind ``name@champion``, or None (no such model, or no champion yet)."""
+    return version_by_alias(client, name, CHAMPION) if model_exists(client, name) else None
 
 
 def model_exists(client, name: str) -> bool:

@@ -178,10 +178,9 @@ def register_best(tracking_uri: str, model_name: str, run_id: str, state, meta, 
     from gan.config import Config
 
     client = MlflowClient(tracking_uri)
-    if registry.model_exists(client, model_name):  # a resumed sweep that registered its best before
-        done = registry.versions_of_run(client, model_name, run_id)
-        if done:
-            return max(done, key=lambda v: int(v.version))
+    done = registry.latest_version_of_run(client, model_name, run_id)
+    if done is not None:  # a resumed sweep that registered its best before
+        return done
     run = client.get_run(run_id)
     # A completed trial logged generator_best before closing its run FINISHED; a stopped
     # one never got there, so its best checkpoint's G_ema is logged now.
