@@ -5,7 +5,8 @@
 #
 #   bash cluster/local_cluster.sh start      # head + worker, prints how to submit
 #   source .ray-local/env                    # RAY_ADDRESS, RAY_AUTH_MODE, RAY_AUTH_TOKEN_PATH
-#   ray job submit --working-dir . -- python pipelines/tune.py --budget-minutes 5
+#   ray job submit --working-dir . -- python pipelines/tune.py --budget-minutes 5 --storage "$PWD/runs" \
+#       --shared-storage --tracking-uri "sqlite:///$PWD/mlflow.db"     # both nodes share this machine's disk
 #   bash cluster/local_cluster.sh stop       # stops both nodes by their own process groups
 #
 # Settings: STATE_DIR (.ray-local), HEAD_CPUS (1), WORKER_CPUS (1), RAY_PORT (6379),
@@ -74,7 +75,7 @@ export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE_DIR/auth_token
 ENV
   echo "local Ray cluster up: head ($HEAD_CPUS CPU) + worker node ($WORKER_CPUS CPU), dashboard http://127.0.0.1:$DASHBOARD_PORT"
-  echo "submit:  source $STATE_DIR/env && ray job submit --working-dir . -- python pipelines/tune.py"
+  echo "submit:  source $STATE_DIR/env && ray job submit --working-dir . -- python pipelines/tune.py --storage \"\$PWD/runs\" --shared-storage --tracking-uri \"sqlite:///\$PWD/mlflow.db\""
   echo "stop:    bash cluster/local_cluster.sh stop"
 }
 

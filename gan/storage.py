@@ -8,6 +8,7 @@ the only two places that convert, so callers never add a scheme back by hand.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
@@ -15,6 +16,22 @@ import fsspec
 
 SCHEMES = ("s3",)
 """Object stores a run can use; anything else with ``://`` is refused, never a local folder."""
+JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+"""Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
+
+
+def check_outlives_job(path: str, what: str, instead: str) -> None:
+    """Under `ray job submit --working-dir`, the entrypoint runs in Ray's temporary copy
+    of that folder, deleted when the job ends: nothing a user keeps may be written there."""
+    try:
+        runtime_env = json.loads(os.environ.get(JOB_CONFIG_ENV) or "{}").get("runtime_env") or {}
+    except (ValueError, AttributeError):
+        return
+    copy = os.getcwd()
+    if runtime_env.get("working_dir") and os.path.commonpath([os.path.abspath(path), copy]) == copy:
+        raise ValueError(
+            f"{what} is inside Ray's temporary copy of --working-dir ({copy}), deleted when the job ends; {instead}"
+        )
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class Storage:
             if not rest.split("/", 1)[0]:
                 raise ValueError(f"--storage {uri}: no bucket name")
             return cls(uri.rstrip("/"), endpoint_url or os.environ.get("AWS_ENDPOINT_URL"))
+        check_outlives_job(uri, f"--storage {uri}", 'pass an absolute folder (--storage "$PWD/runs") or s3://...')
         return cls(os.path.abspath(uri), None, shared)
 
     @classmethod

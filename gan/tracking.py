@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gan.config import redact_uri
+from gan.storage import check_outlives_job
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -91,8 +92,11 @@ def resolve_uri(uri: str | None) -> str:
     sqlite paths become absolute, so Ray workers (in other folders) find the same store."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_URI
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/"):
-        uri = prefix + os.path.abspath(uri[len(prefix) :])
+    if uri.startswith(prefix):
+        path = uri[len(prefix) :]
+        instead = 'pass --tracking-uri "sqlite:///$PWD/mlflow.db" (absolute) or http://your-mlflow-server'
+        check_outlives_job(path, f"the MLflow store {uri}", instead)
+        uri = prefix + os.path.abspath(path)
     return uri
 
 

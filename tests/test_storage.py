@@ -125,3 +125,23 @@ def test_a_node_local_folder_is_refused_on_a_cluster_of_several_nodes(tmp_path):
         local.check_cluster(2)
     Storage.parse(str(tmp_path / "runs"), shared=True).check_cluster(8)
     Storage.parse("s3://bucket/runs").check_cluster(8)
+
+
+def test_nothing_is_kept_in_the_temporary_copy_of_a_jobs_working_dir(tmp_path, monkeypatch):
+    """Under `ray job submit --working-dir .` the entrypoint runs in Ray's copy of the
+    folder, deleted when the job ends: relative storage and SQLite paths are refused there
+    (tests/test_tune.py submits a real job for --storage)."""
+    from gan.storage import JOB_CONFIG_ENV
+    from gan.tracking import resolve_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"  # not a job: absolute, kept
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {"working_dir": "gcs://_ray_pkg_1.zip"}}))
+    with pytest.raises(ValueError, match=r"MLflow store sqlite:///mlflow.db is inside Ray's temporary copy.*\$PWD"):
+        resolve_uri("sqlite:///mlflow.db")
+    with pytest.raises(ValueError, match="--storage runs is inside Ray's temporary copy"):
+        Storage.parse("runs")
+    assert resolve_uri("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
+    assert Storage.parse("/srv/runs").uri == "/srv/runs"
+    monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))  # a job without --working-dir
+    assert Storage.parse("runs").uri == f"{tmp_path}/runs"
