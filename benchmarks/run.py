@@ -17,6 +17,9 @@ Benchmarks (each also runs alone with --only):
             step, and a projection to N GPU workers (assumptions printed with it)
   tune      the same search space, seeds and trial count with ASHA and without early
             stopping: best FID and worker-seconds
+  schedulers PBT vs ASHA vs no early stopping on the same space (the settings PBT can
+            perturb), trials and budget (rounds sized by --budget-minutes, so each spends
+            about the same worker-seconds): best FID and worker-seconds
   eval      FID evaluation time as a share of training time at the default interval, and
             peak memory of the default training job
   tracking  img/s in-process with MLflow tracking to a local `mlflow server` vs without
@@ -69,6 +72,10 @@ SCALING_KIMG = (40, 6)
 TUNE_PLAN = (
     ["--trials", "8", "--rounds", "8", "--kimg-per-round", "10"],
     ["--trials", "4", "--rounds", "2", "--kimg-per-round", "1"],
+)
+SCHEDULERS_PLAN = (
+    ["--trials", "4", "--rounds", "4", "--budget-minutes", "8"],
+    ["--trials", "2", "--rounds", "2", "--budget-minutes", "1"],
 )
 TRACKING_KIMG = (30, 5)
 S3READS_PLAN = (
@@ -240,6 +247,37 @@ def tune(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
         ),
         ("ASHA compute share (target <= 40%)", f"{asha_s / full_s:.0%}", ""),
     ]
+
+
+def schedulers(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    from gan import space as spaces
+
+    plan = SCHEDULERS_PLAN[quick]
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="gan-bench-pbt-") as tmp:
+        space = Path(tmp) / "space.json"
+        space.write_text(json.dumps(spaces.mutable_only(spaces.default(gpu=False))))
+        for scheduler in ("pbt", "asha", "fifo"):
+            started = time.monotonic()
+            proc = subprocess.run([PY, "pipelines/tune.py", *plan, "--scheduler", scheduler, "--space-file", str(space),
+                                   "--storage", f"{tmp}/{scheduler}", "--no-tracking", "--name", "bench"], cwd=ROOT,
+                                  capture_output=True, text=True)  # fmt: skip
+            if proc.returncode != 0:
+                raise RuntimeError(f"tune --scheduler {scheduler} failed:\n{proc.stderr[-3000:]}")
+            best = float(re.search(r"best: trial \S+, FID ([\d.]+)", proc.stdout).group(1))
+            worker_s = float(re.search(r"worker-seconds (\d+)", proc.stdout).group(1))
+            kimg = re.search(r"rounds of ([\d.]+) kimg", proc.stdout).group(1)
+            exploits = sum(int(n) for n in re.findall(r"(\d+) exploit\(s\)", proc.stdout))
+            results[scheduler] = (best, worker_s, time.monotonic() - started, kimg, exploits)
+    pbt, asha, fifo = results["pbt"], results["asha"], results["fifo"]
+    return [
+        ("best FID, PBT / ASHA / no early stopping", f"{pbt[0]:.1f} / {asha[0]:.1f} / {fifo[0]:.1f}",
+         f"{' '.join(plan)}, search seed 0"),
+        ("PBT at least as good as ASHA (target)", f"{pbt[0] / asha[0] - 1:+.1%}", "negative: PBT better"),
+        ("worker-seconds, PBT / ASHA / no early stopping", f"{pbt[1]:.0f} / {asha[1]:.0f} / {fifo[1]:.0f}",
+         f"rounds of {pbt[3]} / {asha[3]} / {fifo[3]} kimg; wall {pbt[2]:.0f}s / {asha[2]:.0f}s / {fifo[2]:.0f}s"),
+        ("PBT exploits", str(pbt[4]), ""),
+    ]  # fmt: skip
 
 
 def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
@@ -504,6 +542,7 @@ BENCHMARKS = {
     "speed": speed,
     "scaling": scaling,
     "tune": tune,
+    "schedulers": schedulers,
     "eval": eval_cost,
     "tracking": tracking,
     "s3reads": s3reads,

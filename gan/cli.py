@@ -55,6 +55,10 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     search = parser.add_argument_group("search and early stopping")
     search.add_argument("--trials", type=int, default=8, help="configurations to try (default 8)")
     search.add_argument("--rounds", type=int, default=4, help="evaluation rounds of a full trial (default 4)")
+    search.add_argument("--scheduler", default="asha", choices=("asha", "pbt", "fifo"),
+                        help="asha stops weak trials on FID; pbt continues them from strong ones with perturbed "
+                        "learning rates, betas and EMA; fifo runs every trial to the end (default asha)")  # fmt: skip
+    search.add_argument("--perturbation-rounds", type=int, default=1, help="PBT: rounds between exploits (default 1)")
     search.add_argument("--grace-rounds", type=int, default=1, help="rounds before ASHA may stop a trial (default 1)")
     search.add_argument("--reduction-factor", type=int, default=2, help="ASHA keeps 1/this at each rung (default 2)")
     search.add_argument(

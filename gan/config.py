@@ -107,6 +107,8 @@ MAX_TRAIN_SEED = 2**32 - 1
 """Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
 NUM_SAMPLES_RANGE = (10, 100_000)
 """Images per FID/KID evaluation, in training and when promotion scores a model again."""
+MUTABLE = ("optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_half_life_kimg")
+"""Settings a running loop can change (GANLoop.set_hyperparameters): what PBT perturbs."""
 
 
 def check_seed(name: str, value: int) -> None:

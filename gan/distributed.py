@@ -13,6 +13,7 @@ import os
 import socket
 import tempfile
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from gan import checkpoint
 from gan.config import Config, check_split
 from gan.loop import DivergenceError
 from gan.plan import Scaling
+from gan.population import Exploit
 from gan.storage import Storage
 from gan.tracking import TrackingTarget
 from gan.trainer import Snapshot, Trainer
@@ -121,8 +123,20 @@ def all_gather(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch.cat(parts).to(values.device)
 
 
+@dataclass(frozen=True)
+class Member:
+    """How a PBT trial's workers reach its population (gan/sweep.py hosts it in an actor)."""
+
+    actor: str
+    """The population actor's name."""
+    trial: str
+    run_uri: str
+    """Full URI of the trial's Ray Train run: its checkpoints are folders in it."""
+    storage_options: dict
+
+
 class RaySession:
-    def __init__(self) -> None:
+    def __init__(self, member: Member | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -132,6 +146,10 @@ class RaySession:
         self._train = ray.train
         self.dir_suffix = ""
         """Added to checkpoint folder names after falling back past a checkpoint that does not load."""
+        self.member = member
+        self.in_population = member is not None
+        self.last_checkpoint = ""
+        """Full URI of the checkpoint this run restored or reported last: what a population gets."""
 
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
         return ddp_wrap(module, self.device, sync_bn=sync_batchnorm) if self.world_size > 1 else module
@@ -159,6 +177,8 @@ class RaySession:
             parent, self._newest_first(latest), self._load, say, "newest", label=lambda ckpt: ckpt.path
         )
         say(f"resuming from {found.path} (step {state['loop']['step']})", flush=True)
+        if self.member is not None:
+            self.last_checkpoint = f"{self.member.run_uri}/{found.path.rstrip('/').rsplit('/', 1)[-1]}"
         if found is not latest:  # the steps after this one are written again: not into the folders Ray still tracks
             self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
         return state
@@ -187,18 +207,39 @@ class RaySession:
         )  # fmt: skip
         return [latest, *(self._train.Checkpoint(path, filesystem=latest.filesystem) for path in older)]
 
+    def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> tuple[Exploit, dict] | None:
+        """Rank 0 tells the population about this round; every rank gets its answer and,
+        when the trial is to continue from another, that trial's checkpoint."""
+        if self.member is None:
+            return None
+        found = [None]
+        if self.rank == 0:
+            import ray
+
+            population = ray.get_actor(self.member.actor)
+            found[0] = ray.get(population.report.remote(
+                self.member.trial, round_, metrics["fid"], self.last_checkpoint, int(metrics["images_seen"]), params
+            ))  # fmt: skip
+        if self.world_size > 1:
+            dist.broadcast_object_list(found, src=0)
+        exploit = found[0]
+        if exploit is None:
+            return None
+        return exploit, checkpoint.load(exploit.checkpoint, self.member.storage_options)[0]
+
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
         # Every worker reports the same number of times; only rank 0 attaches the checkpoint.
         if snapshot is None or self.rank != 0:
             self._train.report(metrics)
             return
+        name = checkpoint.dir_name(int(metrics["step"])) + self.dir_suffix
         with tempfile.TemporaryDirectory(prefix="gan-ckpt-") as directory:
             checkpoint.write_dir(directory, snapshot.state, snapshot.meta, snapshot.grid_png)
             self._train.report(
-                metrics,
-                checkpoint=self._train.Checkpoint.from_directory(directory),
-                checkpoint_dir_name=checkpoint.dir_name(int(metrics["step"])) + self.dir_suffix,
+                metrics, checkpoint=self._train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
             )
+        if self.member is not None:
+            self.last_checkpoint = f"{self.member.run_uri}/{name}"
         print(
             f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f} (best {metrics['best_fid']:.2f}, "
             f"floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s",
@@ -217,7 +258,7 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:  # the CPUs this worker reserved
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    session = RaySession()
+    session = RaySession(loop_config.get("member"))
     tracker = NullTracker()
     if session.rank == 0 and loop_config.get("tracking"):
         import ray
@@ -319,19 +360,21 @@ def make_trainer(
     name: str,
     storage_path: str,
     storage_filesystem=None,
-    keep_checkpoints: int = 2,
+    keep_checkpoints: int | None = 2,
     max_failures: int = 3,
     callbacks: list | None = None,
     tracking: TrackingTarget | None = None,
+    member: Member | None = None,
 ):
     """A TorchTrainer for ``cfg``; it resumes from its latest checkpoint when a run
-    with the same name already exists under ``storage_path`` (Train V2 restoration)."""
+    with the same name already exists under ``storage_path`` (Train V2 restoration).
+    ``keep_checkpoints`` None keeps every round's (PBT's donors are read by round)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_json(), "tracking": tracking},
+        train_loop_config={"config": cfg.to_json(), "tracking": tracking, "member": member},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,

@@ -160,6 +160,15 @@ class GANLoop:
         self._last: dict[str, torch.Tensor] = {}
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
+    def set_hyperparameters(self, cfg: Config) -> None:
+        """Train on with ``cfg``'s learning rates, betas and EMA half-life (config.MUTABLE):
+        PBT's explore step on a running loop."""
+        for opt, lr in ((self.opt_g, cfg.optim.lr_g), (self.opt_d, cfg.optim.lr_d)):
+            for group in opt.param_groups:
+                group.update(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
+        self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        self.cfg = cfg
+
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
         g = torch.Generator(device=self.data_device).manual_seed(self.cfg.train.seed * 1_000_003 + epoch)

@@ -18,6 +18,9 @@ from gan.space import Dimension, as_override
 # time that is training rather than trial start-up and evaluation.
 CPU_IMG_PER_S = 250
 TRAINING_SHARE = 0.6
+SCHEDULERS = ("asha", "pbt", "fifo")
+PBT_QUANTILE = 0.25
+"""Share of the trials at a round that exploit, and that may be exploited (as in Ray's PBT)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class Plan:
     kimg_per_round: float = 10.0
     search: str = "random"
     seed: int = 0
+    scheduler: str = "asha"
+    """asha (stop weak trials), pbt (weak trials continue from strong ones, perturbed), fifo (none)."""
+    perturbation_rounds: int = 1
+    """PBT: rounds between a trial's chances to exploit."""
     scaling: Scaling = Scaling()
     max_failures: int = 2
     """Worker failures a trial survives (it restarts from its last checkpoint)."""
@@ -63,15 +70,28 @@ class Plan:
             raise ConfigError(f"--reduction-factor {self.reduction_factor}: must be >= 2")
         if self.search not in ("random", "optuna"):
             raise ConfigError(f"--search {self.search!r}: choose random or optuna")
+        if self.scheduler not in SCHEDULERS:
+            raise ConfigError(f"--scheduler {self.scheduler!r}: choose {', '.join(SCHEDULERS)}")
+        if not 1 <= self.perturbation_rounds < max(self.rounds, 2):
+            raise ConfigError(
+                f"--perturbation-rounds {self.perturbation_rounds}: must be in [1, --rounds) so that a trial "
+                "can exploit before its last round"
+            )
 
     def stopped_early(self, rounds: int) -> bool:
-        """A trial that ended before its last round was stopped by the scheduler."""
-        return rounds < self.rounds
+        """A trial that ended before its last round was stopped by ASHA (the only scheduler that stops)."""
+        return self.scheduler == "asha" and rounds < self.rounds
+
+    def exploits_at(self, round_: int) -> bool:
+        """PBT: whether a trial that finished ``round_`` may continue from a better one."""
+        return self.scheduler == "pbt" and round_ < self.rounds and round_ % self.perturbation_rounds == 0
 
 
 def expected_rounds(plan: Plan) -> float:
     """Rounds trained in all, if ASHA keeps 1/reduction_factor of the trials at each rung
-    (rungs at grace * factor^k): what a budget is spread over."""
+    (rungs at grace * factor^k): what a budget is spread over. PBT and fifo run every round."""
+    if plan.scheduler != "asha":
+        return float(plan.trials * plan.rounds)
     total, done, alive, rung = 0.0, 0, float(plan.trials), plan.grace_rounds
     while done < plan.rounds:
         end = min(rung, plan.rounds)
@@ -124,6 +144,14 @@ def max_concurrent_trials(plan: Plan, cluster: dict[str, float]) -> int:
     if s.use_gpu:
         fits = min(fits, math.floor(cluster.get("GPU", 0) / (s.workers * s.gpus_per_worker) + 1e-9))
     return fits
+
+
+def describe_scheduler(plan: Plan) -> str:
+    if plan.scheduler == "asha":
+        return f"ASHA (grace {plan.grace_rounds}, reduction {plan.reduction_factor})"
+    if plan.scheduler == "pbt":
+        return f"PBT (exploit every {plan.perturbation_rounds} round(s), quantile {PBT_QUANTILE:g})"
+    return "no early stopping"
 
 
 def stopped_reason(rounds: int, plan: Plan, kimg: float, fid: float) -> str:

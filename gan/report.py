@@ -31,13 +31,18 @@ class TrialSummary:
     error: str = ""
     floor: float = math.nan
     """FID of real vs held-out real images: the best any generator can score."""
+    exploits: int = 0
+    """PBT: times this trial continued from another's state."""
+    exploited_at: tuple[float, ...] = ()
+    """PBT: kimg of the rounds after which it did, among the rounds Tune kept."""
 
     def status(self, plan: Plan) -> str:
         if self.outcome == "error":
             return f"error: {self.error[:90]}" + ("..." if len(self.error) > 90 else "")
         if self.outcome == "stopped":
             return f"stopped by ASHA at round {self.rounds}/{plan.rounds}"
-        return f"completed {self.rounds}/{plan.rounds} rounds"
+        exploits = f", {self.exploits} exploit(s)" if self.exploits else ""
+        return f"completed {self.rounds}/{plan.rounds} rounds{exploits}"
 
 
 def table(rows: list[TrialSummary], space: dict[str, Dimension], plan: Plan) -> str:
@@ -62,7 +67,8 @@ def _short(value: Any) -> str:
 
 
 def plot_fid(rows: list[TrialSummary], floor: float | None = None) -> bytes:
-    """FID against images seen for every trial; an x where ASHA stopped a trial."""
+    """FID against images seen for every trial; an x where ASHA stopped a trial, a triangle
+    where a PBT trial continued from another's state (its next point is the jump)."""
     import io
 
     import matplotlib
@@ -80,12 +86,15 @@ def plot_fid(rows: list[TrialSummary], floor: float | None = None) -> bytes:
                 label=f"{row.trial_id}{' (best)' if best else ''}", zorder=3 if best else 2)  # fmt: skip
         if row.outcome == "stopped":
             ax.plot(kimg[-1], fid[-1], marker="x", color="black", markersize=9, zorder=4)
+        for k, f in row.history:
+            if k in row.exploited_at:
+                ax.plot(k, f, marker="v", color="black", markersize=8, zorder=4)
     if floor:
         ax.axhline(floor, color="grey", linestyle=":", label=f"floor {floor:.1f}")
     ax.set_yscale("log")
     ax.set_xlabel("thousands of real images shown to D (kimg)")
     ax.set_ylabel("FID (project evaluator, lower is better)")
-    ax.set_title("sweep: FID per trial (x = stopped by ASHA)")
+    ax.set_title("sweep: FID per trial (x = stopped by ASHA, v = PBT exploit)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     buffer = io.BytesIO()
@@ -120,7 +129,8 @@ def report(
     log them on the parent run and register the best generator as ``model_name`` (None:
     do not register). Returns None when no trial finished an evaluation."""
     summary = table(rows, space, plan)
-    print(summary, flush=True)
+    worker_s = sum(r.time_s for r in rows) * plan.scaling.workers
+    print(f"{summary}\n{len(rows)} trials, {worker_s:.0f} worker-seconds", flush=True)
     ok = [row for row in rows if row.outcome != "error" and row.history and row.best_checkpoint]
     plot = plot_fid(rows, next((r.floor for r in rows if math.isfinite(r.floor)), None))
     storage.write(storage.join(sweep, "summary.txt"), summary.encode())
@@ -137,7 +147,6 @@ def report(
     storage.write(storage.join(sweep, "best_samples.png"), samples)
     if parent is None:
         return Best(row, row.best_checkpoint, meta, None, None)
-    worker_s = sum(r.time_s for r in rows) * plan.scaling.workers
     parent.log_artifact(samples, "best_samples.png")
     parent.log_metrics({"best_fid": row.best_fid, "worker_seconds": worker_s, "trials": len(rows)}, step=0)
     run_id = run_id_of(parent.target.child(child_run_name(sweep, row.trial_id), parent.run_id))

@@ -7,10 +7,11 @@ dimensions into Tune domains.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
-from gan.config import Config, ConfigError, override
+from gan.config import MUTABLE, Config, ConfigError, override
 
 # Kinds of dimension and how many values each takes (None: one or more). A grid runs
 # every value for each of --trials samples of the rest of the space.
@@ -141,6 +142,59 @@ def space_as_dict(space: dict[str, Dimension]) -> dict[str, Any]:
 def searched(space: dict[str, Dimension]) -> tuple[str, ...]:
     """The fields a sweep varies (what tables and labels show of a trial)."""
     return tuple(k for k, dim in space.items() if dim.kind != "constant")
+
+
+def check_mutable(space: dict[str, Dimension]) -> None:
+    """PBT continues weak trials from strong ones' weights: only settings a running trial
+    can change may differ between trials."""
+    fixed = [key for key in searched(space) if key not in MUTABLE]
+    if fixed:
+        raise ConfigError(
+            f"--scheduler pbt copies weights between trials, so it can search only {', '.join(MUTABLE)}; "
+            f"the space varies {', '.join(fixed)}: fix it (--space {fixed[0]}=VALUE) or use --scheduler asha"
+        )
+
+
+def mutable_only(spec: dict[str, Any]) -> dict[str, Any]:
+    """A space spec without the dimensions PBT cannot perturb (the base config sets them)."""
+    return {key: value for key, value in spec.items() if key in MUTABLE}
+
+
+# PBT's explore step, as in the PBT paper and Ray's scheduler: usually a nudge of the
+# donor's value, sometimes a fresh draw.
+RESAMPLE_PROBABILITY = 0.25
+PERTURB_FACTORS = (0.8, 1.2)
+
+
+def perturb(params: dict[str, Any], space: dict[str, Dimension], rng) -> dict[str, Any]:
+    """``params`` with every searched dimension explored: a range scaled by 0.8 or 1.2 and
+    kept inside it, a choice moved to a neighbour, or (1 in 4) drawn afresh. ``rng`` is a
+    ``random.Random``."""
+    out = dict(params)
+    for key in searched(space):
+        dim, value = space[key], params[key]
+        if rng.random() < RESAMPLE_PROBABILITY:
+            out[key] = draw(dim, rng)
+        elif dim.kind in ("choice", "grid"):
+            index = dim.values.index(value) if value in dim.values else 0
+            out[key] = dim.values[min(max(index + rng.choice((-1, 1)), 0), len(dim.values) - 1)]
+        else:
+            low, high = dim.values
+            scaled = min(max(value * rng.choice(PERTURB_FACTORS), low), high)
+            out[key] = round(scaled) if dim.kind == "randint" else scaled
+    return out
+
+
+def draw(dim: Dimension, rng) -> Any:
+    """One value of ``dim``, as Tune's domain of it would draw."""
+    if dim.kind in ("choice", "grid"):
+        return rng.choice(dim.values)
+    low, high = dim.values
+    if dim.kind == "randint":
+        return rng.randint(low, high)
+    if dim.kind == "loguniform":
+        return math.exp(rng.uniform(math.log(low), math.log(high)))
+    return rng.uniform(low, high)
 
 
 def describe(space: dict[str, Dimension]) -> str:

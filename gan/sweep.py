@@ -15,8 +15,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
 from gan.config import Config, ConfigError
 from gan.plan import Plan, child_run_name, max_concurrent_trials, stopped_reason, trial_config, trial_label
@@ -67,11 +68,15 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     resumed sweep) find their Train run by name and continue from its checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from gan.distributed import fit_trainer, make_trainer
+    from gan.distributed import Member, fit_trainer, make_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_json(setup.base_config), params, setup.plan)
     storage_path, filesystem = setup.storage.ray_args(setup.sweep, "trials")
+    member = None
+    if setup.plan.scheduler == "pbt":
+        run_uri = setup.storage.join(setup.sweep, "trials", trial_id)
+        member = Member(population_name(setup.sweep), trial_id, run_uri, setup.storage.options)
     trainer = make_trainer(
         cfg,
         setup.plan.scaling,
@@ -81,8 +86,33 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
         max_failures=setup.plan.max_failures,
         callbacks=[TuneReportCallback()],
         tracking=setup.trial_tracking(trial_id, params),
+        member=member,
+        keep_checkpoints=None if member else 2,
     )
     fit_trainer(trainer)
+
+
+def population_name(sweep: str) -> str:
+    return f"pbt-population:{sweep}"
+
+
+class PopulationHost:
+    """A PBT sweep's Population, in a Ray actor that trials' rank 0 asks; every report is
+    written to ``population.json`` beside the trials, so a resumed sweep reloads it."""
+
+    def __init__(self, setup: TrialSetup, space: dict[str, Dimension]) -> None:
+        from gan.population import Population
+
+        self.storage, self.uri = setup.storage, setup.storage.join(setup.sweep, "population.json")
+        self.population = Population(setup.plan, space)
+        fs, path = fsspec.core.url_to_fs(self.uri, **self.storage.options)
+        if fs.exists(path):
+            self.population.load_json(fs.cat_file(path).decode())
+
+    def report(self, *args):
+        exploit = self.population.report(*args)
+        self.storage.write(self.uri, self.population.to_json().encode())
+        return exploit
 
 
 def concurrency(plan: Plan, max_concurrent: int | None) -> int:
@@ -104,8 +134,23 @@ def concurrency(plan: Plan, max_concurrent: int | None) -> int:
 
 
 def fit(setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
-    """Run (or with ``resume`` continue) the sweep; returns Tune's ResultGrid."""
+    """Run (or with ``resume`` continue) the sweep; returns Tune's ResultGrid. A PBT sweep's
+    population lives in an actor for as long as the sweep runs."""
+    import ray
+
     trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), TRIAL_RESOURCES)
+    population = None
+    if setup.plan.scheduler == "pbt":
+        actor = ray.remote(num_cpus=0, max_restarts=-1)(PopulationHost)
+        population = actor.options(name=population_name(setup.sweep)).remote(setup, space)
+    try:
+        return _fit(trainable, setup, space, max_concurrent, resume)
+    finally:
+        if population is not None:
+            ray.kill(population)
+
+
+def _fit(trainable, setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
     storage_path, filesystem = setup.storage.ray_args()
     if resume:
         tuner = tune.Tuner.restore(
@@ -156,7 +201,10 @@ class LastRoundKeptASHA(ASHAScheduler):
         return TrialScheduler.CONTINUE if result.get(self._time_attr, 0) >= self._max_t else action
 
 
-def make_scheduler(plan: Plan) -> LastRoundKeptASHA:
+def make_scheduler(plan: Plan) -> TrialScheduler:
+    """ASHA; none for fifo, and none for PBT, whose exploits happen inside the trials."""
+    if plan.scheduler != "asha":
+        return FIFOScheduler()
     return LastRoundKeptASHA(
         time_attr="training_iteration",
         max_t=plan.rounds,
@@ -183,7 +231,7 @@ class TrialRuns(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info) -> None:
         result = trial.last_result or {}
-        rounds = int(result.get("training_iteration", 0))
+        rounds = rounds_done(result, self.trial_setup.plan)
         if self.trial_setup.plan.stopped_early(rounds):
             close_trial_run(
                 self.trial_setup, trial.trial_id, rounds, result.get("kimg", 0), result.get("fid", math.nan)
@@ -193,6 +241,14 @@ class TrialRuns(tune.Callback):
         target = self.trial_setup.trial_tracking(trial.trial_id)
         if target is not None:
             finish_run(target, "FAILED", {"sweep.error": trial_error(trial)})
+
+
+def rounds_done(result: dict, plan: Plan) -> int:
+    """Rounds a trial has trained, from its images seen: Tune counts a trial's reports
+    again from 1 when a resumed sweep restarts it."""
+    if "kimg" not in result:
+        return int(result.get("training_iteration", 0))
+    return round(float(result["kimg"]) / plan.kimg_per_round)
 
 
 def close_stopped_runs(rows: list[TrialSummary], setup: TrialSetup) -> None:
@@ -216,15 +272,23 @@ def summarize(grid, plan: Plan, storage: Storage) -> list[TrialSummary]:
             history = [(float(k), float(f)) for k, f in zip(frame["kimg"], frame["fid"], strict=True)]
             if len(frame) and "checkpoint_path" in frame:
                 best_checkpoint = storage.full(str(frame.loc[frame["fid"].idxmin(), "checkpoint_path"]))
-        rounds = int(metrics.get("training_iteration", len(history)))
+        rounds = rounds_done(metrics, plan) if metrics else len(history)
         if result.error is not None:
             outcome, error = "error", _first_line(result.error)
         else:
             outcome, error = ("stopped" if plan.stopped_early(rounds) else "completed"), ""
+        params = dict(result.config or {})  # a PBT trial's are the settings it ended with
+        params |= {key: metrics[f"hparam/{key}"] for key in params if f"hparam/{key}" in metrics}
+        exploited_at: tuple[float, ...] = ()
+        if frame is not None and "pbt/exploits" in frame:  # rounds after which it took another's state (shown)
+            counts = list(frame["pbt/exploits"])
+            exploited_at = tuple(
+                float(k) for k, now, then in zip(frame["kimg"], counts, counts[1:], strict=False) if then > now
+            )
         rows.append(
             TrialSummary(
                 trial_id=metrics.get("trial_id") or result.path.rstrip("/").rsplit("/", 1)[-1],
-                params=dict(result.config or {}),
+                params=params,
                 outcome=outcome,
                 rounds=rounds,
                 kimg=float(metrics.get("kimg", 0.0)),
@@ -235,6 +299,8 @@ def summarize(grid, plan: Plan, storage: Storage) -> list[TrialSummary]:
                 best_checkpoint=best_checkpoint,
                 error=error,
                 floor=float(metrics.get("fid_floor", math.nan)),
+                exploited_at=exploited_at,
+                exploits=int(metrics.get("pbt/exploits", 0)),
             )
         )
     return sorted(rows, key=lambda row: row.best_fid)

@@ -18,11 +18,12 @@ import torch
 import torch.nn as nn
 
 from gan import checkpoint
-from gan.config import Config, TrainConfig
+from gan.config import MUTABLE, Config, TrainConfig, override
 from gan.data import Dataset, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
 from gan.metrics import Evaluator
 from gan.models import build_models
+from gan.population import Exploit
 from gan.sampling import class_grid, png_bytes
 from gan.tracking import NullTracker, Tracker
 
@@ -41,12 +42,15 @@ class Session(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    in_population: bool
 
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module: ...
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
     def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
     def restore(self) -> dict[str, Any] | None: ...
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
+    def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> tuple[Exploit, dict] | None:
+        """After a round's report: in a PBT population, another trial's state to continue from."""
 
 
 def check_data_fits(cfg: Config, data: Dataset) -> None:
@@ -122,6 +126,8 @@ class Trainer:
         self.best_G_ema: dict | None = None
         self.history: list[dict[str, float]] = []
         self.train_time_s = 0.0
+        self.lineage: list[str] = []
+        """The PBT exploits this run took, oldest first."""
         state = session.restore()
         if state is not None:
             self._load(state)
@@ -185,6 +191,29 @@ class Trainer:
         self.best_G_ema = state.get("best_G_ema")  # absent from checkpoints written before it was kept
         self.history = list(state["history"])
         self.train_time_s = float(state["train_time_s"])
+        self.lineage = list(state.get("lineage", []))
+        if self.lineage:  # PBT changed its settings: they, not the trial's sampled ones, go on
+            saved = checkpoint.config_of(state).flat()
+            self._set_hyperparameters({key: saved[key] for key in MUTABLE})
+
+    def _set_hyperparameters(self, values: dict[str, Any]) -> None:
+        self.cfg = override(self.cfg, [f"{key}={value}" for key, value in values.items()])
+        self.loop.set_hyperparameters(self.cfg)
+
+    def _continue_from(self, exploit: Exploit, state: dict[str, Any]) -> None:
+        """PBT's exploit and explore: the donor's full training state, then new settings
+        on the restored optimizers. This run keeps its own history and best generator."""
+        if state["dataset_fingerprint"] != self.data.fingerprint:
+            raise checkpoint.CheckpointError(f"{exploit.checkpoint} was trained on another dataset")
+        checkpoint.check_compatible(state, self.cfg, exploit.checkpoint)
+        self.loop.load_state_dict(state["loop"])
+        self._set_hyperparameters(exploit.params)
+        self.lineage.append(exploit.describe())
+        self.tracker.set_tags(
+            {f"pbt.exploit.{len(self.lineage)}": exploit.describe(), "pbt.exploits": len(self.lineage)}
+        )
+        if self.session.rank == 0:
+            print(f"  PBT: continuing {exploit.describe()}", flush=True)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -198,6 +227,7 @@ class Trainer:
             "best_G_ema": self.best_G_ema,
             "history": self.history,
             "train_time_s": self.train_time_s,
+            "lineage": self.lineage,
         }
 
     # --- running --------------------------------------------------------------------
@@ -246,6 +276,9 @@ class Trainer:
             "throughput/img_per_s": img_per_s,
             **stats,
         }
+        if self.session.in_population:  # the settings now, and the jumps, for the sweep's table and plot
+            flat = self.cfg.flat()
+            metrics |= {f"hparam/{key}": flat[key] for key in MUTABLE} | {"pbt/exploits": len(self.lineage)}
         self.history.append({k: float(v) for k, v in metrics.items()})
         images, columns = class_grid(self.nets.G_ema, per_class=10)
         meta = {k: metrics[k] for k in ("step", "images_seen", "fid", "best_fid", "fid_floor", "kid")}
@@ -288,6 +321,8 @@ class Trainer:
         evaluated_at = self.loop.images_seen if self.history else -1
         budget = cfg.train.time_budget_s > 0
         stop_step = self.loop.step if budget and self._over_time() else math.inf
+        if self.history and self.session.in_population:  # restarted: an exploit after that round may be lost
+            self._ask_population(self.history[-1])
         tick = time.monotonic()
         # The pace that sets the last steps is this process's average: one slow logging
         # interval (another process's burst on a shared machine) would otherwise end the run early.
@@ -313,10 +348,11 @@ class Trainer:
                     if steps_left < cfg.train.log_every_steps:
                         stop_step = self.loop.step + steps_left
             if eval_now:
-                self.evaluate(stats, img_per_s)
+                metrics = self.evaluate(stats, img_per_s)
                 evaluated_at = self.loop.images_seen
                 next_eval += every_img * max(1, math.ceil((self.loop.images_seen - next_eval + 1) / every_img))
                 window_start, window_images = time.monotonic(), 0
+                self._ask_population(metrics)
             tick = time.monotonic()
         if evaluated_at != self.loop.images_seen:
             if self.loop.step:
@@ -324,6 +360,19 @@ class Trainer:
             self.train_time_s += time.monotonic() - tick
             self.evaluate(stats, img_per_s)
         return Result(self.loop.step, self.loop.images_seen, self.best_fid, self.history)
+
+    def _ask_population(self, metrics: dict[str, float]) -> None:
+        """PBT: tell the population how this round went; continue from another trial's
+        state when it says so."""
+        round_ = round(metrics["images_seen"] / (self.cfg.eval.every_kimg * 1000))
+        taken = self.session.exploit(round_, metrics, self.params())
+        if taken:
+            self._continue_from(*taken)
+
+    def params(self) -> dict[str, Any]:
+        """The settings a population compares and perturbs, as they are now."""
+        flat = self.cfg.flat()
+        return {key: flat[key] for key in MUTABLE}
 
     def _progress(self, stats: dict[str, float], img_per_s: float) -> None:
         if self.session.rank != 0:
@@ -347,6 +396,7 @@ class LocalSession:
 
     rank = 0
     world_size = 1
+    in_population = False
 
     def __init__(
         self,
@@ -383,6 +433,9 @@ class LocalSession:
             return None
         print(f"resuming from {latest} (step {state['loop']['step']})", flush=True)
         return state
+
+    def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> None:
+        return None
 
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
         if snapshot is None:

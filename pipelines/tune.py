@@ -1,11 +1,13 @@
 """Search GAN configs with Ray Tune: every trial a Ray Train run, ASHA stops the weak ones
-on FID, the sweep is one MLflow parent run, and the best generator is registered.
+on FID (or PBT continues them from strong ones), the sweep is one MLflow parent run, and
+the best generator is registered.
 
     python pipelines/tune.py                                   # local sweep, about 10 minutes
     python pipelines/tune.py --budget-minutes 30 --trials 16
     python pipelines/tune.py --space optim.lr_g=loguniform:1e-5:1e-3 --space model.width=choice:32,64
     python pipelines/tune.py --space-file my_space.yaml --search optuna
     python pipelines/tune.py --resume                          # continue an interrupted sweep
+    python pipelines/tune.py --scheduler pbt --trials 4        # population-based training
     ray job submit --working-dir . -- python pipelines/tune.py --workers-per-trial 2 --gpus-per-worker 1 \\
         --storage s3://bucket/sweeps --tracking-uri http://mlflow:5000 --kimg-per-round 200
 """
@@ -16,6 +18,7 @@ import argparse
 import dataclasses
 import sys
 import time
+import traceback
 
 from gan import plan as plans
 from gan import space as spaces
@@ -35,14 +38,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = override(preset(args.preset), args.overrides)
         spec = spaces.load_space_file(args.space_file) if args.space_file else spaces.default(args.gpus_per_worker > 0)
+        if args.scheduler == "pbt" and not args.space_file:
+            spec = spaces.mutable_only(spec)
         spec.update(spaces.parse_override(text) for text in args.space)
         space = spaces.build_space(base, spec)
+        if args.scheduler == "pbt":
+            spaces.check_mutable(space)
         scaling = plans.Scaling(args.workers_per_trial, args.gpus_per_worker > 0, args.cpus_per_worker,
                                 args.gpus_per_worker or 1.0)  # fmt: skip
         plan = plans.Plan(
             trials=args.trials, rounds=args.rounds, grace_rounds=args.grace_rounds,
             reduction_factor=args.reduction_factor, search=args.search, seed=args.search_seed, scaling=scaling,
-            kimg_per_round=args.kimg_per_round or 1.0,
+            kimg_per_round=args.kimg_per_round or 1.0, scheduler=args.scheduler,
+            perturbation_rounds=args.perturbation_rounds,
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
         check_backbone(base.eval)
@@ -84,8 +92,8 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking, spaces.searched(space))
     print(
         f"{'resuming' if args.resume else 'starting'} sweep {name!r}: {plan.trials} trials x up to {plan.rounds} "
-        f"rounds of {plan.kimg_per_round:g} kimg, ASHA (grace {plan.grace_rounds}, reduction {plan.reduction_factor}) "
-        f"on FID, {plan.search} search, {max_concurrent} at a time, {plan.scaling.workers} worker(s) each; "
+        f"rounds of {plan.kimg_per_round:g} kimg, {plans.describe_scheduler(plan)} on FID, {plan.search} search, "
+        f"{max_concurrent} at a time, {plan.scaling.workers} worker(s) each; "
         f"storage {storage.join(name)}\n{spaces.describe(space)}",
         flush=True,
     )
@@ -95,11 +103,25 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         if parent:
             sweep.close_stopped_runs(rows, setup)
         print(f"\nsweep {name!r} done in {time.monotonic() - started:.0f}s", flush=True)
-        best = report(rows, space, plan, storage, name, parent, None if args.no_register else args.model_name)
     except BaseException as err:
         if parent:
             parent.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
         raise
+    try:
+        best = report(rows, space, plan, storage, name, parent, None if args.no_register else args.model_name)
+    except KeyboardInterrupt:
+        if parent:
+            parent.close("KILLED")
+        raise
+    except Exception as err:  # the trials are safe: say how to report them again
+        if parent:
+            parent.close("FAILED")
+        traceback.print_exc()
+        return fail(
+            f"the trials finished but the sweep's report failed ({type(err).__name__}: {err}); they are kept in "
+            f"{storage.join(name)}: run the same command with --resume to report them without training again",
+            code=1,
+        )
     if best is None:
         if parent:
             parent.close("FAILED")

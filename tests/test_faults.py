@@ -36,9 +36,11 @@ def session_workers(sid: int) -> list[psutil.Process]:
     return found
 
 
-def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
+def test_killed_worker_diverging_trial_and_failed_report_in_one_sweep(tmp_path):
     """Trial 1 loses its worker after a checkpoint and finishes from it, with every
-    evaluation logged once; trial 2 diverges, fails with the step, and the sweep goes on."""
+    evaluation logged once; trial 2 diverges, fails with the step, and the sweep goes on;
+    the report cannot be written, the parent run is closed FAILED, and --resume reports the
+    finished trials without training them again."""
     from mlflow.tracking import MlflowClient
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -60,6 +62,7 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
                 if workers:
                     workers[0].kill()
                     killed.append(workers[0].pid)
+                    (tmp_path / "runs/faults/summary.txt").mkdir()  # the report's first write will fail
                     return
             time.sleep(0.3)
 
@@ -72,8 +75,9 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
             for proc in psutil.Process(driver.pid).children(recursive=True) + [psutil.Process(driver.pid)]:
                 proc.kill()
     output = log_path.read_text()
-    assert driver.returncode == 0, output[-5000:]
     assert killed, "no worker was killed"
+    assert driver.returncode == 1, output[-5000:]
+    assert "report failed (IsADirectoryError" in output and "with --resume to report them" in output
     assert "resuming from" in output  # the replacement worker restored the checkpoint
     # The killed worker is replaced once; a divergence is not retried (it would diverge again).
     assert output.count("Attempting to start training worker group") == 3, output[-5000:]
@@ -89,6 +93,17 @@ def test_killed_worker_and_diverging_trial_in_one_sweep(tmp_path):
     assert diverged.info.status == "FAILED"
     assert "diverged" in diverged.data.tags["sweep.error"] and "at step" in diverged.data.tags["sweep.error"]
     assert "error: " in output and "diverged" in output[output.find("done in") :]  # in the summary table
+    parent = client.get_run(children[0].data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FAILED"
+
+    (tmp_path / "runs/faults/summary.txt").rmdir()
+    checkpoints = sorted(glob.glob(str(tmp_path / "runs/faults/trials/*/checkpoint_*")))
+    resumed = subprocess.run([*command, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             start_new_session=True)  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    assert sorted(glob.glob(str(tmp_path / "runs/faults/trials/*/checkpoint_*"))) == checkpoints  # nothing trained
+    assert "best: trial" in resumed.stdout and (tmp_path / "runs/faults/summary.txt").is_file()
+    assert client.get_run(parent.info.run_id).info.status == "FINISHED"
 
 
 def test_storage_outage_during_checkpoint_upload(tmp_path):

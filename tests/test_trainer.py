@@ -8,6 +8,8 @@ import torch
 
 from gan import checkpoint
 from gan.config import override
+from gan.loop import ema_beta
+from gan.population import Exploit
 from gan.trainer import LocalSession, Trainer
 
 # Every speed option that runs on a CPU (tf32 and cudnn_benchmark act on CUDA only).
@@ -156,3 +158,56 @@ def test_checkpoint_written_whole_or_not_at_all(tiny_cfg, digits, tmp_path):
     checkpoint.save(str(run / checkpoint.dir_name(1)), state, {"step": 5})
     with pytest.raises(checkpoint.CheckpointError, match="meta.json says step 5 but state.pt holds step 0"):
         checkpoint.load(str(run / checkpoint.dir_name(1)))
+
+
+class OnePopulation(LocalSession):
+    """A PBT population of one donor: after round 1 this run continues from the donor's
+    round-1 checkpoint with ``params``."""
+
+    in_population = True
+
+    def __init__(self, run_uri: str, donor: str, params: dict) -> None:
+        super().__init__(run_uri, quiet=True)
+        self.donor, self.params = donor, params
+
+    def exploit(self, round_, metrics, params):
+        if round_ != 1:
+            return None
+        state, _ = checkpoint.load(self.donor)
+        return Exploit("donor", self.donor, 1, state["loop"]["images_seen"], self.params, {}), state
+
+
+def test_an_exploit_continues_from_the_donors_state_with_new_settings_and_keeps_them_on_resume(
+    tiny_cfg, digits, tmp_path
+):
+    cfg = override(tiny_cfg, ["train.total_kimg=0.64", "eval.every_kimg=0.32"])
+    donor = Trainer(cfg, LocalSession(str(tmp_path / "donor"), quiet=True), data=digits)
+    donor.train()
+    half = override(cfg, ["train.total_kimg=0.32"])
+    Trainer(half, LocalSession(str(tmp_path / "round1"), quiet=True), data=digits).train()
+    round1 = checkpoint.find(str(tmp_path / "round1")).latest
+
+    # With the donor's own settings the exploiting run trains on exactly as the donor did.
+    weak = override(cfg, ["optim.lr_g=1e-6", "optim.lr_d=1e-6"])
+    same = donor.params()
+    copy = Trainer(weak, OnePopulation(str(tmp_path / "copy"), round1, same), data=digits)
+    copy.train()
+    assert copy.loop.step == donor.loop.step and len(copy.lineage) == 1
+    for key, value in donor.nets.G_ema.state_dict().items():
+        assert torch.equal(copy.nets.G_ema.state_dict()[key], value), key
+    assert copy.history[0]["fid"] != donor.history[0]["fid"]  # round 1 was its own
+    assert copy.history[1]["fid"] == donor.history[1]["fid"]
+
+    # Explored settings reach the restored optimizers and survive a restart.
+    explored = same | {"optim.lr_g": 5e-4, "optim.beta2": 0.95, "train.ema_half_life_kimg": 0.5}
+    run = Trainer(weak, OnePopulation(str(tmp_path / "explored"), round1, explored), data=digits)
+    run.train()
+    resumed = Trainer(override(weak, ["train.total_kimg=0.96"]), LocalSession(str(tmp_path / "explored"), resume=True,
+                      quiet=True), data=digits)  # fmt: skip
+    for trainer in (run, resumed):
+        groups = trainer.loop.opt_g.param_groups + trainer.loop.opt_d.param_groups
+        assert [g["lr"] for g in trainer.loop.opt_g.param_groups] == [5e-4]
+        assert [g["lr"] for g in trainer.loop.opt_d.param_groups] == [cfg.optim.lr_d]
+        assert all(g["betas"] == (cfg.optim.beta1, 0.95) for g in groups)
+        assert trainer.loop.beta == ema_beta(cfg.train.batch_size, 0.5)
+        assert trainer.cfg.optim.lr_g == 5e-4 and len(trainer.lineage) == 1

@@ -58,14 +58,19 @@ def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow
     from mlflow.tracking import MlflowClient
 
     url, bucket_name = mlflow_server
-    # A relative --storage resolves to each node's own copy of the working dir: refused
-    # before any trial starts, with what to pass instead.
-    refused = subprocess.run([RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py",
-                              *TINY, "--no-tracking"], cwd=ROOT, env=two_node_cluster, capture_output=True,
-                             text=True, timeout=300)  # fmt: skip
-    said = refused.stdout + refused.stderr
-    assert refused.returncode != 0 and "the Ray cluster has 2 nodes" in said and "--storage s3://" in said, said[-3000:]
-    assert "Traceback" not in said and "Trial status" not in said
+    # Refused before any trial starts, with what to pass instead: the default relative
+    # --storage (in Ray's temporary copy of the working dir, deleted when the job ends), and
+    # a local folder that the other node cannot read.
+    submit = [RAY, "job", "submit", "--working-dir", ".", "--", "python", "pipelines/tune.py", *TINY]
+    for args, message in (
+        (["--no-tracking"], "--storage runs is inside Ray's temporary copy of --working-dir"),
+        (["--storage", str(tmp_path / "runs"), "--tracking-uri", url], "the Ray cluster has 2 nodes"),
+    ):
+        refused = subprocess.run([*submit, *args], cwd=ROOT, env=two_node_cluster, capture_output=True, text=True,
+                                 timeout=300)  # fmt: skip
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and message in said, said[-3000:]
+        assert "Traceback" not in said and "Trial status" not in said
     # cluster/submit.sh: ray job submit with the runtime env and the commit of this checkout.
     command = ["bash", "cluster/submit.sh", "--", "python", "pipelines/tune.py", "--trials", "4",
                "--rounds", "2", *TINY, "--kimg-per-round", "0.5", "--storage", f"s3://{bucket_name}/sweeps", "--tracking-uri", url,
@@ -141,14 +146,23 @@ def _trial_statuses(sweep_dir: Path) -> dict[str, str]:
     return {trial["trial_id"]: trial["status"] for trial in trials}
 
 
-def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
+def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finished_trials(tmp_path):
+    """PBT on a real local Ray. The second trial's generator cannot learn (lr 1e-7): after
+    round 1 it is the worse of two and continues from the first trial's round-1 checkpoint
+    with perturbed settings. The driver is killed once that checkpoint is saved, before or
+    after the exploit; the resumed sweep takes the same exploit once, trains on with its
+    settings, and does not rerun the finished trial."""
     from mlflow.tracking import MlflowClient
 
+    from gan import checkpoint
+
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lr_g: {grid: [1.0e-3, 1.0e-7]}\n")  # run in this order, one at a time
     # Rounds long enough (5 to 15 s here, longer on a slower machine) to catch a trial between two checkpoints.
-    command = [sys.executable, "pipelines/tune.py", "--trials", "2", "--rounds", "3", "--grace-rounds", "3",
-               *TINY, "--kimg-per-round", "1.5", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"), "--name", "killed",
-               "--tracking-uri", tracking, "--experiment", "resume"]  # fmt: skip
+    command = [sys.executable, "pipelines/tune.py", "--scheduler", "pbt", "--space-file", str(space), "--trials", "1",
+               "--rounds", "3", *TINY, "--kimg-per-round", "1.5", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"),
+               "--name", "killed", "--tracking-uri", tracking, "--experiment", "resume"]  # fmt: skip
     sweep_dir = tmp_path / "runs" / "killed"
     log = open(tmp_path / "first.log", "w")
     driver = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=log, start_new_session=True)
@@ -158,8 +172,8 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
             statuses = _trial_statuses(sweep_dir)
             done = [t for t, s in statuses.items() if s == "TERMINATED"]
             running = [t for t, s in statuses.items() if s == "RUNNING"]
-            # Two checkpoints on disk: the first is surely registered with Ray by now.
-            if done and running and len(glob.glob(str(sweep_dir / "trials" / running[0] / "checkpoint_*"))) >= 2:
+            # Ray has registered a checkpoint of it (its manager's snapshot is written after one).
+            if done and running and (sweep_dir / "trials" / running[0] / "checkpoint_manager_snapshot.json").exists():
                 break
             assert driver.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.5)
@@ -188,3 +202,19 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(tmp_path):
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid")]
         assert len(steps) == len(set(steps)) == 3, steps
+
+    # The exploit after round 1, once across the kill (and maybe another after round 2); the
+    # settings it ended with are in the last checkpoint's optimizers and on the run.
+    state, _ = checkpoint.load(checkpoint.find(str(sweep_dir / "trials" / interrupted)).latest)
+    exploits = state["lineage"]
+    assert exploits[0].startswith(f"from {finished} at kimg 1.536 (round 1)"), exploits
+    assert len(exploits) <= 2 and all(f"(round {r})" in e for r, e in enumerate(exploits, 1)), exploits
+    lr_g = checkpoint.config_of(state).optim.lr_g
+    assert [g["lr"] for g in state["loop"]["opt_g"]["param_groups"]] == [lr_g]
+    fids = [h["fid"] for h in state["history"]]
+    assert fids[1] < fids[0], fids  # round 2 started from the better trial's weights
+    run = next(r for r in children if "pbt.exploit.1" in r.data.tags)
+    assert "lr_g=1e-07" in run.info.run_name and run.data.tags["pbt.exploit.1"] == exploits[0]
+    assert run.data.metrics["hparam/optim.lr_g"] == lr_g
+    summary = (sweep_dir / "summary.txt").read_text()
+    assert f"{len(exploits)} exploit(s)" in summary, summary
