@@ -234,7 +234,7 @@ def tune(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
             if proc.returncode != 0:
                 raise RuntimeError(f"tune ({label}) failed:\n{proc.stderr[-3000:]}")
             best = float(re.search(r"best: trial \S+, FID ([\d.]+)", proc.stdout).group(1))
-            worker_s = float(re.search(r"worker-seconds (\d+)", proc.stdout).group(1))
+            worker_s = float(re.search(r"(\d+) worker-seconds", proc.stdout).group(1))
             results[label] = (best, worker_s, time.monotonic() - started)
     (asha_fid, asha_s, asha_wall), (full_fid, full_s, full_wall) = results["ASHA"], results["no early stopping"]
     return [
@@ -265,7 +265,7 @@ def schedulers(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
             if proc.returncode != 0:
                 raise RuntimeError(f"tune --scheduler {scheduler} failed:\n{proc.stderr[-3000:]}")
             best = float(re.search(r"best: trial \S+, FID ([\d.]+)", proc.stdout).group(1))
-            worker_s = float(re.search(r"worker-seconds (\d+)", proc.stdout).group(1))
+            worker_s = float(re.search(r"(\d+) worker-seconds", proc.stdout).group(1))
             kimg = re.search(r"rounds of ([\d.]+) kimg", proc.stdout).group(1)
             exploits = sum(int(n) for n in re.findall(r"(\d+) exploit\(s\)", proc.stdout))
             results[scheduler] = (best, worker_s, time.monotonic() - started, kimg, exploits)
