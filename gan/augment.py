@@ -1,7 +1,8 @@
-"""Differentiable augmentation for D's inputs (DiffAugment, Zhao et al. 2020), digit-safe.
+"""Differentiable augmentation for D's inputs (DiffAugment, Zhao et al. 2020).
 
-Only translation and a small cutout: flips and 90-degree turns change a digit's meaning.
-Random parameters come from an explicit torch.Generator on the run's device, drawn for the
+Translation and a small cutout keep a digit a digit. For natural images, 'color' (brightness,
+saturation, contrast) and 'flip' (left-right) are there too: flips only where the domain
+allows them (not digits, text, arrows or flags). Random parameters come from an explicit torch.Generator on the run's device, drawn for the
 *global* batch and sliced per rank, so training does not depend on the number of workers.
 """
 
@@ -25,13 +26,20 @@ class DiffAugment:
         )
         return values[self.rank * n : (self.rank + 1) * n]
 
+    def _uniform(self, n: int) -> torch.Tensor:
+        values = torch.rand((n * self.world_size,), generator=self.generator, device=self.generator.device)
+        return values[self.rank * n : (self.rank + 1) * n]
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         for policy in self.policies:
-            x = (
-                translate(x, self._draw, TRANSLATE_RATIO)
-                if policy == "translation"
-                else cutout(x, self._draw, CUTOUT_RATIO)
-            )
+            if policy == "translation":
+                x = translate(x, self._draw, TRANSLATE_RATIO)
+            elif policy == "cutout":
+                x = cutout(x, self._draw, CUTOUT_RATIO)
+            elif policy == "color":
+                x = colour(x, self._uniform)
+            else:
+                x = flip(x, self._draw)
         return x
 
 
@@ -56,3 +64,19 @@ def cutout(x: torch.Tensor, draw, ratio: float) -> torch.Tensor:
     # Fill with each image's darkest value (the background for digits) rather than grey.
     fill = x.amin(dim=(1, 2, 3), keepdim=True)
     return torch.where(inside.unsqueeze(1), fill, x)
+
+
+def colour(x: torch.Tensor, uniform) -> torch.Tensor:
+    """DiffAugment's colour jitter on images in [-1, 1]: brightness, saturation, contrast."""
+    n = x.shape[0]
+    x = x + (uniform(n).to(x.device) - 0.5).view(n, 1, 1, 1)
+    grey = x.mean(dim=1, keepdim=True)
+    x = (x - grey) * (uniform(n).to(x.device) * 2).view(n, 1, 1, 1) + grey
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * (uniform(n).to(x.device) + 0.5).view(n, 1, 1, 1) + mean
+
+
+def flip(x: torch.Tensor, draw) -> torch.Tensor:
+    """Mirror left-right half of the images."""
+    mirrored = draw(0, 2, x.shape[0]).to(x.device).bool().view(-1, 1, 1, 1)
+    return torch.where(mirrored, x.flip(3), x)

@@ -175,6 +175,9 @@ class DataConfig:
         check_no_credentials("data.uri", self.uri)
         check_no_credentials("data.labels_uri", self.labels_uri)
 
+    def fsspec_options(self) -> dict:
+        return json.loads(self.storage_options) if self.storage_options else {}
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelConfig:
@@ -219,8 +222,9 @@ class LossConfig:
     r1_every: int = 4
     """Apply R1 every this many D steps (lazy regularisation), scaled to compensate."""
     augment: str = ""
-    """Differentiable augmentation before D, comma-separated from 'translation', 'cutout';
-    '' = off. No flips or rotations: they change what a digit means."""
+    """Differentiable augmentation before D, comma-separated from 'translation', 'cutout',
+    'color' (brightness, saturation, contrast) and 'flip' (left-right; only where the domain
+    allows: never digits, text, arrows or flags); '' = off."""
 
     def __post_init__(self) -> None:
         _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp"))
@@ -228,7 +232,7 @@ class LossConfig:
         _positive("loss.r1_gamma", self.r1_gamma, zero_ok=True)
         _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1", self.r1_every)
         for policy in filter(None, self.augment.split(",")):
-            _choice("loss.augment", policy.strip(), ("translation", "cutout"))
+            _choice("loss.augment", policy.strip(), ("translation", "cutout", "color", "flip"))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -313,17 +317,19 @@ class EvalConfig:
     num_samples: int = 2500
     """Generated (and real) images per FID/KID evaluation; fixed so FIDs compare."""
     backbone: str = "digits"
-    """Feature network: 'digits' (the committed digit classifier) or 'torchscript'."""
+    """Feature network: 'digits' (the committed digit classifier), 'classifier' (one that
+    pipelines/build_evaluator.py trained on the labelled dataset) or 'torchscript'."""
     backbone_uri: str = ""
-    """For 'torchscript': path/URI of a TorchScript feature extractor the user supplies
-    (for example an exported Inception-v3); it takes float images in [0, 1], NCHW."""
+    """For 'classifier': the file build_evaluator.py wrote (default: evaluator.pt beside the
+    prepared dataset's manifest). For 'torchscript': path/URI of a feature extractor the
+    user supplies (for example an exported Inception-v3), taking float images in [0, 1], NCHW."""
     kid_subset_size: int = 500
     """Subset size for the KID estimate."""
 
     def __post_init__(self) -> None:
         _positive("eval.every_kimg", self.every_kimg)
         check_num_samples("eval.num_samples", self.num_samples)
-        _choice("eval.backbone", self.backbone, ("digits", "torchscript"))
+        _choice("eval.backbone", self.backbone, ("digits", "classifier", "torchscript"))
         if self.backbone == "torchscript":
             _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
         check_no_credentials("eval.backbone_uri", self.backbone_uri)
@@ -493,6 +499,42 @@ def textbook() -> Config:
     )
 
 
+def dcgan_64() -> Config:
+    """RGB images at 64 px: the default DCGAN recipe, colour and translation DiffAugment.
+    Scored by the dataset's own evaluator (pipelines/build_evaluator.py --data)."""
+    return rgb(dcgan(), "dcgan-64", 64)
+
+
+def dcgan_64_cond() -> Config:
+    """Class-conditional dcgan-64 (10 classes): conditional BN in G, projection D."""
+    cfg = dcgan_64()
+    return replace(cfg, name="dcgan-64-cond", model=replace(cfg.model, num_classes=10))
+
+
+def dcgan_32() -> Config:
+    """RGB images at 32 px: dcgan-64's recipe, four times fewer pixels."""
+    return rgb(dcgan(), "dcgan-32", 32)
+
+
+def resnet_64() -> Config:
+    """Class-conditional RGB at 64 px: the resnet preset at width 32. Slower than dcgan-64.
+    Colour and translation DiffAugment; scored by the dataset's own evaluator."""
+    cfg = rgb(resnet(), "resnet-64", 64)
+    return replace(cfg, model=replace(cfg.model, width=32))
+
+
+def rgb(cfg: Config, name: str, resolution: int) -> Config:
+    """A digit preset moved to RGB images: the data's evaluator (pipelines/build_evaluator.py
+    --data), DiffAugment for small datasets, no flips (text, arrows and flags read one way)."""
+    return replace(
+        cfg,
+        name=name,
+        data=replace(cfg.data, resolution=resolution, channels=3),
+        loss=replace(cfg.loss, augment="translation,color"),
+        eval=replace(cfg.eval, backbone="classifier"),
+    )
+
+
 def debug() -> Config:
     """Tiny and fast: for unit tests, smoke runs and --dry-run checks."""
     return Config(
@@ -508,6 +550,10 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "dcgan-cond": dcgan_cond,
     "mlp": mlp,
     "resnet": resnet,
+    "dcgan-32": dcgan_32,
+    "dcgan-64": dcgan_64,
+    "dcgan-64-cond": dcgan_64_cond,
+    "resnet-64": resnet_64,
     "textbook": textbook,
     "debug": debug,
 }
@@ -520,4 +566,4 @@ def preset(name: str) -> Config:
 
 
 def describe_presets() -> str:
-    return "\n".join(f"  {name:9s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PRESETS.items())
+    return "\n".join(f"  {name:13s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PRESETS.items())

@@ -165,7 +165,7 @@ Dataset = ImageDataset | MappedDataset
 def load_dataset(cfg: DataConfig) -> Dataset:
     """Load, convert and fingerprint the dataset ``cfg`` names; a prepared one larger than
     ``cfg.memory_budget_mb`` is memory-mapped instead of loaded."""
-    storage_options = json.loads(cfg.storage_options) if cfg.storage_options else {}
+    storage_options = cfg.fsspec_options()
     if cfg.uri == EMBEDDED:
         images, labels = _embedded_mnist()
     elif cfg.uri.startswith("embedded:"):
@@ -473,6 +473,15 @@ def read_manifest(raw: bytes, uri: str) -> dict:
 def cache_root() -> Path:
     """The node-local cache of remote prepared datasets."""
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "gan-data-cache")
+
+
+def prepared_manifest(uri: str, storage_options: dict | None = None) -> dict | None:
+    """The manifest of the prepared dataset at ``uri``; None when it is not one."""
+    fs, path = _url_to_fs(uri, storage_options or {})
+    if not _is_prepared(fs, path, uri):
+        return None
+    path = path.removesuffix(MANIFEST).rstrip("/")
+    return read_manifest(_fetch(fs, f"{path}/{MANIFEST}", uri), uri)
 
 
 def _is_prepared(fs, path: str, uri: str) -> bool:

@@ -2,8 +2,11 @@
 
 The default feature network is a small digit classifier trained by
 ``pipelines/build_evaluator.py`` (weights committed under gan/assets, sha256 recorded
-with every result). Any TorchScript feature extractor (an exported Inception-v3, say)
-can replace it from a path or URI the user gives. Rules that keep FID honest: float64
+with every result). For other labelled data the same script trains a classifier for that
+domain and stores it beside the prepared dataset (backbone 'classifier'); for unlabelled
+data, any TorchScript feature extractor (an exported Inception-v3, say) can replace it
+from a path or URI the user gives. A classifier backbone also scores how conditional a
+class-conditional generator is: the share of samples drawn for class k classified as k. Rules that keep FID honest: float64
 statistics and an eigenvalue square root (torchmetrics), a fixed sample count, generated
 images quantised to uint8 exactly like real ones, the same seed at every evaluation,
 and the floor (real vs held-out real at the same N) reported beside every FID.
@@ -25,11 +28,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
-from gan.config import ConfigError, EvalConfig
-from gan.data import Dataset
+from gan.config import ConfigError, DataConfig, EvalConfig
+from gan.data import MANIFEST, Dataset
 from gan.sampling import latents, to_uint8
 
 EVALUATOR_FILE = "digits_evaluator.pt"
+DOMAIN_EVALUATOR_FILE = "evaluator.pt"  # beside a prepared dataset's manifest
+DOMAIN_EVALUATOR_FORMAT = "gan-evaluator/1"
 SPLIT_SEED = 20140610  # fixed, independent of training seeds: the same real sets always
 EVAL_SEED = 1234  # the same latents at every evaluation: FID moves only when G does
 # Leakage: a sample is a near-copy when it is closer (in the evaluator's feature space) to
@@ -75,17 +80,58 @@ class DigitClassifier(nn.Module):
         return self.classify(self.features(images))
 
 
-class _DigitFeatures(nn.Module):
-    """uint8 images in, the classifier's features out; holds the classifier as a
-    submodule so ``.to(device)`` moves it."""
+class DomainClassifier(nn.Module):
+    """Small CNN for any labelled dataset (``channels`` x ``resolution`` px); ``features``
+    is its 256-d penultimate layer. Trained per dataset by pipelines/build_evaluator.py."""
 
-    def __init__(self, model: DigitClassifier) -> None:
+    num_features = 256
+
+    def __init__(self, channels: int, resolution: int, num_classes: int) -> None:
+        super().__init__()
+        self.channels, self.resolution, self.num_classes = channels, resolution, num_classes
+        layers: list[nn.Module] = []
+        width_in, side = channels, resolution
+        for width in (32, 64, 128, 128)[: max(1, math.ceil(math.log2(resolution / 4)))]:
+            layers += [nn.Conv2d(width_in, width, 3, padding=1), nn.ReLU(), nn.Conv2d(width, width, 3, 2, 1), nn.ReLU()]
+            width_in, side = width, (side + 1) // 2
+        self.body = nn.Sequential(
+            *layers, nn.Flatten(), nn.Linear(width_in * side * side, self.num_features), nn.ReLU()
+        )
+        self.classify = nn.Linear(self.num_features, num_classes)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 N x C x H x W -> float in [-1, 1] at this network's channels and size."""
+        x = images.float() / 127.5 - 1
+        if x.shape[1] != self.channels:
+            x = x.mean(1, keepdim=True) if self.channels == 1 else x.expand(-1, self.channels, -1, -1)
+        if x.shape[-1] != self.resolution:
+            x = F.interpolate(
+                x, size=(self.resolution,) * 2, mode="area" if x.shape[-1] > self.resolution else "bilinear"
+            )
+        return x
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        return self.body(self.prepare(images))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.features(images))
+
+
+class _ClassifierFeatures(nn.Module):
+    """uint8 images in, a classifier's features out; ``logits`` classifies those features.
+    Holds the classifier as a submodule so ``.to(device)`` moves it."""
+
+    def __init__(self, model: DigitClassifier | DomainClassifier) -> None:
         super().__init__()
         self.model = model
         self.num_features = model.num_features
+        self.num_classes = model.classify.out_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.features(images)
+
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        return self.model.classify(features)
 
 
 class _ScriptedFeatures(nn.Module):
@@ -113,11 +159,37 @@ def load_digit_classifier() -> tuple[DigitClassifier, str]:
     return model.eval().requires_grad_(False), hashlib.sha256(raw).hexdigest()
 
 
-def load_backbone(cfg: EvalConfig) -> tuple[nn.Module, str]:
+def domain_evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
+    """Where backbone 'classifier' is read: eval.backbone_uri, else beside the dataset."""
+    return eval_cfg.backbone_uri or f"{data_uri.removesuffix(MANIFEST).rstrip('/')}/{DOMAIN_EVALUATOR_FILE}"
+
+
+def read_domain_evaluator(uri: str, storage_options: dict | None = None) -> tuple[DomainClassifier, dict, str]:
+    """(classifier, its metadata, sha256 of the file) from a file build_evaluator.py wrote."""
+    try:
+        with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
+            raw = handle.read()
+        saved = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+        if not isinstance(saved, dict) or saved.get("format") != DOMAIN_EVALUATOR_FORMAT:
+            raise ValueError("not written by pipelines/build_evaluator.py")
+        meta = saved["meta"]
+        model = DomainClassifier(meta["channels"], meta["resolution"], meta["num_classes"])
+        model.load_state_dict(saved["state_dict"])
+    except FileNotFoundError:
+        raise ConfigError(f"{uri}: no such file (an evaluator: pipelines/build_evaluator.py --data DATA)") from None
+    except Exception as err:  # fsspec, torch.load and a wrong state dict raise many types; the message says which
+        raise ConfigError(f"{uri}: not a readable evaluator ({type(err).__name__}: {err})") from None
+    return model.eval().requires_grad_(False), meta, hashlib.sha256(raw).hexdigest()
+
+
+def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | None = None) -> tuple[nn.Module, str]:
     """(feature module taking uint8 NCHW, sha256 of its weights)."""
     if cfg.backbone == "digits":
         model, sha = load_digit_classifier()
-        return _DigitFeatures(model), sha
+        return _ClassifierFeatures(model), sha
+    if cfg.backbone == "classifier":
+        model, _, sha = read_domain_evaluator(domain_evaluator_uri(cfg, data_uri), storage_options)
+        return _ClassifierFeatures(model), sha
     check_backbone(cfg)
     try:
         with fsspec.open(cfg.backbone_uri, "rb") as handle:
@@ -132,8 +204,22 @@ def load_backbone(cfg: EvalConfig) -> tuple[nn.Module, str]:
     return _ScriptedFeatures(scripted, dim), hashlib.sha256(raw).hexdigest()
 
 
-def check_backbone(cfg: EvalConfig) -> None:
-    """A user-supplied feature network must be there before any training starts."""
+def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
+    """The feature network must be there, and fit the data, before any training starts."""
+    if data is not None and cfg.backbone == "digits" and data.channels == 3:
+        raise ConfigError(
+            "eval.backbone=digits scores grayscale digits, not RGB images: build an evaluator for this data "
+            f"(python pipelines/build_evaluator.py --data {data.uri}) and --set eval.backbone=classifier, "
+            "or give a TorchScript feature network (eval.backbone=torchscript)"
+        )
+    if data is not None and cfg.backbone == "classifier":
+        if not cfg.backbone_uri and data.uri.startswith("embedded:"):
+            raise ConfigError(
+                f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
+                "set data.uri (pipelines/prepare_data.py, then build_evaluator.py --data) or eval.backbone_uri"
+            )
+        read_domain_evaluator(domain_evaluator_uri(cfg, data.uri), data.fsspec_options())
+        return
     if cfg.backbone != "torchscript":
         return
     try:
@@ -284,9 +370,11 @@ class Evaluator:
     same latents. Split over ranks, each generates its share and the features are
     gathered (StyleGAN's metric code does the same), so every rank reports the same value."""
 
-    def __init__(self, cfg: EvalConfig, data: Dataset, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, cfg: EvalConfig, data: Dataset, device: torch.device | str = "cpu", storage_options: dict | None = None
+    ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
-        self.backbone, self.sha256 = load_backbone(cfg)
+        self.backbone, self.sha256 = load_backbone(cfg, data.source, storage_options)
         self.backbone = self.backbone.to(self.device)
         ref_idx, held_idx = split_real(len(data), cfg.num_samples)
         if len(ref_idx) < 2:
@@ -318,16 +406,25 @@ class Evaluator:
             [self.backbone(data.rows(idx[i : i + batch]).to(self.device)).float() for i in range(0, len(idx), batch)]
         )
 
-    def score_features(self, fake: torch.Tensor) -> dict[str, float]:
+    def score_features(self, fake: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        """FID, KID, precision, recall and copies of these features; with the labels the
+        samples were drawn for, also the share the evaluator classifies as their label."""
         fid = frechet_distance(*gaussian(fake), *self.real_gaussian)
         kid_mean = kid(self.real_features, fake, min(self.kid_subset, len(fake)))
         copies = copy_share(fake, self.copy_reference, self.copy_threshold)
         precision, recall = precision_recall(self.real_features, fake, self.real_radii)
-        return {"fid": fid, "kid": kid_mean, "fid_floor": self.floor, "precision": precision, "recall": recall,
-                "leakage/copy_share": copies}  # fmt: skip
+        scores = {"fid": fid, "kid": kid_mean, "fid_floor": self.floor, "precision": precision, "recall": recall,
+                  "leakage/copy_share": copies}  # fmt: skip
+        if labels is not None and self.classifies(int(labels.max()) + 1):
+            scores["class_accuracy"] = class_accuracy(self.backbone.logits(fake), labels)
+        return scores
 
-    def score_images(self, images: torch.Tensor) -> dict[str, float]:
-        return self.score_features(self.features(images.to(self.device)))
+    def classifies(self, num_classes: int) -> bool:
+        """Whether this backbone can tell a conditional generator's ``num_classes`` classes."""
+        return getattr(self.backbone, "num_classes", 0) >= num_classes > 0
+
+    def score_images(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
+        return self.score_features(self.features(images.to(self.device)), labels)
 
     def __call__(
         self,
@@ -348,8 +445,9 @@ class Evaluator:
             G, n, seed=seed, num_classes=num_classes, device=self.device, rank=rank, world_size=world_size
         )
         G.train(was_training)
+        labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
         if world_size == 1:
-            return self.score_features(self.features(images))
+            return self.score_features(self.features(images), labels)
         if gather is None:
             raise ValueError(f"world_size={world_size} needs a gather function")
         start, stop, per = shard(n, rank, world_size)
@@ -357,7 +455,12 @@ class Evaluator:
         if stop > start:
             padded[: stop - start] = self.features(images)
         # Rank r's rows hold images r*per.. in order, so the gathered set is the one-rank set.
-        return self.score_features(gather(padded)[:n])
+        return self.score_features(gather(padded)[:n], labels)
+
+
+def class_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The share of samples drawn for class k that the evaluator classifies as k."""
+    return float((logits.argmax(1) == labels).float().mean())
 
 
 @dataclass(frozen=True)

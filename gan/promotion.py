@@ -162,13 +162,16 @@ class Scorer:
         key = (cfg.data, eval_cfg)
         if key not in self.evaluators:
             data = load_dataset(cfg.data)
-            self.evaluators[key] = (Evaluator(eval_cfg, data), data.fingerprint)
+            self.evaluators[key] = (
+                Evaluator(eval_cfg, data, storage_options=cfg.data.fsspec_options()),
+                data.fingerprint,
+            )
         evaluator, fingerprint = self.evaluators[key]
         return fid_estimate(evaluator, G, cfg.model.num_classes, self.seeds), cfg, fingerprint, evaluator.sha256
 
 
 def evaluator_name(eval_cfg) -> str:
-    return eval_cfg.backbone_uri if eval_cfg.backbone == "torchscript" else f"{eval_cfg.backbone!r}"
+    return eval_cfg.backbone_uri or f"{eval_cfg.backbone!r}"
 
 
 def promote(

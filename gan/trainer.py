@@ -21,7 +21,7 @@ from gan import checkpoint
 from gan.config import MUTABLE, Config, TrainConfig, override
 from gan.data import Dataset, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
-from gan.metrics import Evaluator
+from gan.metrics import Evaluator, domain_evaluator_uri
 from gan.models import build_models
 from gan.population import Exploit
 from gan.sampling import class_grid, png_bytes
@@ -121,7 +121,7 @@ class Trainer:
             all_gather=session.all_gather,
             device=session.device,
         )
-        self.evaluator = Evaluator(cfg.eval, self.data, device=session.device)
+        self.evaluator = Evaluator(cfg.eval, self.data, session.device, cfg.data.fsspec_options())
         self.best_fid = math.inf
         self.best_G_ema: dict | None = None
         self.history: list[dict[str, float]] = []
@@ -152,8 +152,9 @@ class Trainer:
         # MLflow keeps 36 characters of a digest: the full fingerprint is in the tags and the profile.
         profile = {"count": len(data), "shape": shape, "classes": data.num_classes, "fingerprint": data.fingerprint}
         self.tracker.log_dataset(name, data.fingerprint[:32], data.source, "training", profile)
-        evaluator = ev.backbone if ev.backbone != "torchscript" else ev.backbone_uri.rstrip("/").rsplit("/", 1)[-1]
-        source = ev.backbone_uri or f"gan/assets ({ev.backbone} classifier)"
+        evaluator = ev.backbone_uri.rstrip("/").rsplit("/", 1)[-1] if ev.backbone_uri else ev.backbone
+        source = {"digits": "gan/assets (digits classifier)", "classifier": domain_evaluator_uri(ev, data.source)}
+        source = ev.backbone_uri or source[ev.backbone]
         profile = {"sha256": self.evaluator.sha256, "num_samples": ev.num_samples, "floor": self.evaluator.floor}
         self.tracker.log_dataset(f"evaluator:{evaluator}", self.evaluator.sha256[:32], source, "evaluation", profile)
 
@@ -448,9 +449,10 @@ class LocalSession:
             fs.rm(old, recursive=True)
         if not self.quiet:
             marker = "  * new best" if snapshot.is_best else ""
+            classes = f"class accuracy {metrics['class_accuracy']:.2f}  " if "class_accuracy" in metrics else ""
             print(
                 f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
-                f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  "
+                f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  {classes}"
                 f"(floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s{marker}",
                 file=sys.stdout,
                 flush=True,

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.workers is not None and not args.in_process:
             check_split(cfg.train, args.workers)
-        check_backbone(cfg.eval)
+        check_backbone(cfg.eval, cfg.data)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
         if args.resume:  # refused before its MLflow run is reopened or Ray starts

@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             perturbation_rounds=args.perturbation_rounds,
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
-        check_backbone(base.eval)
+        check_backbone(base.eval, base.data)
         if not args.no_tracking:
             check_names(args.name, args.model_name)
     except USER_ERRORS as err:

@@ -196,6 +196,7 @@ def test_bad_input_as_a_new_user_types_it(args, message, tmp_path):
         ("train.py", ["--set", "eval.every_kimg=1e-9"], "eval.every_kimg=1e-09 is less than one training step"),
         ("train.py", ["--set", "eval.backbone=torchscript", "--set", "eval.backbone_uri=/no/such/inception.pt"],
          "eval.backbone_uri=/no/such/inception.pt: no such file"),
+        ("train.py", ["--set", "data.channels=3"], "eval.backbone=digits scores grayscale digits, not RGB images"),
         ("train.py", ["--workers", "3", "--set", "train.batch_size=64"],
          "train.batch_size=64 does not split evenly over 3 workers: use --set train.batch_size=63 or 66"),
         ("tune.py", ["--set", "eval.backbone=torchscript", "--set", "eval.backbone_uri=/no/such/inception.pt"],

@@ -107,3 +107,30 @@ def test_precision_and_recall_on_hand_made_features():
     assert precision > 0.9 and 0.4 < recall < 0.6
     far = torch.randn(400, 4, generator=g) + 1000  # nothing like the data
     assert precision_recall(real, far) == (0.0, 0.0)
+
+
+class ClassCopier(Copier):
+    """Returns a training image of the class it is asked for, or of any class if ``obey`` is off."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, obey: bool) -> None:
+        super().__init__(images)
+        self.by_class = [torch.nonzero(labels == k).flatten() for k in range(10)]
+        self.obey = obey
+
+    def forward(self, z, labels=None):
+        pick = (z[:, 0].abs() * 1e6).long()
+        classes = labels if self.obey else pick % 10
+        idx = torch.stack(
+            [self.by_class[k][p % len(self.by_class[k])] for k, p in zip(classes.tolist(), pick // 10, strict=True)]
+        )
+        return self.images[idx].float() / 127.5 - 1
+
+
+def test_class_accuracy_is_one_for_an_obedient_generator_and_chance_for_one_that_ignores_labels(digits, evaluator):
+    with torch.no_grad():  # only images the classifier reads right: an obedient generator then scores exactly 1
+        right = evaluator.backbone.logits(evaluator.features(digits.images)).argmax(1) == digits.labels
+    images, labels = digits.images[right], digits.labels[right]
+    assert evaluator(ClassCopier(images, labels, obey=True), num_classes=10)["class_accuracy"] == 1.0
+    ignoring = evaluator(ClassCopier(images, labels, obey=False), num_classes=10)["class_accuracy"]
+    assert 0.05 < ignoring < 0.15, ignoring  # 1,000 samples: chance (0.1) within about 5 standard errors
+    assert "class_accuracy" not in evaluator(Copier(images), num_classes=0)  # unconditional: nothing to score

@@ -1,0 +1,102 @@
+"""Other image domains: RGB presets, an evaluator built for a labelled dataset (deterministic,
+found beside the data, used by every FID on it), and class accuracy of conditional samples."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gan.config import ConfigError, EvalConfig, override, preset
+from gan.metrics import check_backbone, read_domain_evaluator
+from gan.models import build_models
+from gan.prepare import PrepareConfig, prepare
+from gan.trainer import LocalSession, Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+RGB_PRESETS = ["dcgan-32", "dcgan-64", "dcgan-64-cond", "resnet-64"]
+COLOURS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 70, 230)}
+
+
+@pytest.mark.parametrize("name", RGB_PRESETS)
+def test_rgb_presets_make_rgb_images_at_their_size(name):
+    cfg = preset(name)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    labels = torch.tensor([0, 9]) if cfg.model.num_classes else None
+    with torch.no_grad():
+        x = G(torch.randn(2, cfg.model.z_dim), labels)
+        assert x.shape == (2, 3, cfg.data.resolution, cfg.data.resolution)
+        assert D(x, labels).shape == (2,)
+    assert cfg.eval.backbone == "classifier" and "flip" not in cfg.loss.augment
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> str:
+    """A labelled RGB dataset made here: a disc of one colour per class on grey, 32 px."""
+    root = tmp_path_factory.mktemp("shapes")
+    rng = np.random.default_rng(0)
+    for name, colour in COLOURS.items():
+        (root / "src" / name).mkdir(parents=True)
+        for i in range(60):
+            cy, cx, r = rng.integers(10, 22), rng.integers(10, 22), rng.integers(5, 9)
+            yy, xx = np.mgrid[:32, :32]
+            pixels = np.full((32, 32, 3), 128, np.uint8)
+            pixels[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = colour
+            Image.fromarray(pixels).save(root / "src" / name / f"{i}.png")
+    dest = root / "prepared"
+    prepare(PrepareConfig(source=str(root / "src"), dest=str(dest), resolution=32, channels=3), log=io.StringIO())
+    return str(dest)
+
+
+def build(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, str(ROOT / "pipelines" / "build_evaluator.py"), *args],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_evaluator_build_is_deterministic_and_refuses_to_replace_one(shapes, tmp_path):
+    shas = []
+    for out in (tmp_path / "a.pt", tmp_path / "b.pt"):
+        result = build("--data", shapes, "--epochs", "4", "--out", str(out))
+        assert result.returncode == 0, result.stderr
+        shas.append(hashlib.sha256(out.read_bytes()).hexdigest())
+        assert shas[-1] in result.stdout and "held-out accuracy" in result.stdout
+    assert shas[0] == shas[1]
+    model, meta, sha = read_domain_evaluator(str(tmp_path / "a.pt"))
+    assert sha == shas[0] and (meta["channels"], meta["resolution"], meta["num_classes"]) == (3, 32, 3)
+    assert meta["class_names"] == sorted(COLOURS) and meta["held_out_accuracy"] > 0.5  # chance: 1/3, after 12 steps
+
+    again = build("--data", shapes, "--epochs", "4", "--out", str(tmp_path / "a.pt"))
+    assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("pass --overwrite to replace it")
+    assert hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest() == shas[0]  # untouched
+
+
+def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path):
+    cfg = override(preset("debug"), [f"data.uri={shapes}", "data.resolution=32", "data.channels=3",
+                                     "model.num_classes=3", "eval.backbone=classifier",
+                                     "train.total_kimg=0.16", "eval.every_kimg=0.16"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"evaluator\.pt: no such file .*build_evaluator\.py --data"):
+        check_backbone(cfg.eval, cfg.data)  # train.py and tune.py say so before Ray starts
+    assert build("--data", shapes, "--epochs", "4").returncode == 0
+    beside = Path(shapes) / "evaluator.pt"
+    check_backbone(cfg.eval, cfg.data)
+    trainer = Trainer(cfg, LocalSession(str(tmp_path / "run"), quiet=True))
+    assert trainer.evaluator.sha256 == hashlib.sha256(beside.read_bytes()).hexdigest()
+    last = trainer.train().history[-1]
+    assert last["fid"] > 0 and 0 <= last["class_accuracy"] <= 1  # conditional: scored per class too
+
+
+def test_the_digit_evaluator_refuses_rgb_data():
+    cfg = preset("dcgan-64")
+    with pytest.raises(ConfigError, match=r"eval\.backbone=digits scores grayscale digits, not RGB images"):
+        check_backbone(EvalConfig(), cfg.data)
+    with pytest.raises(ConfigError, match=r"a prepared dataset"):
+        check_backbone(cfg.eval, cfg.data)  # the embedded digits have no evaluator beside them
