@@ -85,6 +85,9 @@ S3READS_PLAN = (
 EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is reached
 STREAM_CAP_MIB = (32, 8)  # (full, quick) data.memory_budget_mb; the dataset is 10.5x this
 STREAM_SECONDS = (30, 10)
+EMOJI_MINUTES = ((10, 30), (1, 2))  # FID read at each, from one run as long as the last
+CONDITIONAL_SECONDS = (300, 45)
+BENCH_CACHE = Path(os.environ.get("GAN_BENCH_CACHE", Path.home() / ".cache" / "gan-bench"))
 
 
 def train_once(*args: str, env: dict | None = None) -> dict:
@@ -536,6 +539,48 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     ]  # fmt: skip
 
 
+def at_minutes(history: list[dict], minutes: float) -> dict:
+    """The last evaluation within ``minutes`` of training."""
+    return [h for h in history if h["time/train_s"] <= minutes * 60 + 1][-1]
+
+
+def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """The 64-px RGB preset on the emoji set (benchmarks/emoji_data.py fetches it with npm)."""
+    from emoji_data import prepare
+
+    data = prepare(BENCH_CACHE)[64]
+    minutes = EMOJI_MINUTES[quick]
+    sets = [f"data.uri={data}", "eval.every_kimg=15"]
+    runs = [train_once("--preset", "dcgan-64", "--seconds", str(minutes[-1] * 60), "--threads", "2",
+                       *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)]) for seed in range(repeats)]  # fmt: skip
+    cond = [train_once("--preset", "dcgan-64-cond", "--seconds", str(minutes[0] * 60), "--threads", "2",
+                       *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)]) for seed in range(repeats)]  # fmt: skip
+    rows = []
+    for m in minutes:
+        evals = [at_minutes(r["history"], m) for r in runs]
+        fid, floor = median(e["fid"] for e in evals), median(e["fid_floor"] for e in evals)
+        rows.append((f"emoji 64 px, dcgan-64: FID after {m} min (floor beside)", f"{fid:.1f} (floor {floor:.1f})",
+                     f"runs {[round(e['fid'], 1) for e in evals]}, FID / floor {fid / floor:.1f}, "
+                     f"precision {median(e['precision'] for e in evals):.2f}, recall {median(e['recall'] for e in evals):.2f}, "
+                     f"kimg {[round(e['kimg'], 1) for e in evals]}"))  # fmt: skip
+    accuracy = [at_minutes(r["history"], minutes[0])["class_accuracy"] for r in cond]
+    rows.append((f"emoji 64 px, dcgan-64-cond: class accuracy after {minutes[0]} min", f"{median(accuracy):.2f}",
+                 f"runs {[round(a, 2) for a in accuracy]}; chance 0.10, the evaluator's held-out accuracy in its file"))  # fmt: skip
+    return rows
+
+
+def conditional(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """Class accuracy of the class-conditional digits preset after the quality budget."""
+    seconds = CONDITIONAL_SECONDS[quick]
+    runs = [train_once("--preset", "dcgan-cond", "--seconds", str(seconds), "--threads", "2",
+                       "--set", f"eval.every_kimg={EVAL_EVERY_KIMG}", "--set", f"train.seed={seed}") for seed in range(repeats)]  # fmt: skip
+    accuracy = [r["history"][-1]["class_accuracy"] for r in runs]
+    return [
+        (f"digits, dcgan-cond: class accuracy after {seconds}s (target >= 0.95)", f"{median(accuracy):.3f}",
+         f"runs {[round(a, 3) for a in accuracy]}, FID {[round(r['fid'], 1) for r in runs]}"),
+    ]  # fmt: skip
+
+
 BENCHMARKS = {
     "quality": quality,
     "overhead": overhead,
@@ -547,6 +592,8 @@ BENCHMARKS = {
     "tracking": tracking,
     "s3reads": s3reads,
     "streaming": streaming,
+    "emoji": emoji,
+    "conditional": conditional,
 }
 
 

@@ -21,6 +21,8 @@ import threading
 
 from gan.config import override, preset
 
+HISTORY_KEYS = ("kimg", "fid", "fid_floor", "precision", "recall", "class_accuracy", "time/train_s", "time/eval_s")
+
 
 def main() -> int:
     parser = argparse.ArgumentParser()
@@ -53,9 +55,7 @@ def main() -> int:
     print(
         json.dumps(
             {
-                "history": [
-                    {k: h[k] for k in ("kimg", "fid", "fid_floor", "time/train_s", "time/eval_s")} for h in history
-                ],
+                "history": [{k: h[k] for k in HISTORY_KEYS if k in h} for h in history],
                 "images": last["images_seen"],
                 "train_s": last["time/train_s"],
                 "img_per_s": last["images_seen"] / last["time/train_s"],

@@ -500,9 +500,11 @@ def textbook() -> Config:
 
 
 def dcgan_64() -> Config:
-    """RGB images at 64 px: the default DCGAN recipe, colour and translation DiffAugment.
-    Scored by the dataset's own evaluator (pipelines/build_evaluator.py --data)."""
-    return rgb(dcgan(), "dcgan-64", 64)
+    """RGB images at 64 px: the default DCGAN recipe at width 16, colour and translation
+    DiffAugment. Scored by the dataset's own evaluator (pipelines/build_evaluator.py --data)."""
+    # Width 16, not 32: on 2 CPU cores 3.4x the img/s, and FID 466 against 1371 after 150 s on the emoji set.
+    cfg = rgb(dcgan(), "dcgan-64", 64)
+    return replace(cfg, model=replace(cfg.model, width=16))
 
 
 def dcgan_64_cond() -> Config:
