@@ -2,8 +2,9 @@
 
 Translation and a small cutout keep a digit a digit. For natural images, 'color' (brightness,
 saturation, contrast) and 'flip' (left-right) are there too: flips only where the domain
-allows them (not digits, text, arrows or flags). Random parameters come from an explicit torch.Generator on the run's device, drawn for the
-*global* batch and sliced per rank, so training does not depend on the number of workers.
+allows them (not digits, text, arrows or flags). Random parameters come from an explicit
+torch.Generator on the run's device, drawn for the *global* batch and sliced per rank, so
+training does not depend on the number of workers.
 """
 
 from __future__ import annotations

@@ -6,10 +6,10 @@ with every result). For other labelled data the same script trains a classifier 
 domain and stores it beside the prepared dataset (backbone 'classifier'); for unlabelled
 data, any TorchScript feature extractor (an exported Inception-v3, say) can replace it
 from a path or URI the user gives. A classifier backbone also scores how conditional a
-class-conditional generator is: the share of samples drawn for class k classified as k. Rules that keep FID honest: float64
-statistics and an eigenvalue square root (torchmetrics), a fixed sample count, generated
-images quantised to uint8 exactly like real ones, the same seed at every evaluation,
-and the floor (real vs held-out real at the same N) reported beside every FID.
+class-conditional generator is: the share of samples drawn for class k classified as k.
+Rules that keep FID honest: float64 statistics and an eigenvalue square root
+(torchmetrics), a fixed sample count, generated images quantised to uint8 exactly like
+real ones, the same seed at every evaluation, and the floor (real vs held-out real at the same N) reported beside every FID.
 """
 
 from __future__ import annotations

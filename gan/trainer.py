@@ -153,8 +153,8 @@ class Trainer:
         profile = {"count": len(data), "shape": shape, "classes": data.num_classes, "fingerprint": data.fingerprint}
         self.tracker.log_dataset(name, data.fingerprint[:32], data.source, "training", profile)
         evaluator = ev.backbone_uri.rstrip("/").rsplit("/", 1)[-1] if ev.backbone_uri else ev.backbone
-        source = {"digits": "gan/assets (digits classifier)", "classifier": domain_evaluator_uri(ev, data.source)}
-        source = ev.backbone_uri or source[ev.backbone]
+        # The user's file (eval.backbone_uri), the one beside the data, or the committed digit classifier.
+        source = domain_evaluator_uri(ev, data.source) if ev.backbone != "digits" else "gan/assets (digits classifier)"
         profile = {"sha256": self.evaluator.sha256, "num_samples": ev.num_samples, "floor": self.evaluator.floor}
         self.tracker.log_dataset(f"evaluator:{evaluator}", self.evaluator.sha256[:32], source, "evaluation", profile)
 
