@@ -323,6 +323,9 @@ class EvalConfig:
     """For 'classifier': the file build_evaluator.py wrote (default: evaluator.pt beside the
     prepared dataset's manifest). For 'torchscript': path/URI of a feature extractor the
     user supplies (for example an exported Inception-v3), taking float images in [0, 1], NCHW."""
+    backbone_sha256: str = ""
+    """The sha256 the 'classifier' or 'torchscript' file must have: a network fetched from a
+    URI is refused unless it is the one named. '' = not checked (its sha256 is still logged)."""
     kid_subset_size: int = 500
     """Subset size for the KID estimate."""
 
@@ -333,6 +336,11 @@ class EvalConfig:
         if self.backbone == "torchscript":
             _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
         check_no_credentials("eval.backbone_uri", self.backbone_uri)
+        if self.backbone_sha256:
+            _check(
+                len(self.backbone_sha256) == 64 and all(c in "0123456789abcdef" for c in self.backbone_sha256),
+                "eval.backbone_sha256", "must be 64 lowercase hex digits", self.backbone_sha256,
+            )  # fmt: skip
         _check(
             2 <= self.kid_subset_size <= self.num_samples,
             "eval.kid_subset_size",

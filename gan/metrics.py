@@ -164,11 +164,22 @@ def domain_evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
     return eval_cfg.backbone_uri or f"{data_uri.removesuffix(MANIFEST).rstrip('/')}/{DOMAIN_EVALUATOR_FILE}"
 
 
-def read_domain_evaluator(uri: str, storage_options: dict | None = None) -> tuple[DomainClassifier, dict, str]:
+def checked_sha256(raw: bytes, uri: str, expected: str) -> str:
+    """The file's sha256, refused when it is not the ``expected`` one (if one is given)."""
+    sha = hashlib.sha256(raw).hexdigest()
+    if expected and sha != expected:
+        raise ConfigError(f"{uri}: its sha256 is {sha}, not eval.backbone_sha256={expected}")
+    return sha
+
+
+def read_domain_evaluator(
+    uri: str, storage_options: dict | None = None, expected_sha256: str = ""
+) -> tuple[DomainClassifier, dict, str]:
     """(classifier, its metadata, sha256 of the file) from a file build_evaluator.py wrote."""
     try:
         with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
             raw = handle.read()
+        sha = checked_sha256(raw, uri, expected_sha256)
         saved = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
         if not isinstance(saved, dict) or saved.get("format") != DOMAIN_EVALUATOR_FORMAT:
             raise ValueError("not written by pipelines/build_evaluator.py")
@@ -177,9 +188,11 @@ def read_domain_evaluator(uri: str, storage_options: dict | None = None) -> tupl
         model.load_state_dict(saved["state_dict"])
     except FileNotFoundError:
         raise ConfigError(f"{uri}: no such file (an evaluator: pipelines/build_evaluator.py --data DATA)") from None
+    except ConfigError:
+        raise
     except Exception as err:  # fsspec, torch.load and a wrong state dict raise many types; the message says which
         raise ConfigError(f"{uri}: not a readable evaluator ({type(err).__name__}: {err})") from None
-    return model.eval().requires_grad_(False), meta, hashlib.sha256(raw).hexdigest()
+    return model.eval().requires_grad_(False), meta, sha
 
 
 def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | None = None) -> tuple[nn.Module, str]:
@@ -188,20 +201,24 @@ def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | N
         model, sha = load_digit_classifier()
         return _ClassifierFeatures(model), sha
     if cfg.backbone == "classifier":
-        model, _, sha = read_domain_evaluator(domain_evaluator_uri(cfg, data_uri), storage_options)
+        uri = domain_evaluator_uri(cfg, data_uri)
+        model, _, sha = read_domain_evaluator(uri, storage_options, cfg.backbone_sha256)
         return _ClassifierFeatures(model), sha
     check_backbone(cfg)
     try:
         with fsspec.open(cfg.backbone_uri, "rb") as handle:
             raw = handle.read()
+        sha = checked_sha256(raw, cfg.backbone_uri, cfg.backbone_sha256)
         scripted = torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
+    except ConfigError:
+        raise
     except Exception as err:  # fsspec and TorchScript raise many types; the message says which
         raise ConfigError(
             f"eval.backbone_uri={cfg.backbone_uri}: not a readable TorchScript module ({type(err).__name__}: {err})"
         ) from None
     with torch.no_grad():
         dim = scripted(torch.zeros(1, 3, 299, 299, device="cpu")).flatten(1).shape[1]
-    return _ScriptedFeatures(scripted, dim), hashlib.sha256(raw).hexdigest()
+    return _ScriptedFeatures(scripted, dim), sha
 
 
 def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
@@ -218,7 +235,7 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
                 f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
                 "set data.uri (pipelines/prepare_data.py, then build_evaluator.py --data) or eval.backbone_uri"
             )
-        read_domain_evaluator(domain_evaluator_uri(cfg, data.uri), data.fsspec_options())
+        read_domain_evaluator(domain_evaluator_uri(cfg, data.uri), data.fsspec_options(), cfg.backbone_sha256)
         return
     if cfg.backbone != "torchscript":
         return
@@ -231,6 +248,9 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
         ) from None
     if not found:
         raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file (a TorchScript feature extractor)")
+    if cfg.backbone_sha256:  # a wrong network is refused before training, not at its first evaluation
+        with fs.open(path, "rb") as handle:
+            checked_sha256(handle.read(), cfg.backbone_uri, cfg.backbone_sha256)
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

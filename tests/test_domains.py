@@ -87,9 +87,13 @@ def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path
         check_backbone(cfg.eval, cfg.data)  # train.py and tune.py say so before Ray starts
     assert build("--data", shapes, "--epochs", "4").returncode == 0
     beside = Path(shapes) / "evaluator.pt"
+    sha = hashlib.sha256(beside.read_bytes()).hexdigest()
     check_backbone(cfg.eval, cfg.data)
+    check_backbone(override(cfg, [f"eval.backbone_sha256={sha}"]).eval, cfg.data)
+    with pytest.raises(ConfigError, match=rf"its sha256 is {sha}, not eval\.backbone_sha256=0{{64}}"):
+        check_backbone(override(cfg, ["eval.backbone_sha256=" + "0" * 64]).eval, cfg.data)
     trainer = Trainer(cfg, LocalSession(str(tmp_path / "run"), quiet=True))
-    assert trainer.evaluator.sha256 == hashlib.sha256(beside.read_bytes()).hexdigest()
+    assert trainer.evaluator.sha256 == sha
     last = trainer.train().history[-1]
     assert last["fid"] > 0 and 0 <= last["class_accuracy"] <= 1  # conditional: scored per class too
 
