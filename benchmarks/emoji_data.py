@@ -1,10 +1,10 @@
 """Fetch and prepare the emoji benchmark set: 3,786 RGBA 64-px emoji of one vendor from the
 npm registry's `emoji-datasource-<vendor>` package, labelled with their emoji.json category
-(10 classes), composited on white, prepared at 64 (and 32) px, with an evaluator built for it.
+(10 classes), composited on white, prepared at 64 px, with an evaluator built for it.
 
 The images are not committed: this script fetches them (as an install step would) with
 `npm pack` into --cache, and is run by `benchmarks/run.py --only emoji`. Usage:
-    python benchmarks/emoji_data.py --cache ~/.cache/gan-bench          # prints the prepared URIs
+    python benchmarks/emoji_data.py --cache ~/.cache/gan-bench          # prints the prepared folder
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ def main() -> int:
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "gan-bench"))
     parser.add_argument("--vendor", default=VENDOR, help=f"apple, google, twitter or facebook (default {VENDOR})")
     args = parser.parse_args()
-    print(json.dumps(prepare(Path(args.cache), args.vendor)))
+    print(prepare(Path(args.cache), args.vendor))
     return 0
 
 
-def prepare(cache: Path, vendor: str = VENDOR) -> dict[int, str]:
-    """{resolution: prepared dataset folder}, each with its evaluator.pt; reuses what is there."""
+def prepare(cache: Path, vendor: str = VENDOR) -> str:
+    """The prepared dataset's folder, with its evaluator.pt; reuses what is there."""
     cache.mkdir(parents=True, exist_ok=True)
     package = f"emoji-datasource-{vendor}"
     archive = cache / f"{package}-{VERSION}.tgz"
@@ -40,16 +40,13 @@ def prepare(cache: Path, vendor: str = VENDOR) -> dict[int, str]:
     labels = cache / f"{package}-{VERSION}.labels.csv"
     if not labels.exists():
         write_labels(archive, vendor, labels)
-    out = {}
-    for resolution in (64, 32):
-        dest = cache / f"emoji-{vendor}-{resolution}"
-        if not (dest / "manifest.json").exists():
-            run("pipelines/prepare_data.py", str(archive), str(dest), "--labels", str(labels),
-                "--resolution", str(resolution), "--background", "white", "--workers", "2")  # fmt: skip
-        if not (dest / "evaluator.pt").exists():
-            run("pipelines/build_evaluator.py", "--data", str(dest))
-        out[resolution] = str(dest)
-    return out
+    dest = cache / f"emoji-{vendor}-64"
+    if not (dest / "manifest.json").exists():
+        run("pipelines/prepare_data.py", str(archive), str(dest), "--labels", str(labels),
+            "--resolution", "64", "--background", "white", "--workers", "2")  # fmt: skip
+    if not (dest / "evaluator.pt").exists():
+        run("pipelines/build_evaluator.py", "--data", str(dest))
+    return str(dest)
 
 
 def write_labels(archive: Path, vendor: str, dest: Path) -> None:

@@ -38,7 +38,7 @@ class DiffAugment:
             elif policy == "cutout":
                 x = cutout(x, self._draw, CUTOUT_RATIO)
             elif policy == "color":
-                x = colour(x, self._uniform)
+                x = color(x, self._uniform)
             else:
                 x = flip(x, self._draw)
         return x
@@ -67,7 +67,7 @@ def cutout(x: torch.Tensor, draw, ratio: float) -> torch.Tensor:
     return torch.where(inside.unsqueeze(1), fill, x)
 
 
-def colour(x: torch.Tensor, uniform) -> torch.Tensor:
+def color(x: torch.Tensor, uniform) -> torch.Tensor:
     """DiffAugment's colour jitter on images in [-1, 1]: brightness, saturation, contrast."""
     n = x.shape[0]
     x = x + (uniform(n).to(x.device) - 0.5).view(n, 1, 1, 1)
@@ -78,6 +78,6 @@ def colour(x: torch.Tensor, uniform) -> torch.Tensor:
 
 
 def flip(x: torch.Tensor, draw) -> torch.Tensor:
-    """Mirror left-right half of the images."""
+    """Mirror each image left-right with probability 1/2."""
     mirrored = draw(0, 2, x.shape[0]).to(x.device).bool().view(-1, 1, 1, 1)
     return torch.where(mirrored, x.flip(3), x)

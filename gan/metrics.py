@@ -29,10 +29,10 @@ import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
 from gan.config import ConfigError, DataConfig, EvalConfig
-from gan.data import MANIFEST, Dataset
+from gan.data import MANIFEST, Dataset, prepared_manifest
 from gan.sampling import latents, to_uint8
 
-EVALUATOR_FILE = "digits_evaluator.pt"
+DIGITS_EVALUATOR_FILE = "digits_evaluator.pt"
 DOMAIN_EVALUATOR_FILE = "evaluator.pt"  # beside a prepared dataset's manifest
 DOMAIN_EVALUATOR_FORMAT = "gan-evaluator/1"
 SPLIT_SEED = 20140610  # fixed, independent of training seeds: the same real sets always
@@ -148,7 +148,7 @@ class _ScriptedFeatures(nn.Module):
 
 
 def evaluator_path() -> Path:
-    return Path(__file__).parent / "assets" / EVALUATOR_FILE
+    return Path(__file__).parent / "assets" / DIGITS_EVALUATOR_FILE
 
 
 def load_digit_classifier() -> tuple[DigitClassifier, str]:
@@ -159,8 +159,9 @@ def load_digit_classifier() -> tuple[DigitClassifier, str]:
     return model.eval().requires_grad_(False), hashlib.sha256(raw).hexdigest()
 
 
-def domain_evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
-    """Where backbone 'classifier' is read: eval.backbone_uri, else beside the dataset."""
+def evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
+    """Where a 'classifier' or 'torchscript' backbone is read: eval.backbone_uri, else (a
+    classifier) the evaluator.pt beside the prepared dataset."""
     return eval_cfg.backbone_uri or f"{data_uri.removesuffix(MANIFEST).rstrip('/')}/{DOMAIN_EVALUATOR_FILE}"
 
 
@@ -201,7 +202,7 @@ def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | N
         model, sha = load_digit_classifier()
         return _ClassifierFeatures(model), sha
     if cfg.backbone == "classifier":
-        uri = domain_evaluator_uri(cfg, data_uri)
+        uri = evaluator_uri(cfg, data_uri)
         model, _, sha = read_domain_evaluator(uri, storage_options, cfg.backbone_sha256)
         return _ClassifierFeatures(model), sha
     check_backbone(cfg)
@@ -230,12 +231,14 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
             "or give a TorchScript feature network (eval.backbone=torchscript)"
         )
     if data is not None and cfg.backbone == "classifier":
-        if not cfg.backbone_uri and data.uri.startswith("embedded:"):
+        if not cfg.backbone_uri and (
+            data.uri.startswith("embedded:") or not prepared_manifest(data.uri, data.fsspec_options())
+        ):
             raise ConfigError(
                 f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
-                "set data.uri (pipelines/prepare_data.py, then build_evaluator.py --data) or eval.backbone_uri"
+                "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
             )
-        read_domain_evaluator(domain_evaluator_uri(cfg, data.uri), data.fsspec_options(), cfg.backbone_sha256)
+        read_domain_evaluator(evaluator_uri(cfg, data.uri), data.fsspec_options(), cfg.backbone_sha256)
         return
     if cfg.backbone != "torchscript":
         return
@@ -249,8 +252,14 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
     if not found:
         raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file (a TorchScript feature extractor)")
     if cfg.backbone_sha256:  # a wrong network is refused before training, not at its first evaluation
-        with fs.open(path, "rb") as handle:
-            checked_sha256(handle.read(), cfg.backbone_uri, cfg.backbone_sha256)
+        try:
+            with fs.open(path, "rb") as handle:
+                raw = handle.read()
+        except Exception as err:  # network and permission errors differ per backend
+            raise ConfigError(
+                f"eval.backbone_uri={cfg.backbone_uri}: cannot read it ({type(err).__name__}: {err})"
+            ) from None
+        checked_sha256(raw, cfg.backbone_uri, cfg.backbone_sha256)
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -189,11 +189,16 @@ def promote(
     champ_fid = None
     if champion is not None:
         print(f"scoring the champion, version {champion.version}...", flush=True)
-        champ_fid, _, champ_fingerprint, _ = scorer(champion_uri)
+        champ_fid, _, champ_fingerprint, champ_evaluator_sha = scorer(champion_uri)
         if champ_fingerprint != fingerprint:
             raise RegistryError(
                 f"the candidate was trained on dataset {fingerprint[:12]} and the champion on {champ_fingerprint[:12]}: "
                 "their FIDs do not compare; register the candidate under another --model-name"
+            )
+        if champ_evaluator_sha != evaluator_sha:
+            raise RegistryError(
+                f"the candidate is scored by evaluator {evaluator_sha[:12]} and the champion by "
+                f"{champ_evaluator_sha[:12]}: their FIDs do not compare; register the candidate under another --model-name"
             )
     decision = decide(cand_fid, champ_fid, margin, max_copy_share)
     evidence = {

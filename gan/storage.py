@@ -73,7 +73,7 @@ class Storage:
     @property
     def options(self) -> dict:
         """fsspec options (the S3 endpoint, if any)."""
-        return {"client_kwargs": {"endpoint_url": self.endpoint_url}} if self.endpoint_url else {}
+        return s3_options(self.endpoint_url)
 
     def filesystem(self) -> fsspec.AbstractFileSystem:
         return fsspec.core.url_to_fs(self.uri, **self.options)[0]
@@ -150,3 +150,8 @@ def folder_mode() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return 0o777 & ~mask
+
+
+def s3_options(endpoint_url: str | None) -> dict:
+    """fsspec options that send s3:// requests to ``endpoint_url`` (none: AWS's)."""
+    return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}

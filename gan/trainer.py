@@ -21,7 +21,7 @@ from gan import checkpoint
 from gan.config import MUTABLE, Config, TrainConfig, override
 from gan.data import Dataset, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
-from gan.metrics import Evaluator, domain_evaluator_uri
+from gan.metrics import Evaluator, evaluator_uri
 from gan.models import build_models
 from gan.population import Exploit
 from gan.sampling import class_grid, png_bytes
@@ -154,7 +154,7 @@ class Trainer:
         self.tracker.log_dataset(name, data.fingerprint[:32], data.source, "training", profile)
         evaluator = ev.backbone_uri.rstrip("/").rsplit("/", 1)[-1] if ev.backbone_uri else ev.backbone
         # The user's file (eval.backbone_uri), the one beside the data, or the committed digit classifier.
-        source = domain_evaluator_uri(ev, data.source) if ev.backbone != "digits" else "gan/assets (digits classifier)"
+        source = evaluator_uri(ev, data.source) if ev.backbone != "digits" else "gan/assets (digits classifier)"
         profile = {"sha256": self.evaluator.sha256, "num_samples": ev.num_samples, "floor": self.evaluator.floor}
         self.tracker.log_dataset(f"evaluator:{evaluator}", self.evaluator.sha256[:32], source, "evaluation", profile)
 
@@ -185,6 +185,11 @@ class Trainer:
             raise checkpoint.CheckpointError(
                 f"checkpoint was trained on dataset {state['dataset_fingerprint'][:12]}, "
                 f"this run loads {self.data.fingerprint[:12]} ({self.data.source})"
+            )
+        if state.get("evaluator_sha256", self.evaluator.sha256) != self.evaluator.sha256:
+            raise checkpoint.CheckpointError(
+                f"checkpoint was scored by evaluator {state['evaluator_sha256'][:12]}, this run by "
+                f"{self.evaluator.sha256[:12]}: its best FID would not compare; resume with that evaluator"
             )
         self.loop.load_state_dict(state["loop"])
         torch.set_rng_state(state["torch_rng"])

@@ -22,6 +22,7 @@ import hashlib
 import io
 import json
 import os
+import posixpath
 import sys
 import time
 
@@ -34,7 +35,8 @@ from gan.augment import translate
 from gan.cli import fail
 from gan.config import DataConfig, EvalConfig
 from gan.data import DataError, Dataset, load_dataset, prepared_manifest
-from gan.metrics import DOMAIN_EVALUATOR_FORMAT, DigitClassifier, DomainClassifier, domain_evaluator_uri, evaluator_path
+from gan.metrics import DOMAIN_EVALUATOR_FORMAT, DigitClassifier, DomainClassifier, evaluator_path, evaluator_uri
+from gan.storage import s3_options
 
 SEED, BATCH, LR, EPOCHS = 0, 64, 1e-3, 12
 DIGIT_HELD_OUT = 500  # the committed digit classifier's split
@@ -50,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--s3-endpoint", default=os.environ.get("AWS_ENDPOINT_URL"),
                         help="S3 API endpoint URL for s3:// URIs (default $AWS_ENDPOINT_URL or AWS)")  # fmt: skip
     args = parser.parse_args(argv)
-    options = {"client_kwargs": {"endpoint_url": args.s3_endpoint}} if args.s3_endpoint else {}
+    options = s3_options(args.s3_endpoint)
     if args.epochs < 1:
         return fail(f"--epochs must be >= 1, not {args.epochs}")
     torch.set_num_threads(1)
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             data, model, out = load_dataset(DataConfig()), DigitClassifier(), args.out or str(evaluator_path())
             held_out = DIGIT_HELD_OUT
+            check_writable(out, options, overwrite=True)  # the committed file is rebuilt in place
     except (DataError, ValueError) as err:
         return fail(str(err))
 
@@ -77,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     raw = buffer.getvalue()
-    with fsspec.open(out, "wb", **options) as handle:  # one write: a local file or one object PUT
-        handle.write(raw)
+    try:
+        with fsspec.open(out, "wb", **options) as handle:  # one write: a local file or one object PUT
+            handle.write(raw)
+    except Exception as err:  # fsspec backends raise many types; the message says which
+        return fail(f"{out}: cannot write it ({type(err).__name__}: {err})")
     sha = hashlib.sha256(raw).hexdigest()
     print(f"wrote {out} ({len(raw) / 1024:.0f} KiB): held-out accuracy {accuracy:.3%}, sha256 {sha}")
     return 0
@@ -94,15 +100,23 @@ def open_domain(uri: str, out: str, options: dict, overwrite: bool) -> tuple[Dat
             f"{uri}: the dataset has no labels to learn features from: prepare it with labels (one sub-folder "
             "per class, or --labels), or give your own network (--set eval.backbone=torchscript)"
         )
-    out = out or domain_evaluator_uri(EvalConfig(backbone="classifier"), uri)
-    fs, path = fsspec.core.url_to_fs(out, **options)
-    if fs.exists(path) and not overwrite:
-        raise ValueError(f"{out} exists; runs scored with it record its sha256: pass --overwrite to replace it")
+    out = out or evaluator_uri(EvalConfig(backbone="classifier"), uri)
+    check_writable(out, options, overwrite)
     channels, resolution, _ = manifest["shape"]
     data = load_dataset(
         DataConfig(uri=uri, resolution=resolution, channels=channels, storage_options=json.dumps(options))
     )
     return data, DomainClassifier(channels, resolution, len(manifest["class_names"])), out
+
+
+def check_writable(out: str, options: dict, overwrite: bool) -> None:
+    """Before minutes of training: the file can be written, and replaces nothing unasked."""
+    fs, path = fsspec.core.url_to_fs(out, **options)
+    if fs.exists(path) and not overwrite:
+        raise ValueError(f"{out} exists; runs scored with it record its sha256: pass --overwrite to replace it")
+    parent = posixpath.dirname(path)
+    if "://" not in out and not fs.isdir(parent):  # object stores have no folders to make first
+        raise ValueError(f"{out}: no folder {parent} to write it in")
 
 
 def train(model: nn.Module, data: Dataset, held_out: int, epochs: int) -> float:

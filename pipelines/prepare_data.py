@@ -25,6 +25,7 @@ import sys
 
 from gan.cli import fail
 from gan.prepare import RESOLUTIONS, PrepareConfig, PrepareError, prepare
+from gan.storage import s3_options
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
     args = parser.parse_args(argv)
 
-    options = {"client_kwargs": {"endpoint_url": args.s3_endpoint}} if args.s3_endpoint else {}
+    options = s3_options(args.s3_endpoint)
     try:
         cfg = PrepareConfig(
             source=args.source,

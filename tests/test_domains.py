@@ -98,9 +98,10 @@ def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path
     assert last["fid"] > 0 and 0 <= last["class_accuracy"] <= 1  # conditional: scored per class too
 
 
-def test_the_digit_evaluator_refuses_rgb_data():
+def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):
     cfg = preset("dcgan-64")
     with pytest.raises(ConfigError, match=r"eval\.backbone=digits scores grayscale digits, not RGB images"):
         check_backbone(EvalConfig(), cfg.data)
-    with pytest.raises(ConfigError, match=r"a prepared dataset"):
-        check_backbone(cfg.eval, cfg.data)  # the embedded digits have no evaluator beside them
+    for uri in ("embedded:mnist5k", str(tmp_path)):  # neither has an evaluator beside it
+        with pytest.raises(ConfigError, match=rf"{uri} is not one: prepare it"):
+            check_backbone(cfg.eval, override(cfg, [f"data.uri={uri}"]).data)
