@@ -553,11 +553,14 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
     data = prepare(BENCH_CACHE)
     minutes = EMOJI_MINUTES[quick]
-    sets = [f"data.uri={data}", "eval.every_kimg=15"]
-    runs = [train_once("--preset", "dcgan-64", "--seconds", str(minutes[-1] * 60), "--threads", "2",
-                       *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)]) for seed in range(repeats)]  # fmt: skip
-    cond = [train_once("--preset", "dcgan-64-cond", "--seconds", str(minutes[0] * 60), "--threads", "2",
-                       *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)]) for seed in range(repeats)]  # fmt: skip
+
+    def run(name: str, length_min: float, seed: int) -> dict:
+        sets = [f"data.uri={data}", "eval.every_kimg=15", f"train.seed={seed}"]
+        return train_once("--preset", name, "--seconds", str(length_min * 60), "--threads", "2",
+                          *[a for s in sets for a in ("--set", s)])  # fmt: skip
+
+    runs = [run("dcgan-64", minutes[-1], seed) for seed in range(repeats)]
+    cond = [run("dcgan-64-cond", minutes[0], seed) for seed in range(repeats)]
     rows = []
     for m in minutes:
         evals = [at_minutes(r["history"], m) for r in runs]

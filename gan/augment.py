@@ -25,10 +25,13 @@ class DiffAugment:
         values = torch.randint(
             low, high, (n * self.world_size,), generator=self.generator, device=self.generator.device
         )
-        return values[self.rank * n : (self.rank + 1) * n]
+        return self._own(values, n)
 
     def _uniform(self, n: int) -> torch.Tensor:
-        values = torch.rand((n * self.world_size,), generator=self.generator, device=self.generator.device)
+        return self._own(torch.rand((n * self.world_size,), generator=self.generator, device=self.generator.device), n)
+
+    def _own(self, values: torch.Tensor, n: int) -> torch.Tensor:
+        """This rank's n of the draws for the global batch."""
         return values[self.rank * n : (self.rank + 1) * n]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
