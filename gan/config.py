@@ -225,9 +225,14 @@ class LossConfig:
     """Differentiable augmentation before D, comma-separated from 'translation', 'cutout',
     'color' (brightness, saturation, contrast) and 'flip' (left-right; only where the domain
     allows: never digits, text, arrows or flags); '' = off."""
+    class_weight: float = 0.0
+    """Class-conditional models only: weight of an auxiliary classification loss (AC-GAN).
+    D's projection embedding also classifies the real images, and G is pushed to draw what
+    D classifies as the asked class; 0 = off."""
 
     def __post_init__(self) -> None:
         _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp"))
+        _positive("loss.class_weight", self.class_weight, zero_ok=True)
         _positive("loss.gp_weight", self.gp_weight, zero_ok=True)
         _positive("loss.r1_gamma", self.r1_gamma, zero_ok=True)
         _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1", self.r1_every)
@@ -369,6 +374,11 @@ class Config:
                 "loss.kind='wgan-gp' with model.d_norm='batch' is not allowed: the gradient "
                 "penalty is per sample and batch norm mixes samples; use 'none' or 'spectral'"
             )
+        if self.loss.class_weight and not self.model.num_classes:
+            raise ConfigError(
+                f"loss.class_weight={self.loss.class_weight:g} needs a class-conditional model: set "
+                "model.num_classes or loss.class_weight=0"
+            )
         step_kimg = self.train.batch_size * self.optim.d_steps / 1000
         if self.eval.every_kimg < step_kimg:
             raise ConfigError(
@@ -476,8 +486,16 @@ def dcgan() -> Config:
 
 
 def dcgan_cond() -> Config:
-    """Class-conditional default: conditional-BN G, projection D; samples by class."""
-    return replace(dcgan(), name="dcgan-cond", model=replace(dcgan().model, num_classes=10))
+    """Class-conditional default: conditional-BN G, projection D that also classifies
+    (AC-GAN loss); samples by class."""
+    # Without the classification loss, 70% of samples were the digit asked for after 300 s.
+    cfg = dcgan()
+    return replace(
+        cfg,
+        name="dcgan-cond",
+        model=replace(cfg.model, num_classes=10),
+        loss=replace(cfg.loss, class_weight=1.0),
+    )
 
 
 def mlp() -> Config:
@@ -519,9 +537,15 @@ def dcgan_64() -> Config:
 
 
 def dcgan_64_cond() -> Config:
-    """Class-conditional dcgan-64 (10 classes): conditional BN in G, projection D."""
+    """Class-conditional dcgan-64 (10 classes): conditional BN in G, projection D that also
+    classifies (AC-GAN loss)."""
     cfg = dcgan_64()
-    return replace(cfg, name="dcgan-64-cond", model=replace(cfg.model, num_classes=10))
+    return replace(
+        cfg,
+        name="dcgan-64-cond",
+        model=replace(cfg.model, num_classes=10),
+        loss=replace(cfg.loss, class_weight=1.0),
+    )
 
 
 def dcgan_32() -> Config:

@@ -69,12 +69,17 @@ class GANLoss:
 
     def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None, D_penalty=None) -> dict[str, torch.Tensor]:
         """D on real vs (detached) fake images; WGAN-GP adds its penalty here, through
-        ``D_penalty`` when given (the same D, not compiled: the penalty differentiates twice)."""
+        ``D_penalty`` when given (the same D, not compiled: the penalty differentiates twice).
+        With ``class_weight`` D also learns to classify the real images."""
+        stats = {}
         with self.autocast():
-            real_logits = D(self.augment(real), real_labels).float()
+            real_logits, class_loss = self._logits(D, real, real_labels)
             fake_logits = D(self.augment(fake), fake_labels).float()
         loss = d_adversarial(self.cfg.kind, real_logits, fake_logits)
-        stats = {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
+        if class_loss is not None:
+            stats["loss/d/class"] = class_loss.detach()
+            loss = loss + self.cfg.class_weight * class_loss
+        stats |= {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
         if self.cfg.kind == "wgan-gp":
             penalty = gradient_penalty(D_penalty or D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
             stats["loss/d/gp"] = penalty.detach()
@@ -91,8 +96,21 @@ class GANLoss:
         return {"loss/d/r1": penalty.detach()}
 
     def g_main(self, D, fake, fake_labels) -> dict[str, torch.Tensor]:
+        """With ``class_weight`` G is also pushed to draw what D classifies as the label."""
+        stats = {}
         with self.autocast():
-            logits = D(self.augment(fake), fake_labels).float()
+            logits, class_loss = self._logits(D, fake, fake_labels)
         loss = g_adversarial(self.cfg.kind, logits)
+        if class_loss is not None:
+            stats["loss/g/class"] = class_loss.detach()
+            loss = loss + self.cfg.class_weight * class_loss
         loss.backward()
-        return {"loss/g": loss.detach()}
+        return stats | {"loss/g": loss.detach()}
+
+    def _logits(self, D, images, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """D's logits, and the cross-entropy of its class scores (AC-GAN, Odena et al. 2017)
+        when the auxiliary classification is on."""
+        if not self.cfg.class_weight:
+            return D(self.augment(images), labels).float(), None
+        logits, scores = D(self.augment(images), labels, classes=True)
+        return logits.float(), F.cross_entropy(scores.float(), labels)

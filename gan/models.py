@@ -61,14 +61,21 @@ class _Projection(nn.Module):
         self.channels = channels or features
         self.embed = wrap(nn.Embedding(num_classes, self.channels)) if num_classes else None
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None, classes: bool = False):
         out = self.linear(h.flatten(1)).squeeze(1)
-        if self.embed is not None:
-            if labels is None:
-                raise ValueError("this discriminator is class-conditional: pass labels")
-            pooled = h.mean(dim=(2, 3)) if h.dim() == 4 else h
-            out = out + (self.embed(labels) * pooled).sum(1)
-        return out
+        if self.embed is None:
+            if classes:
+                raise ValueError("an unconditional discriminator has no class scores")
+            return out
+        if labels is None:
+            raise ValueError("this discriminator is class-conditional: pass labels")
+        pooled = h.mean(dim=(2, 3)) if h.dim() == 4 else h
+        if not classes:
+            return out + (self.embed(labels) * pooled).sum(1)
+        # The projection term for every class: a classifier sharing D's embedding, so the
+        # auxiliary loss adds no parameter and its gradient reaches the same weights.
+        scores = pooled @ self.embed.weight.t()
+        return out + scores.gather(1, labels.unsqueeze(1)).squeeze(1), scores
 
 
 class MinibatchStd(nn.Module):
@@ -155,8 +162,8 @@ class MLPDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = _Projection(dim, cfg.num_classes, wrap)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(x), labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
+        return self.head(self.features(x), labels, classes)
 
 
 # --- dcgan ----------------------------------------------------------------------------
@@ -244,8 +251,8 @@ class DCGANDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = _Projection(chs[-1] * base * base, cfg.num_classes, wrap, channels=chs[-1])
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.head(self.features(x), labels)
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
+        return self.head(self.features(x), labels, classes)
 
 
 # --- resnet ---------------------------------------------------------------------------
@@ -326,9 +333,9 @@ class ResNetDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.head = _Projection(in_ch, cfg.num_classes, wrap)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
-        return self.head(h, labels)
+        return self.head(h, labels, classes)
 
 
 FAMILIES = {

@@ -31,6 +31,7 @@ def test_override_parses_types_and_revalidates():
         ("train.batch_size=1.5", "expected a whole number"),
         ("optim.lr_d=fast", "expected a number"),
         ("eval.kid_subset_size=5000", "eval.kid_subset_size=5000 is not allowed"),
+        ("loss.class_weight=1", "loss.class_weight=1 needs a class-conditional model"),
     ],
 )
 def test_bad_values_name_the_field(assignment, fragment):

@@ -30,7 +30,13 @@ from gan.models import build_models
 # No batch norm, so per-rank statistics cannot differ from single-process ones.
 NO_BN = (
     "debug",
-    ["train.batch_size=32", "model.g_norm=none", "model.d_norm=spectral", "loss.augment=translation,cutout,color,flip"],
+    [
+        "train.batch_size=32",
+        "model.g_norm=none",
+        "model.d_norm=spectral",
+        "loss.augment=translation,cutout,color,flip",
+        "loss.class_weight=1",
+    ],
 )
 # The default preset (batch norm in G) at a smaller batch. D barely moves in the D phase,
 # so the G phase of both runs sees the same D (see the module docstring).

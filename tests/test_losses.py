@@ -3,8 +3,11 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from gan.losses import d_adversarial, g_adversarial, gradient_penalty, r1_penalty
+from gan.config import LossConfig, ModelConfig
+from gan.losses import GANLoss, d_adversarial, g_adversarial, gradient_penalty, r1_penalty
+from gan.models import build_models
 
 
 def test_non_saturating_at_zero_logits():
@@ -50,3 +53,25 @@ def test_gradient_penalty_by_hand():
     assert gp.item() == pytest.approx(10.0)
     gp.backward()
     assert D.w.grad is not None  # the penalty trains D
+
+
+def test_class_weight_adds_the_cross_entropy_of_ds_class_scores():
+    """D learns to classify real images; G is pushed toward what D reads as the label."""
+    torch.manual_seed(0)
+    G, D = build_models(ModelConfig(width=8, num_classes=10), 28, 1)
+    D.eval()
+    real, real_labels = torch.rand(6, 1, 28, 28) * 2 - 1, torch.arange(6)
+    fake_labels = torch.tensor([9, 8, 7, 6, 5, 4])
+    fake = G(torch.randn(6, G.z_dim), fake_labels).detach()
+    real_logits, real_scores = D(real, real_labels, classes=True)
+    fake_logits, fake_scores = D(fake, fake_labels, classes=True)
+    d_class, g_class = F.cross_entropy(real_scores, real_labels), F.cross_entropy(fake_scores, fake_labels)
+
+    loss = GANLoss(LossConfig(class_weight=0.5))
+    d = loss.d_main(D, real, real_labels, fake, fake_labels)
+    assert d["loss/d/class"].item() == pytest.approx(d_class.item(), rel=1e-5)
+    assert d["loss/d"].item() == pytest.approx((d_adversarial("ns", real_logits, fake_logits) + 0.5 * d_class).item())
+    g = loss.g_main(D, fake, fake_labels)
+    assert g["loss/g/class"].item() == pytest.approx(g_class.item(), rel=1e-5)
+    assert g["loss/g"].item() == pytest.approx((g_adversarial("ns", fake_logits) + 0.5 * g_class).item())
+    assert "loss/d/class" not in GANLoss(LossConfig()).d_main(D, real, real_labels, fake, fake_labels)

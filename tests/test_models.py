@@ -37,6 +37,23 @@ def test_conditional_models_require_labels():
         D(torch.randn(2, 1, 28, 28))
 
 
+@pytest.mark.parametrize("family", ["mlp", "dcgan", "resnet"])
+def test_class_scores_are_the_projection_term_of_every_class(family):
+    torch.manual_seed(0)
+    _, D = build_models(ModelConfig(family=family, width=8, num_classes=10), 28, 1)
+    D.eval()  # spectral norm's power iteration would change the weights between calls
+    x, labels = torch.randn(4, 1, 28, 28), torch.tensor([1, 2, 3, 4])
+    logits, scores = D(x, labels, classes=True)
+    assert scores.shape == (4, 10)
+    torch.testing.assert_close(logits, D(x, labels))
+    for k in (0, 7):  # changing the label moves the logit by exactly the change in score
+        other = D(x, torch.full((4,), k))
+        torch.testing.assert_close(other - logits, scores[:, k] - scores.gather(1, labels[:, None])[:, 0])
+    _, unconditional = build_models(ModelConfig(family=family, width=8), 28, 1)
+    with pytest.raises(ValueError, match="no class scores"):
+        unconditional(x, None, classes=True)
+
+
 def test_labels_change_the_output():
     torch.manual_seed(0)
     G, _ = build_models(ModelConfig(width=8, num_classes=10), 28, 1)

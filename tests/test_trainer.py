@@ -64,10 +64,11 @@ def _images(trainer: Trainer) -> torch.Tensor:
 def test_compile_gives_the_same_images_up_to_float_noise(tiny_cfg, digits, tmp_path):
     """Tolerance: after 10 steps the EMA generator's images from a compiled and an eager
     run differ by at most 5e-3 on the [-1, 1] scale, under one uint8 level (2/255); measured
-    3.4e-4. Compiled kernels sum in another order, so bit equality is not expected."""
+    4.5e-4 with the class loss on (its class scores pass through the compiled D). Compiled
+    kernels sum in another order, so bit equality is not expected."""
     images = {}
     for compiled in (False, True):
-        cfg = override(tiny_cfg, ["train.total_kimg=0.16", f"train.compile={compiled}"])
+        cfg = override(tiny_cfg, ["train.total_kimg=0.16", "loss.class_weight=1", f"train.compile={compiled}"])
         trainer = Trainer(cfg, LocalSession(str(tmp_path / str(compiled)), quiet=True), data=digits)
         assert hasattr(trainer.nets.G_train, "_orig_mod") == compiled  # really compiled
         trainer.train()
