@@ -3,6 +3,7 @@
 G(z, labels) -> images in [-1, 1], N x C x R x R.   D(x, labels) -> logits, N.
 Class-conditional models embed the label into G's input and use a projection
 discriminator (Miyato & Koyama 2018): logit = psi(h) + <embed(y), h>.
+D(x, labels, classes=True) -> (logits, <embed(k), h> for every class k: N x classes).
 """
 
 from __future__ import annotations
