@@ -226,9 +226,10 @@ class LossConfig:
     'color' (brightness, saturation, contrast) and 'flip' (left-right; only where the domain
     allows: never digits, text, arrows or flags); '' = off."""
     class_weight: float = 0.0
-    """Class-conditional models only: weight of an auxiliary classification loss (AC-GAN).
-    D's projection embedding also classifies the real images, and G is pushed to draw what
-    D classifies as the asked class; 0 = off."""
+    """Class-conditional models only: weight of an auxiliary classification loss (AC-GAN,
+    with D's classifier trained on real images only). D's projection embedding also
+    classifies the real images, and G is pushed to draw what D classifies as the asked
+    class; 0 = off."""
 
     def __post_init__(self) -> None:
         _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp"))
@@ -486,8 +487,8 @@ def dcgan() -> Config:
 
 
 def dcgan_cond() -> Config:
-    """Class-conditional default: conditional-BN G, projection D that also classifies
-    (AC-GAN loss); samples by class."""
+    """Class-conditional default, for sampling by class: the classification loss on.
+    Conditional-BN G, projection D whose class embedding also classifies real images."""
     return _conditional(dcgan(), "dcgan-cond")
 
 
@@ -530,8 +531,7 @@ def dcgan_64() -> Config:
 
 
 def dcgan_64_cond() -> Config:
-    """Class-conditional dcgan-64 (10 classes): conditional BN in G, projection D that also
-    classifies (AC-GAN loss)."""
+    """Class-conditional dcgan-64 (10 classes), with dcgan-cond's classification loss."""
     return _conditional(dcgan_64(), "dcgan-64-cond")
 
 
@@ -548,8 +548,8 @@ def resnet_64() -> Config:
 
 
 def _conditional(cfg: Config, name: str) -> Config:
-    """A preset made class-conditional for 10 classes, with the classification loss: without
-    it, 70% of dcgan-cond's samples were the digit asked for after 300 s; with it, 99.5%."""
+    """A preset made class-conditional for 10 classes, with the classification loss (its
+    effect on class accuracy: benchmarks/RESULTS.md)."""
     return replace(
         cfg,
         name=name,

@@ -108,8 +108,9 @@ class GANLoss:
         return stats | {"loss/g": loss.detach()}
 
     def _logits(self, D, images, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D's logits, and the cross-entropy of its class scores (AC-GAN, Odena et al. 2017)
-        when the auxiliary classification is on."""
+        """D's logits, and the cross-entropy of its class scores when the auxiliary
+        classification is on (AC-GAN, Odena et al. 2017; D's classifier learns from real
+        images only, as G's samples would teach it their own mistakes)."""
         if not self.cfg.class_weight:
             return D(self.augment(images), labels).float(), None
         logits, scores = D(self.augment(images), labels, classes=True)

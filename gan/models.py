@@ -49,6 +49,10 @@ class _Conditioning(nn.Module):
         return torch.cat([z, self.embed(labels)], dim=1)
 
 
+Logits = torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+"""D's logits, or with ``classes=True`` (logits, class scores)."""
+
+
 class _Projection(nn.Module):
     """Final linear logit plus the projection term for conditional D.
 
@@ -62,7 +66,7 @@ class _Projection(nn.Module):
         self.channels = channels or features
         self.embed = wrap(nn.Embedding(num_classes, self.channels)) if num_classes else None
 
-    def forward(self, h: torch.Tensor, labels: torch.Tensor | None, classes: bool = False):
+    def forward(self, h: torch.Tensor, labels: torch.Tensor | None, classes: bool = False) -> Logits:
         out = self.linear(h.flatten(1)).squeeze(1)
         if self.embed is None:
             if classes:
@@ -75,7 +79,8 @@ class _Projection(nn.Module):
             return out + (self.embed(labels) * pooled).sum(1)
         # The projection term for every class: a classifier sharing D's embedding, so the
         # auxiliary loss adds no parameter and its gradient reaches the same weights.
-        scores = pooled @ self.embed.weight.t()
+        # float32 under autocast, as the one-class product above is (the embedding is float32).
+        scores = pooled.float() @ self.embed.weight.float().t()
         return out + scores.gather(1, labels.unsqueeze(1)).squeeze(1), scores
 
 
@@ -163,7 +168,7 @@ class MLPDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = _Projection(dim, cfg.num_classes, wrap)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False) -> Logits:
         return self.head(self.features(x), labels, classes)
 
 
@@ -252,7 +257,7 @@ class DCGANDiscriminator(nn.Module):
         self.features = nn.Sequential(*layers)
         self.head = _Projection(chs[-1] * base * base, cfg.num_classes, wrap, channels=chs[-1])
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False) -> Logits:
         return self.head(self.features(x), labels, classes)
 
 
@@ -334,7 +339,7 @@ class ResNetDiscriminator(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.head = _Projection(in_ch, cfg.num_classes, wrap)
 
-    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False):
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False) -> Logits:
         h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # global sum pooling
         return self.head(h, labels, classes)
 

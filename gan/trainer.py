@@ -57,7 +57,7 @@ def check_data_fits(cfg: Config, data: Dataset) -> None:
     if cfg.model.num_classes and data.labels is None:
         raise ValueError(
             f"model.num_classes={cfg.model.num_classes} but {data.source} has no labels; "
-            "set model.num_classes=0 for an unconditional model"
+            "set model.num_classes=0 and loss.class_weight=0 for an unconditional model"
         )
     if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
         raise ValueError(
