@@ -161,7 +161,7 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
     space.write_text("optim.lr_g: {grid: [1.0e-3, 1.0e-7]}\n")  # run in this order, one at a time
     # Rounds long enough (5 to 15 s here, longer on a slower machine) to catch a trial between two checkpoints.
     command = [sys.executable, "pipelines/tune.py", "--scheduler", "pbt", "--space-file", str(space), "--trials", "1",
-               "--rounds", "3", *TINY, "--kimg-per-round", "1.5", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"),
+               "--rounds", "2", *TINY, "--kimg-per-round", "1.5", "--max-concurrent", "1", "--storage", str(tmp_path / "runs"),
                "--name", "killed", "--tracking-uri", tracking, "--experiment", "resume"]  # fmt: skip
     sweep_dir = tmp_path / "runs" / "killed"
     log = open(tmp_path / "first.log", "w")
@@ -201,14 +201,14 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
     for run in children:  # every round logged exactly once across the kill
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "fid")]
-        assert len(steps) == len(set(steps)) == 3, steps
+        assert len(steps) == len(set(steps)) == 2, steps
 
-    # The exploit after round 1, once across the kill (and maybe another after round 2); the
-    # settings it ended with are in the last checkpoint's optimizers and on the run.
+    # The exploit after round 1, once across the kill; the settings it ended with are in the
+    # last checkpoint's optimizers and on the run.
     state, _ = checkpoint.load(checkpoint.find(str(sweep_dir / "trials" / interrupted)).latest)
     exploits = state["lineage"]
     assert exploits[0].startswith(f"from {finished} at kimg 1.536 (round 1)"), exploits
-    assert len(exploits) <= 2 and all(f"(round {r})" in e for r, e in enumerate(exploits, 1)), exploits
+    assert len(exploits) == 1, exploits
     lr_g = checkpoint.config_of(state).optim.lr_g
     assert [g["lr"] for g in state["loop"]["opt_g"]["param_groups"]] == [lr_g]
     fids = [h["fid"] for h in state["history"]]
