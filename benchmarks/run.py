@@ -26,9 +26,14 @@ Benchmarks (each also runs alone with --only):
   s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
             (fetched once per node into its cache)
+  emoji     dcgan-64 on the emoji set (64 px RGB) after 10 and 30 minutes, with the floor;
+            class accuracy of dcgan-64-cond there
+  screen64  dcgan-64 on the emoji set with DiffAugment, R1, both or neither, and with its
+            learning rates halved and doubled: FID at equal training seconds
   streaming img/s streaming a prepared dataset over 10x data.memory_budget_mb from its
             memory-mapped shards vs the same data in memory, peak memory per worker, and
             the data work before a trial's first step on a node that holds the dataset
+  conditional class accuracy of dcgan-cond's digits after the quality budget
 Nothing here is a test: targets are reported, never asserted.
 """
 
@@ -87,6 +92,17 @@ STREAM_CAP_MIB = (32, 8)  # (full, quick) data.memory_budget_mb; the dataset is 
 STREAM_SECONDS = (30, 10)
 EMOJI_MINUTES = ((10, 30), (1, 2))  # FID read at each, from one run as long as the last
 CONDITIONAL_SECONDS = (300, 45)
+SCREEN64_SECONDS = (300, 45)
+# R1 strengths around the StyleGAN2-ADA heuristic (0.0002 * 64^2 / batch 64 = 0.013) and far above it.
+SCREEN64_SETTINGS = {
+    "dcgan-64 as it is (DiffAugment translation,color)": [],
+    "no augmentation, no R1": ["loss.augment="],
+    "R1 gamma 0.01, no augmentation": ["loss.augment=", "loss.r1_gamma=0.01"],
+    "R1 gamma 1, no augmentation": ["loss.augment=", "loss.r1_gamma=1"],
+    "DiffAugment and R1 gamma 0.01": ["loss.r1_gamma=0.01"],
+    "DiffAugment, learning rates halved": ["optim.lr_g=5e-4", "optim.lr_d=3e-4"],
+    "DiffAugment, learning rates doubled": ["optim.lr_g=2e-3", "optim.lr_d=1.2e-3"],
+}
 BENCH_CACHE = Path(os.environ.get("GAN_BENCH_CACHE", Path.home() / ".cache" / "gan-bench"))
 
 
@@ -575,6 +591,26 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     return rows
 
 
+def screen64(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """Regularisation and learning rates for dcgan-64 on the emoji set, at equal training
+    seconds: what the preset's settings were chosen by."""
+    from emoji_data import prepare
+
+    data = prepare(BENCH_CACHE)
+    seconds = SCREEN64_SECONDS[quick]
+    rows = []
+    for label, sets in SCREEN64_SETTINGS.items():
+        sets = [f"data.uri={data}", "eval.every_kimg=1000", *sets]
+        finals = [train_once("--preset", "dcgan-64", "--seconds", str(seconds), "--threads", "2",
+                             *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)])["history"][-1]
+                  for seed in range(repeats)]  # fmt: skip
+        rows.append((f"emoji 64 px, {label}: FID after {seconds}s", f"{median(f['fid'] for f in finals):.1f}",
+                     f"runs {[round(f['fid'], 1) for f in finals]}, floor {median(f['fid_floor'] for f in finals):.1f}, "
+                     f"precision {median(f['precision'] for f in finals):.2f}, recall {median(f['recall'] for f in finals):.2f}, "
+                     f"kimg {[round(f['kimg'], 1) for f in finals]}"))  # fmt: skip
+    return rows
+
+
 def conditional(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """Class accuracy of the class-conditional digits preset after the quality budget."""
     seconds = CONDITIONAL_SECONDS[quick]
@@ -599,6 +635,7 @@ BENCHMARKS = {
     "s3reads": s3reads,
     "streaming": streaming,
     "emoji": emoji,
+    "screen64": screen64,
     "conditional": conditional,
 }
 
