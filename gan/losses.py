@@ -73,12 +73,9 @@ class GANLoss:
         With ``class_weight`` D also learns to classify the real images."""
         stats = {}
         with self.autocast():
-            real_logits, class_loss = self._logits(D, real, real_labels)
+            real_logits, class_term = self._logits(D, real, real_labels, stats, "loss/d/class")
             fake_logits = D(self.augment(fake), fake_labels).float()
-        loss = d_adversarial(self.cfg.kind, real_logits, fake_logits)
-        if class_loss is not None:
-            stats["loss/d/class"] = class_loss.detach()
-            loss = loss + self.cfg.class_weight * class_loss
+        loss = d_adversarial(self.cfg.kind, real_logits, fake_logits) + class_term
         stats |= {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
         if self.cfg.kind == "wgan-gp":
             penalty = gradient_penalty(D_penalty or D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
@@ -99,19 +96,19 @@ class GANLoss:
         """With ``class_weight`` G is also pushed to draw what D classifies as the label."""
         stats = {}
         with self.autocast():
-            logits, class_loss = self._logits(D, fake, fake_labels)
-        loss = g_adversarial(self.cfg.kind, logits)
-        if class_loss is not None:
-            stats["loss/g/class"] = class_loss.detach()
-            loss = loss + self.cfg.class_weight * class_loss
+            logits, class_term = self._logits(D, fake, fake_labels, stats, "loss/g/class")
+        loss = g_adversarial(self.cfg.kind, logits) + class_term
         loss.backward()
         return stats | {"loss/g": loss.detach()}
 
-    def _logits(self, D, images, labels) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """D's logits, and the cross-entropy of its class scores when the auxiliary
-        classification is on (AC-GAN, Odena et al. 2017; D's classifier learns from real
-        images only, as G's samples would teach it their own mistakes)."""
+    def _logits(self, D, images, labels, stats, name) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """D's logits, and the weighted cross-entropy of its class scores (recorded in
+        ``stats`` as ``name``) when the auxiliary classification is on (AC-GAN, Odena et al.
+        2017; D's classifier learns from real images only, as G's samples would teach it
+        their own mistakes); 0 when it is off."""
         if not self.cfg.class_weight:
-            return D(self.augment(images), labels).float(), None
+            return D(self.augment(images), labels).float(), 0.0
         logits, scores = D(self.augment(images), labels, classes=True)
-        return logits.float(), F.cross_entropy(scores.float(), labels)
+        class_loss = F.cross_entropy(scores.float(), labels)
+        stats[name] = class_loss.detach()
+        return logits.float(), self.cfg.class_weight * class_loss

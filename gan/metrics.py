@@ -205,7 +205,7 @@ def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | N
         uri = evaluator_uri(cfg, data_uri)
         model, _, sha = read_domain_evaluator(uri, storage_options, cfg.backbone_sha256)
         return _ClassifierFeatures(model), sha
-    # train.py and tune.py ran check_backbone before starting; a missing file fails this read.
+    # The entry points checked the file before starting (promote.py does not); a missing file fails this read.
     try:
         with fsspec.open(cfg.backbone_uri, "rb") as handle:
             raw = handle.read()
