@@ -523,8 +523,8 @@ def textbook() -> Config:
 
 
 def dcgan_64() -> Config:
-    """RGB images at 64 px: the default DCGAN recipe at width 16, colour and translation
-    DiffAugment. Scored by the dataset's own evaluator (pipelines/build_evaluator.py --data)."""
+    """RGB images at 64 px: the default DCGAN recipe at width 16, with R1. Scored by the
+    dataset's own evaluator (pipelines/build_evaluator.py --data)."""
     # Width 16, not 32: on 2 CPU cores 3.4x the img/s, and FID 466 against 1371 after 150 s on the emoji set.
     cfg = _rgb(dcgan(), "dcgan-64", 64)
     return replace(cfg, model=replace(cfg.model, width=16))
@@ -536,13 +536,13 @@ def dcgan_64_cond() -> Config:
 
 
 def dcgan_32() -> Config:
-    """RGB images at 32 px: the default DCGAN recipe at width 32, colour and translation DiffAugment."""
+    """RGB images at 32 px: the default DCGAN recipe at width 32, with R1."""
     return _rgb(dcgan(), "dcgan-32", 32)
 
 
 def resnet_64() -> Config:
     """Class-conditional RGB at 64 px: the resnet preset at width 32. Slower than dcgan-64.
-    Colour and translation DiffAugment; scored by the dataset's own evaluator."""
+    R1 in place of the translation DiffAugment; scored by the dataset's own evaluator."""
     cfg = _rgb(resnet(), "resnet-64", 64)
     return replace(cfg, model=replace(cfg.model, width=32))
 
@@ -560,12 +560,14 @@ def _conditional(cfg: Config, name: str) -> Config:
 
 def _rgb(cfg: Config, name: str, resolution: int) -> Config:
     """A digit preset moved to RGB images: the data's evaluator (pipelines/build_evaluator.py
-    --data), DiffAugment for small datasets, no flips (text, arrows and flags read one way)."""
+    --data) and R1 on D, without augmentation."""
+    # On the emoji set R1 (gamma 1) beat colour and translation DiffAugment, both together, and
+    # neither (benchmarks/run.py --only screen64, RESULTS.md). Gamma scales with pixels (StyleGAN2-ADA).
     return replace(
         cfg,
         name=name,
         data=replace(cfg.data, resolution=resolution, channels=3),
-        loss=replace(cfg.loss, augment="translation,color"),
+        loss=replace(cfg.loss, augment="", r1_gamma=(resolution / 64) ** 2),
         eval=replace(cfg.eval, backbone="classifier"),
     )
 
