@@ -75,12 +75,15 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
     from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
 
     storage.check()
+    if args.name:  # refused before Ray starts; a derived name waits for the cluster's round length
+        storage.claim(args.name, args.resume, "sweep")
     connect(storage)
     max_concurrent = sweep.concurrency(plan, args.max_concurrent)
     if not args.kimg_per_round:
         plan = dataclasses.replace(plan, kimg_per_round=plans.kimg_per_round(plan, args.budget_minutes, max_concurrent))
     name = args.name or plans.sweep_name(base, space, plan)
-    storage.claim(name, args.resume, "sweep")
+    if not args.name:
+        storage.claim(name, args.resume, "sweep")
     parent = None
     if not args.no_tracking:
         target = TrackingTarget(resolve_uri(args.tracking_uri), args.experiment, name,

@@ -295,6 +295,17 @@ def test_unreachable_cluster_address(tmp_path):
     assert time.time() - started < 120
 
 
+def test_named_sweep_clash_is_refused_before_ray_starts(tmp_path):
+    """The cluster address leads nowhere: a sweep that reached Ray would fail on it instead."""
+    (tmp_path / "taken").mkdir()
+    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    for name, resume, message in (("taken", [], "already holds a sweep: pass --resume"),
+                                  ("typo", ["--resume"], "nothing to resume: no sweep 'typo'")):  # fmt: skip
+        result = subprocess.run([sys.executable, "pipelines/tune.py", "--no-tracking", "--storage", str(tmp_path),
+                                 "--name", name, *resume], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
 FAKE_SECRETS = {
     "AWS_ACCESS_KEY_ID": "AKIAFAKESECRET000001",
     "AWS_SECRET_ACCESS_KEY": "fake/secret+key/0123456789abcdefABCDEF012",
