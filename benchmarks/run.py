@@ -93,8 +93,8 @@ STREAM_SECONDS = (30, 10)
 EMOJI_MINUTES = ((10, 30), (1, 2))  # FID read at each, from one run as long as the last
 CONDITIONAL_SECONDS = (300, 45)
 SCREEN64_SECONDS = (300, 45)
-# R1 strengths around the StyleGAN2-ADA heuristic (0.0002 * 64^2 / batch 64 = 0.013) and far above it.
 DIFFAUGMENT = "loss.augment=translation,color"
+# R1 strengths around the StyleGAN2-ADA heuristic (0.0002 * 64^2 / batch 64 = 0.013) and far above it.
 SCREEN64_SETTINGS = {  # each spelled out, so that the screen does not move with the preset
     "DiffAugment translation,color (the preset before)": [DIFFAUGMENT, "loss.r1_gamma=0"],
     "no augmentation, no R1": ["loss.augment=", "loss.r1_gamma=0"],
@@ -566,17 +566,21 @@ def at_minutes(history: list[dict], minutes: float) -> dict:
     return within[-1]
 
 
-def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
-    """The 64-px RGB preset on the emoji set (benchmarks/emoji_data.py fetches it with npm)."""
+def train_on_emoji(preset: str, seconds: float, sets: list[str]) -> dict:
+    """One run of ``preset`` on the emoji set (benchmarks/emoji_data.py fetches it with npm)."""
     from emoji_data import prepare
 
-    data = prepare(BENCH_CACHE)
+    sets = [f"data.uri={prepare(BENCH_CACHE)}", *sets]
+    return train_once("--preset", preset, "--seconds", str(seconds), "--threads", "2",
+                      *[a for s in sets for a in ("--set", s)])  # fmt: skip
+
+
+def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """The 64-px RGB preset on the emoji set."""
     minutes = EMOJI_MINUTES[quick]
 
     def run(name: str, length_min: float, seed: int) -> dict:
-        sets = [f"data.uri={data}", "eval.every_kimg=15", f"train.seed={seed}"]
-        return train_once("--preset", name, "--seconds", str(length_min * 60), "--threads", "2",
-                          *[a for s in sets for a in ("--set", s)])  # fmt: skip
+        return train_on_emoji(name, length_min * 60, ["eval.every_kimg=15", f"train.seed={seed}"])
 
     runs = [run("dcgan-64", minutes[-1], seed) for seed in range(repeats)]
     cond = [run("dcgan-64-cond", minutes[0], seed) for seed in range(repeats)]
@@ -597,15 +601,10 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 def screen64(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """Regularisation and learning rates for dcgan-64 on the emoji set, at equal training
     seconds: what the preset's settings were chosen by."""
-    from emoji_data import prepare
-
-    data = prepare(BENCH_CACHE)
     seconds = SCREEN64_SECONDS[quick]
     rows = []
     for label, sets in SCREEN64_SETTINGS.items():
-        sets = [f"data.uri={data}", "eval.every_kimg=1000", *sets]
-        finals = [train_once("--preset", "dcgan-64", "--seconds", str(seconds), "--threads", "2",
-                             *[a for s in [*sets, f"train.seed={seed}"] for a in ("--set", s)])["history"][-1]
+        finals = [train_on_emoji("dcgan-64", seconds, ["eval.every_kimg=1000", *sets, f"train.seed={seed}"])["history"][-1]
                   for seed in range(repeats)]  # fmt: skip
         rows.append((f"emoji 64 px, {label}: FID after {seconds}s", f"{median(f['fid'] for f in finals):.1f}",
                      f"runs {[round(f['fid'], 1) for f in finals]}, floor {median(f['fid_floor'] for f in finals):.1f}, "
