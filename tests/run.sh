@@ -13,4 +13,7 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
   echo "installing Debian's chromium for the MLflow UI test"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-exec .venv/bin/python -m pytest "$@"
+# Two lanes, whole modules each (module fixtures start once), slowest modules first
+# (conftest.py orders them): much of a Ray test is one process starting after another,
+# which leaves a core idle that the other lane uses.
+exec .venv/bin/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder "$@"

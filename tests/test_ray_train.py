@@ -59,11 +59,15 @@ def test_two_workers_match_one_worker_with_twice_the_batch(ray_cluster, tmp_path
 
 
 def _worker_pids():
+    """This test's Ray Train workers: descendants of this process, which started the local
+    Ray, so that a test running beside it keeps its own."""
     pids = []
-    for proc in psutil.process_iter(["pid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if "RayTrainWorker" in cmd:
-            pids.append(proc.info["pid"])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                pids.append(proc.pid)
+        except psutil.Error:
+            continue
     return pids
 
 
