@@ -12,7 +12,7 @@ from gan.config import DataConfig, debug
 from gan.data import load_dataset
 
 # Modules by their time in the suite, slowest first: with tests/run.sh's two lanes, the
-# long ones start early and neither lane is left alone with one at the end.
+# Ray lane starts at once and the other lane takes the long modules first.
 SLOWEST_MODULES = ("test_faults", "test_tune", "test_ray_train", "test_registry", "test_mlflow_server", "test_ui",
                    "test_pipelines", "test_ddp", "test_trainer", "test_sweep", "test_registry_store", "test_streaming",
                    "test_domains")  # fmt: skip
