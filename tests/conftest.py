@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +17,11 @@ from gan.data import load_dataset
 SLOWEST_MODULES = ("test_faults", "test_tune", "test_ray_train", "test_registry", "test_mlflow_server", "test_ui",
                    "test_pipelines", "test_ddp", "test_trainer", "test_sweep", "test_registry_store", "test_streaming",
                    "test_domains")  # fmt: skip
+# Modules that start a local Ray: one lane runs them, one test at a time. With two Ray
+# instances on one host, Ray Train's placement-group cleaner cannot tell which is its own
+# ("Found multiple active Ray instances"), and a trial of the two-node job never got its
+# worker until the job timed out.
+STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_sweep", "test_gpu")
 
 
 def pytest_collection_modifyitems(items):
@@ -24,6 +30,18 @@ def pytest_collection_modifyitems(items):
         return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
 
     items.sort(key=rank)  # stable: tests keep their order within a module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules per lane (module fixtures start once), and every Ray module in one."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneRayLane(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "ray" if Path(path).stem in STARTS_RAY else path
+
+    return OneRayLane(config, log)
 
 
 @pytest.fixture(scope="session")

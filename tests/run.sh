@@ -13,7 +13,7 @@ if ! command -v chromium >/dev/null && command -v apt-get >/dev/null; then
   echo "installing Debian's chromium for the MLflow UI test"
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
-# Two lanes: the tests that start a local Ray run in one, one at a time (services.py says
-# why), everything else in the other. Much of a Ray test is one process starting after
-# another, which leaves a core idle for the other lane.
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"
+# Two lanes (conftest.py makes them): the modules that start a local Ray in one, one test
+# at a time, everything else in the other. Much of a Ray test is one process starting
+# after another, which leaves a core idle for the other lane.
+exec .venv/bin/python -m pytest -n 2 --no-loadscope-reorder "$@"

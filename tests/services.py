@@ -10,14 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
-# Modules that start a local Ray run in one lane of tests/run.sh, one test at a time: with
-# two Ray instances on one host, Ray Train's placement-group cleaner cannot tell which is
-# its own ("Found multiple active Ray instances") and a trial can wait forever for a CPU.
-ONE_RAY_AT_A_TIME = pytest.mark.xdist_group("ray")
 # What a training client must not need when artefacts are proxied by the server.
 CLIENT_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from services import ONE_RAY_AT_A_TIME
 
 pytestmark = [
-    ONE_RAY_AT_A_TIME,
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-from services import CLIENT_SECRETS, ONE_RAY_AT_A_TIME, ROOT, free_port, server_env, start_server, stop_server
+from services import CLIENT_SECRETS, ROOT, free_port, server_env, start_server, stop_server
 
-pytestmark = [pytest.mark.integration, ONE_RAY_AT_A_TIME]
+pytestmark = pytest.mark.integration
 
 
 def test_tracking_fills_the_gap_after_a_server_outage(bucket, s3_server, postgres, tmp_path):

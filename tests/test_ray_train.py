@@ -14,13 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from services import ONE_RAY_AT_A_TIME
 
 from gan import checkpoint
 from gan.config import override, preset
 from gan.tracking import TrackingTarget
 
-pytestmark = [pytest.mark.integration, ONE_RAY_AT_A_TIME]
+pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -7,15 +7,13 @@ import subprocess
 import sys
 
 import pytest
-from services import ONE_RAY_AT_A_TIME, ROOT
+from services import ROOT
 
 from gan import plan as plans
 from gan import report as reports
 from gan import space as spaces
 from gan.config import ConfigError, preset
 from gan.plan import Scaling
-
-pytestmark = ONE_RAY_AT_A_TIME  # two tests start a local Ray
 
 
 def test_space_entries_parse_to_dimensions():

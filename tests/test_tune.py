@@ -13,9 +13,9 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import ONE_RAY_AT_A_TIME, ROOT, free_port
+from services import ROOT, free_port
 
-pytestmark = [pytest.mark.integration, ONE_RAY_AT_A_TIME]
+pytestmark = pytest.mark.integration
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
 RAY = str(Path(sys.executable).parent / "ray")
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from services import ONE_RAY_AT_A_TIME, ROOT
+from services import ROOT
 
-pytestmark = [pytest.mark.integration, ONE_RAY_AT_A_TIME]
+pytestmark = pytest.mark.integration
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 EXPERIMENT, MODEL = "review", "digits-review"
 TIMEOUT_MS = 90_000  # pages render slowly on a loaded 2-core machine
