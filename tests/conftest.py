@@ -32,6 +32,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)  # stable: tests keep their order within a module
 
 
+@pytest.hookimpl(optionalhook=True)  # plain pytest, without xdist, still runs the suite
 def pytest_xdist_make_scheduler(config, log):
     """Whole modules per lane (module fixtures start once), and every Ray module in one."""
     from xdist.scheduler import LoadScopeScheduling
