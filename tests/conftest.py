@@ -12,22 +12,23 @@ import pytest
 from gan.config import DataConfig, debug
 from gan.data import load_dataset
 
-# Modules by their time in the suite, slowest first: with tests/run.sh's two lanes, the
-# Ray lane starts at once and the other lane takes the long modules first.
-SLOWEST_MODULES = ("test_faults", "test_tune", "test_ray_train", "test_registry", "test_mlflow_server", "test_ui",
-                   "test_pipelines", "test_ddp", "test_trainer", "test_sweep", "test_registry_store", "test_streaming",
-                   "test_domains")  # fmt: skip
 # Modules that start a local Ray: one lane runs them, one test at a time. With two Ray
 # instances on one host, Ray Train's placement-group cleaner cannot tell which is its own
 # ("Found multiple active Ray instances"), and a trial of the two-node job never got its
 # worker until the job timed out.
 STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_sweep", "test_gpu")
+# The other modules by their time in the suite, slowest first, so that the other lane
+# takes the long ones while the Ray lane runs.
+SLOWEST_OTHERS = ("test_registry", "test_pipelines", "test_ddp", "test_trainer", "test_registry_store",
+                  "test_streaming", "test_domains")  # fmt: skip
 
 
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = item.module.__name__
-        return SLOWEST_MODULES.index(name) if name in SLOWEST_MODULES else len(SLOWEST_MODULES)
+        if name in STARTS_RAY:  # first: the Ray lane, the longest, starts at once
+            return -1
+        return SLOWEST_OTHERS.index(name) if name in SLOWEST_OTHERS else len(SLOWEST_OTHERS)
 
     items.sort(key=rank)  # stable: tests keep their order within a module
 
