@@ -8,16 +8,19 @@ streamed dataset's memory-mapped shards, which are page cache shared by the node
     python benchmarks/train_once.py --preset dcgan --seconds 300 --threads 2
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
     python benchmarks/train_once.py --seconds 40 --ray-default     # what `python pipelines/train.py` reserves
+    python benchmarks/train_once.py --preset dcgan-64 --seconds 1800 --out runs/emoji  # keeps checkpoints and grids
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import sys
 import tempfile
 import threading
+from pathlib import Path
 
 from gan.config import override, preset
 
@@ -34,12 +37,20 @@ def main() -> int:
     parser.add_argument("--ray-workers", type=int, default=0, help="0 = in-process, else Ray Train workers")
     parser.add_argument("--ray-default", action="store_true", help="Ray Train with pipelines/train.py's defaults")
     parser.add_argument("--tracking-uri", help="in-process: track the run there, as pipelines/train.py does")
+    parser.add_argument("--out", help="keep the run's checkpoints and sample grids here")
     args = parser.parse_args()
+    if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
+        parser.error(f"--out {args.out} is not empty: name a new folder")
     sets = list(args.overrides)
     sets += [f"train.time_budget_s={args.seconds}"] if args.seconds else []
     sets += [f"train.total_kimg={args.kimg}"] if args.kimg else []
     anon = AnonPeak()
-    with tempfile.TemporaryDirectory(prefix="gan-bench-") as tmp, anon:
+    folder = (
+        contextlib.nullcontext(str(Path(args.out).resolve()))
+        if args.out
+        else tempfile.TemporaryDirectory(prefix="gan-bench-")
+    )
+    with folder as tmp, anon:
         wall_s = None
         if args.ray_default:
             history = with_ray_defaults(override(preset(args.preset), sets), tmp)
