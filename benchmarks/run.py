@@ -27,7 +27,7 @@ Benchmarks (each also runs alone with --only):
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
             (fetched once per node into its cache)
   emoji     dcgan-64 on the emoji set (64 px RGB) after 10 and 30 minutes, with the floor;
-            class accuracy of dcgan-64-cond there
+            class accuracy of dcgan-64-cond there; keeps each run's sample grids in the cache
   screen64  dcgan-64 on the emoji set with DiffAugment, R1, both or neither, and with
             DiffAugment's learning rates halved and doubled: FID at equal training seconds
   streaming img/s streaming a prepared dataset over 10x data.memory_budget_mb from its
@@ -566,21 +566,24 @@ def at_minutes(history: list[dict], minutes: float) -> dict:
     return within[-1]
 
 
-def train_on_emoji(preset: str, seconds: float, sets: list[str]) -> dict:
-    """One run of ``preset`` on the emoji set (benchmarks/emoji_data.py fetches it with npm)."""
+def train_on_emoji(preset: str, seconds: float, sets: list[str], out: Path | None = None) -> dict:
+    """One run of ``preset`` on the emoji set (benchmarks/emoji_data.py fetches it with npm);
+    with ``out``, its checkpoints and sample grids are kept there."""
     from emoji_data import prepare
 
     sets = [f"data.uri={prepare(BENCH_CACHE)}", *sets]
     return train_once("--preset", preset, "--seconds", str(seconds), "--threads", "2",
-                      *[a for s in sets for a in ("--set", s)])  # fmt: skip
+                      *[a for s in sets for a in ("--set", s)], *(["--out", str(out)] if out else []))  # fmt: skip
 
 
 def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """The 64-px RGB preset on the emoji set."""
     minutes = EMOJI_MINUTES[quick]
+    kept = BENCH_CACHE / "emoji-runs" / time.strftime("%Y%m%d-%H%M%S")
 
     def run(name: str, length_min: float, seed: int) -> dict:
-        return train_on_emoji(name, length_min * 60, ["eval.every_kimg=15", f"train.seed={seed}"])
+        sets = ["eval.every_kimg=15", f"train.seed={seed}"]
+        return train_on_emoji(name, length_min * 60, sets, out=kept / f"{name}-seed{seed}")
 
     runs = [run("dcgan-64", minutes[-1], seed) for seed in range(repeats)]
     cond = [run("dcgan-64-cond", minutes[0], seed) for seed in range(repeats)]
@@ -595,6 +598,7 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     accuracy = [at_minutes(r["history"], minutes[0]).get("class_accuracy", math.nan) for r in cond]
     rows.append((f"emoji 64 px, dcgan-64-cond: class accuracy after {minutes[0]} min", f"{median(accuracy):.2f}",
                  f"runs {[round(a, 2) for a in accuracy]}; chance 0.10, the evaluator's held-out accuracy in its file"))  # fmt: skip
+    rows.append(("emoji 64 px: each run's checkpoints and sample grids", str(kept), "checkpoint_step*/grid.png"))
     return rows
 
 
