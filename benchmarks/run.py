@@ -558,8 +558,11 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     ]  # fmt: skip
 
 
-def at_minutes(history: list[dict], minutes: float) -> dict:
-    """The last evaluation within ``minutes`` of training."""
+def at_minutes(history: list[dict], minutes: float, run_minutes: float) -> dict:
+    """The evaluation that reads a run of ``run_minutes`` at ``minutes`` of training: the last
+    one within them, or at the run's own length its final one, whose step may end seconds late."""
+    if minutes == run_minutes:
+        return history[-1]
     within = [h for h in history if h["time/train_s"] <= minutes * 60 + 1]
     if not within:
         raise RuntimeError(f"no evaluation in the first {minutes} min: evaluate more often (eval.every_kimg)")
@@ -589,13 +592,13 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     cond = [run("dcgan-64-cond", minutes[0], seed) for seed in range(repeats)]
     rows = []
     for m in minutes:
-        evals = [at_minutes(r["history"], m) for r in runs]
+        evals = [at_minutes(r["history"], m, minutes[-1]) for r in runs]
         fid, floor = median(e["fid"] for e in evals), median(e["fid_floor"] for e in evals)
         rows.append((f"emoji 64 px, dcgan-64: FID after {m} min (floor beside)", f"{fid:.1f} (floor {floor:.1f})",
                      f"runs {[round(e['fid'], 1) for e in evals]}, FID / floor {fid / floor:.1f}, "
                      f"precision {median(e['precision'] for e in evals):.2f}, recall {median(e['recall'] for e in evals):.2f}, "
                      f"kimg {[round(e['kimg'], 1) for e in evals]}"))  # fmt: skip
-    accuracy = [at_minutes(r["history"], minutes[0]).get("class_accuracy", math.nan) for r in cond]
+    accuracy = [at_minutes(r["history"], minutes[0], minutes[0]).get("class_accuracy", math.nan) for r in cond]
     rows.append((f"emoji 64 px, dcgan-64-cond: class accuracy after {minutes[0]} min", f"{median(accuracy):.2f}",
                  f"runs {[round(a, 2) for a in accuracy]}; chance 0.10, the evaluator's held-out accuracy in its file"))  # fmt: skip
     rows.append(("emoji 64 px: each run's checkpoints and sample grids", str(kept), "checkpoint_step*/grid.png"))
