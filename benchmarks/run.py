@@ -91,6 +91,7 @@ EVAL_EVERY_KIMG = 10  # quality runs evaluate this often, to time when a FID is 
 STREAM_CAP_MIB = (32, 8)  # (full, quick) data.memory_budget_mb; the dataset is 10.5x this
 STREAM_SECONDS = (30, 10)
 EMOJI_MINUTES = ((10, 30), (1, 2))  # FID read at each, from one run as long as the last
+EMOJI_EVERY_KIMG = (15, 5)  # quick: an evaluation within the first minute (about 8 kimg)
 CONDITIONAL_SECONDS = (300, 45)
 SCREEN64_SECONDS = (300, 45)
 DIFFAUGMENT = "loss.augment=translation,color"
@@ -585,7 +586,7 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     kept = BENCH_CACHE / "emoji-runs" / time.strftime("%Y%m%d-%H%M%S")
 
     def run(name: str, length_min: float, seed: int) -> dict:
-        sets = ["eval.every_kimg=15", f"train.seed={seed}"]
+        sets = [f"eval.every_kimg={EMOJI_EVERY_KIMG[quick]}", f"train.seed={seed}"]
         return train_on_emoji(name, length_min * 60, sets, out=kept / f"{name}-seed{seed}")
 
     runs = [run("dcgan-64", minutes[-1], seed) for seed in range(repeats)]
