@@ -195,6 +195,17 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return dataset
 
 
+def class_shares(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """Each class's share of the images (float32 on the host, ``num_classes`` long; equal
+    shares without labels). A conditional G draws its labels in these proportions, in training and
+    in evaluation, so that its class mix is the data's: with uniform labels, a class of 5
+    images among 3,786 is a tenth of the fakes, and D tells fakes by their class mix."""
+    if labels is None:
+        return torch.full((num_classes,), 1 / num_classes, device="cpu")
+    counts = torch.bincount(labels.cpu(), minlength=num_classes)[:num_classes].float()
+    return counts / counts.sum()
+
+
 def fingerprint(images: torch.Tensor, labels: torch.Tensor | None) -> str:
     digest = hashlib.sha256()
     digest.update(str(tuple(images.shape)).encode())

@@ -29,7 +29,7 @@ import torch.nn as nn
 
 from gan.augment import DiffAugment
 from gan.config import Config
-from gan.data import Dataset, MappedDataset
+from gan.data import Dataset, MappedDataset, class_shares
 from gan.losses import GANLoss
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -144,6 +144,7 @@ class GANLoop:
         self.data_device = self.device if on_device else torch.device("cpu")
         self.images = None if self.streamed else data.images.to(self.data_device)
         self.labels = None if data.labels is None else data.labels.to(self.data_device)
+        self.class_shares = class_shares(data.labels, self.num_classes).to(self.device) if self.num_classes else None
         # One generator for everything random in a step, in the same state on every rank.
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
@@ -190,8 +191,8 @@ class GANLoop:
         z = torch.randn(self.global_batch, self.cfg.model.z_dim, generator=self.rng, device=self.device)[self.rows]
         labels = None
         if self.num_classes:
-            shape = (self.global_batch,)
-            labels = torch.randint(0, self.num_classes, shape, generator=self.rng, device=self.device)[self.rows]
+            labels = torch.multinomial(self.class_shares, self.global_batch, replacement=True, generator=self.rng)
+            labels = labels[self.rows]
         return z, labels
 
     # --- one step -------------------------------------------------------------------

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
 from gan.config import ConfigError, DataConfig, EvalConfig
-from gan.data import MANIFEST, Dataset, prepared_manifest
+from gan.data import MANIFEST, Dataset, class_shares, prepared_manifest
 from gan.sampling import latents, to_uint8
 
 DIGITS_EVALUATOR_FILE = "digits_evaluator.pt"
@@ -287,22 +287,30 @@ def generate(
     n: int,
     *,
     seed: int,
-    num_classes: int,
+    labels: torch.Tensor | None,
     batch: int = 500,
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
 ) -> torch.Tensor:
-    """This rank's share of n uint8 images from G, on ``device``; labels cycle through the
-    classes so every class is scored. Image i is the same whatever the number of ranks."""
+    """This rank's share of n uint8 images from G, on ``device``, image i drawn for
+    ``labels[i]`` (all n). Image i is the same whatever the number of ranks."""
     start, stop, per = shard(n, rank, world_size)
     z = latents(n, G.z_dim, seed, device=device)[start:stop]
-    labels = torch.arange(start, stop, device=device) % num_classes if num_classes else None
+    labels = None if labels is None else labels[start:stop]
     out = [
         to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch]))
         for i in range(0, stop - start, batch)
     ]
     return torch.cat(out) if out else torch.empty(0, dtype=torch.uint8, device=device)
+
+
+def proportional_labels(shares: torch.Tensor, n: int) -> torch.Tensor:
+    """n labels in the classes' proportions, without randomness: label i is the class whose
+    stretch of the cumulative shares holds (i + 0.5) / n, so the counts are exact to one."""
+    points = (torch.arange(n, device=shares.device, dtype=torch.float64) + 0.5) / n
+    edges = shares.double().cumsum(0)
+    return torch.searchsorted(edges, points, right=True).clamp_(max=len(shares) - 1)
 
 
 def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor, sigma2: torch.Tensor) -> float:
@@ -410,6 +418,7 @@ class Evaluator:
             raise ValueError(f"the dataset has {len(data)} images; FID needs at least 4")
         self.num_real = len(ref_idx)
         self.kid_subset = min(cfg.kid_subset_size, self.num_real)
+        self.data_labels = data.labels  # a conditional G is scored in the data's class mix
         self.real_features = self.real_features_of(data, ref_idx)
         self.real_gaussian = gaussian(self.real_features)
         self.real_radii = knn_radii(self.real_features)
@@ -470,11 +479,10 @@ class Evaluator:
         was_training = G.training
         G.eval()
         n = self.cfg.num_samples
-        images = generate(
-            G, n, seed=seed, num_classes=num_classes, device=self.device, rank=rank, world_size=world_size
-        )
+        shares = class_shares(self.data_labels, num_classes) if num_classes else None
+        labels = None if shares is None else proportional_labels(shares, n).to(self.device)
+        images = generate(G, n, seed=seed, labels=labels, device=self.device, rank=rank, world_size=world_size)
         G.train(was_training)
-        labels = torch.arange(n, device=self.device) % num_classes if num_classes else None
         if world_size == 1:
             return self.score_features(self.features(images), labels)
         if gather is None:

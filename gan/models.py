@@ -119,13 +119,6 @@ class Generator(nn.Module):
     z_dim: int
     num_classes: int
 
-    def sample_inputs(self, n: int, generator: torch.Generator | None = None, device=None):
-        z = torch.randn(n, self.z_dim, generator=generator, device=device)
-        labels = (
-            torch.randint(0, self.num_classes, (n,), generator=generator, device=device) if self.num_classes else None
-        )
-        return z, labels
-
 
 # --- mlp (the seed's architecture, working) -------------------------------------------
 class MLPGenerator(Generator):

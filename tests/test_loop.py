@@ -145,6 +145,17 @@ def test_epochs_reshuffle(tiny_cfg):
     assert loop.epoch == 1 and not torch.equal(first, loop.perm)
 
 
+def test_fake_labels_follow_the_data_class_mix(tiny_cfg):
+    # 90% class 0, 10% class 2, none of the other 8: G is asked for each class as often as
+    # the data shows it, so D cannot tell fakes by their labels alone.
+    labels = torch.tensor([0] * 90 + [2] * 10)
+    loop = make_loop(tiny_cfg, ImageDataset(torch.zeros(100, 1, 28, 28, dtype=torch.uint8), labels, "x", "synthetic"))
+    drawn = torch.cat([loop._latents()[1] for _ in range(500)])
+    counts = torch.bincount(drawn, minlength=10)
+    assert counts[1] == 0 and counts[3:].sum() == 0
+    assert abs(counts[0] / len(drawn) - 0.9) < 0.02  # 8,000 draws: about 6 standard errors
+
+
 def test_bf16_autocast_trains_and_keeps_float32_state(tiny_cfg, digits):
     cfg = override(tiny_cfg, ["train.bf16=true", "loss.r1_gamma=1", "loss.r1_every=1"])
     loop = make_loop(cfg, digits)

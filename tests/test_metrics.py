@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from gan.config import EvalConfig
+from gan.data import ImageDataset
 from gan.metrics import (
     DigitClassifier,
     Evaluator,
@@ -12,6 +13,7 @@ from gan.metrics import (
     copy_threshold,
     evaluator_path,
     precision_recall,
+    proportional_labels,
     split_real,
 )
 
@@ -126,11 +128,40 @@ class ClassCopier(Copier):
         return self.images[idx].float() / 127.5 - 1
 
 
-def test_class_accuracy_is_one_for_an_obedient_generator_and_chance_for_one_that_ignores_labels(digits, evaluator):
-    with torch.no_grad():  # only images the classifier reads right: an obedient generator then scores exactly 1
+@pytest.fixture(scope="module")
+def readable(digits, evaluator):
+    """The digits the classifier reads right: an obedient generator of them scores exactly 1."""
+    with torch.no_grad():
         right = evaluator.backbone.logits(evaluator.features(digits.images)).argmax(1) == digits.labels
-    images, labels = digits.images[right], digits.labels[right]
+    return digits.images[right], digits.labels[right]
+
+
+def test_class_accuracy_is_one_for_an_obedient_generator_and_chance_for_one_that_ignores_labels(readable, evaluator):
+    images, labels = readable
     assert evaluator(ClassCopier(images, labels, obey=True), num_classes=10)["class_accuracy"] == 1.0
     ignoring = evaluator(ClassCopier(images, labels, obey=False), num_classes=10)["class_accuracy"]
     assert 0.05 < ignoring < 0.15, ignoring  # 1,000 samples: chance (0.1) within about 5 standard errors
     assert "class_accuracy" not in evaluator(Copier(images), num_classes=0)  # unconditional: nothing to score
+
+
+def test_proportional_labels_keep_the_class_mix_exactly():
+    shares = torch.tensor([0.6, 0.0, 0.3, 0.1])
+    assert torch.bincount(proportional_labels(shares, 1000), minlength=4).tolist() == [600, 0, 300, 100]
+    seven = torch.bincount(proportional_labels(shares, 7), minlength=4)
+    assert seven.sum() == 7 and seven[1] == 0 and (seven - 7 * shares).abs().max() < 1
+
+
+def test_a_conditional_generator_is_scored_in_the_data_class_mix(digits):
+    # Half zeros, 30% ones, 20% twos, no other digit: FID compares against that mix, so the
+    # samples must be drawn in it (uniform labels would ask for sevens the data never shows).
+    keep = torch.cat([torch.nonzero(digits.labels == k).flatten()[:n] for k, n in ((0, 500), (1, 300), (2, 200))])
+    data = ImageDataset(digits.images[keep], digits.labels[keep], "mix", digits.source)
+    asked = []
+
+    class Recorder(Copier):
+        def forward(self, z, labels=None):
+            asked.append(labels)
+            return super().forward(z, labels)
+
+    Evaluator(EvalConfig(num_samples=400, kid_subset_size=100), data)(Recorder(data.images), num_classes=10)
+    assert torch.bincount(torch.cat(asked), minlength=10).tolist() == [200, 120, 80] + [0] * 7
