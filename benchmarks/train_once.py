@@ -24,7 +24,8 @@ from pathlib import Path
 
 from gan.config import override, preset
 
-HISTORY_KEYS = ("kimg", "fid", "fid_floor", "precision", "recall", "class_accuracy", "time/train_s", "time/eval_s")
+HISTORY_KEYS = ("kimg", "fid", "fid_floor", "precision", "recall", "class_accuracy", "class_variety",
+                "time/train_s", "time/eval_s")  # fmt: skip
 
 
 def main() -> int:

@@ -388,6 +388,23 @@ def precision_recall(
     return covered(fake, real, real_radii), covered(real, fake, knn_radii(fake))
 
 
+def class_variety(
+    real: torch.Tensor, real_labels: torch.Tensor, fake: torch.Tensor, fake_labels: torch.Tensor
+) -> float:
+    """Variety within classes against the data's: for each class with two or more samples
+    and real images, the mean pairwise feature distance of its samples over that of its
+    real images, averaged with the classes' sample counts as weights. About 1 when samples
+    vary as much as the data within each class, 0 when G draws one image per class whatever
+    its latent: a collapse that recall, taken over all classes together, barely shows."""
+    total, weight = 0.0, 0
+    for k in fake_labels.unique().tolist():
+        f, r = fake[fake_labels == k], real[real_labels == k]
+        if len(f) >= 2 and len(r) >= 2:
+            total += len(f) * float(torch.pdist(f).mean() / torch.pdist(r).mean())
+            weight += len(f)
+    return total / weight if weight else float("nan")
+
+
 def copy_threshold(reference: torch.Tensor, quantile: float = COPY_QUANTILE, queries: int = COPY_QUERIES) -> float:
     """The real-vs-real nearest-neighbour distance at ``quantile`` (over a fixed random
     subset of training images, each against all the others): a sample closer than this to
@@ -419,6 +436,7 @@ class Evaluator:
         self.num_real = len(ref_idx)
         self.kid_subset = min(cfg.kid_subset_size, self.num_real)
         self.data_labels = data.labels  # a conditional G is scored in the data's class mix
+        self.real_labels = None if data.labels is None else data.labels[ref_idx].to(self.device)
         self.real_features = self.real_features_of(data, ref_idx)
         self.real_gaussian = gaussian(self.real_features)
         self.real_radii = knn_radii(self.real_features)
@@ -446,7 +464,8 @@ class Evaluator:
 
     def score_features(self, fake: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, float]:
         """FID, KID, precision, recall and copies of these features; with the labels the
-        samples were drawn for, also the share the evaluator classifies as their label."""
+        samples were drawn for, also the share the evaluator classifies as their label and
+        their variety within classes."""
         fid = frechet_distance(*gaussian(fake), *self.real_gaussian)
         kid_mean = kid(self.real_features, fake, min(self.kid_subset, len(fake)))
         copies = copy_share(fake, self.copy_reference, self.copy_threshold)
@@ -455,6 +474,8 @@ class Evaluator:
                   "leakage/copy_share": copies}  # fmt: skip
         if labels is not None and self.classifies(int(labels.max()) + 1):
             scores["class_accuracy"] = class_accuracy(self.backbone.logits(fake), labels)
+        if labels is not None and self.real_labels is not None:
+            scores["class_variety"] = class_variety(self.real_features, self.real_labels, fake, labels)
         return scores
 
     def classifies(self, num_classes: int) -> bool:

@@ -454,7 +454,11 @@ class LocalSession:
             fs.rm(old, recursive=True)
         if not self.quiet:
             marker = "  * new best" if snapshot.is_best else ""
-            classes = f"class accuracy {metrics['class_accuracy']:.2f}  " if "class_accuracy" in metrics else ""
+            classes = "".join(
+                f"{label} {metrics[key]:.2f}  "
+                for key, label in (("class_accuracy", "class accuracy"), ("class_variety", "variety within classes"))
+                if key in metrics
+            )
             print(
                 f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
                 f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  {classes}"

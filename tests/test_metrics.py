@@ -9,6 +9,7 @@ from gan.data import ImageDataset
 from gan.metrics import (
     DigitClassifier,
     Evaluator,
+    class_variety,
     copy_share,
     copy_threshold,
     evaluator_path,
@@ -141,7 +142,33 @@ def test_class_accuracy_is_one_for_an_obedient_generator_and_chance_for_one_that
     assert evaluator(ClassCopier(images, labels, obey=True), num_classes=10)["class_accuracy"] == 1.0
     ignoring = evaluator(ClassCopier(images, labels, obey=False), num_classes=10)["class_accuracy"]
     assert 0.05 < ignoring < 0.15, ignoring  # 1,000 samples: chance (0.1) within about 5 standard errors
-    assert "class_accuracy" not in evaluator(Copier(images), num_classes=0)  # unconditional: nothing to score
+    unconditional = evaluator(Copier(images), num_classes=0)
+    assert not {"class_accuracy", "class_variety"} & unconditional.keys()  # nothing to score per class
+
+
+def test_class_variety_on_hand_made_features():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0] * 200 + [1] * 200)
+    real = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 50])
+    alike = torch.cat([torch.randn(200, 4, generator=g), torch.randn(200, 4, generator=g) + 50])
+    assert 0.9 < class_variety(real, labels, alike, labels) < 1.1  # varied as the data within each class
+    one_each = torch.cat([torch.zeros(200, 4), torch.full((200, 4), 50.0)])  # one image per class
+    assert class_variety(real, labels, one_each, labels) == 0.0
+    assert 0.9 < class_variety(real, labels, 2 * one_each + alike, labels) < 1.1  # only the centres moved
+
+
+class OnePerClass(ClassCopier):
+    """Returns the same training image for every request of a class, whatever its latents."""
+
+    def forward(self, z, labels=None):
+        return self.images[torch.stack([self.by_class[k][0] for k in labels.tolist()])].float() / 127.5 - 1
+
+
+def test_class_variety_tells_one_image_per_class_from_real_variety(readable, evaluator):
+    varied = evaluator(ClassCopier(*readable, obey=True), num_classes=10)
+    collapsed = evaluator(OnePerClass(*readable, obey=True), num_classes=10)
+    assert 0.9 < varied["class_variety"] < 1.1 and collapsed["class_variety"] == 0.0, (varied, collapsed)
+    assert collapsed["class_accuracy"] == 1.0  # every sample right, and collapsed: accuracy cannot see it
 
 
 def test_proportional_labels_keep_the_class_mix_exactly():
