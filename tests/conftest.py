@@ -17,16 +17,34 @@ from gan.data import load_dataset
 # ("Found multiple active Ray instances"), and a trial of the two-node job never got its
 # worker until the job timed out.
 STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_sweep", "test_gpu")
+# Tests of those modules that never start Ray (refused before it, in-process, or only a
+# tracking server): the other lane may take them.
+WITHOUT_RAY = {
+    "test_faults": ("test_bad_input_as_a_new_user_types_it", "test_bad_input_is_refused_before_ray_starts",
+                    "test_bad_data_fails_in_one_line_and_small_memory", "test_empty_or_corrupt_dataset",
+                    "test_unreachable_cluster_address", "test_named_sweep_clash_is_refused_before_ray_starts"),
+    "test_mlflow_server": ("test_tracking_fills_the_gap_after_a_server_outage",
+                           "test_production_server_requires_authentication",
+                           "test_refused_credentials_stop_tracking_instead_of_queueing_for_ever",
+                           "test_training_goes_on_while_the_server_is_down"),
+}  # fmt: skip
 # The other modules by their time in the suite, slowest first, so that the other lane
 # takes the long ones while the Ray lane runs.
 SLOWEST_OTHERS = ("test_registry", "test_pipelines", "test_ddp", "test_trainer", "test_registry_store",
                   "test_streaming", "test_domains")  # fmt: skip
 
 
+def in_ray_lane(nodeid: str) -> bool:
+    """Whether the test ``path::name[params]`` may start a local Ray."""
+    path, _, test = nodeid.partition("::")
+    module = Path(path).stem
+    return module in STARTS_RAY and test.partition("[")[0] not in WITHOUT_RAY.get(module, ())
+
+
 def pytest_collection_modifyitems(items):
     def rank(item) -> int:
         name = item.module.__name__
-        if name in STARTS_RAY:  # first: the Ray lane, the longest, starts at once
+        if in_ray_lane(item.nodeid):  # first: the Ray lane, the longest, starts at once
             return -1
         return SLOWEST_OTHERS.index(name) if name in SLOWEST_OTHERS else len(SLOWEST_OTHERS)
 
@@ -35,13 +53,13 @@ def pytest_collection_modifyitems(items):
 
 @pytest.hookimpl(optionalhook=True)  # plain pytest, without xdist, still runs the suite
 def pytest_xdist_make_scheduler(config, log):
-    """Whole modules per lane (module fixtures start once), and every Ray module in one."""
+    """Whole modules per lane (module fixtures start once), and every test that may start
+    Ray in one."""
     from xdist.scheduler import LoadScopeScheduling
 
     class OneRayLane(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return "ray" if Path(path).stem in STARTS_RAY else path
+            return "ray" if in_ray_lane(nodeid) else nodeid.split("::", 1)[0]
 
     return OneRayLane(config, log)
 
