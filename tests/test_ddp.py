@@ -12,9 +12,6 @@ value on every rank.
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -60,9 +57,8 @@ def grads(loop: GANLoop) -> dict[str, torch.Tensor]:
     return {f"{k}.{n}": p.grad.clone() for k in ("G", "D") for n, p in getattr(loop.nets, k).named_parameters()}
 
 
-def _worker(rank: int, port: int, out: str, case, steps: int) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def _worker(rank: int, rendezvous: str, out: str, case, steps: int) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=2)
     try:
         loop = build(case, rank, 2, ddp=True)
         for _ in range(steps):
@@ -77,12 +73,11 @@ def _worker(rank: int, port: int, out: str, case, steps: int) -> None:
 
 
 def run_two_ranks(tmp_path, case, steps: int) -> list[dict]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    # A rendezvous file, not a free port: a port found free here was taken by the other
+    # lane's Ray before the ranks bound it (EADDRINUSE).
     tmp_path.mkdir(parents=True, exist_ok=True)
     out = str(tmp_path / "ddp.pt")
-    mp.spawn(_worker, args=(port, out, case, steps), nprocs=2)
+    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"), out, case, steps), nprocs=2)
     return [torch.load(f"{out}.{rank}", weights_only=True) for rank in range(2)]
 
 
