@@ -82,6 +82,37 @@ class Result:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+@dataclass
+class StallWatch:
+    """Says once when D has stopped learning: log after log it scores real and generated
+    images alike while G's gradient has all but vanished. Nothing fails then, but the
+    samples stop improving, and a user watching only the losses would not know why."""
+
+    logs: int = 3
+    """Consecutive logs that must look stalled."""
+    gap: float = 0.01
+    """Largest |d/real - d/fake| that counts as scoring them alike."""
+    grad: float = 0.01
+    """Largest G gradient norm that counts as vanished."""
+    streak: int = 0
+    said: bool = False
+
+    def __call__(self, step: int, stats: dict[str, float]) -> str | None:
+        """A one-line warning the first time the stall has lasted ``logs`` logs; else None."""
+        if "grad_norm/g" not in stats:
+            return None
+        gap, grad = abs(stats["d/real"] - stats["d/fake"]), stats["grad_norm/g"]
+        self.streak = self.streak + 1 if gap < self.gap and grad < self.grad else 0
+        if self.streak < self.logs or self.said:
+            return None
+        self.said = True
+        return (
+            f"warning: D has stopped learning (step {step}: |d/real - d/fake| {gap:.4f}, grad_norm/g {grad:.4f} "
+            f"for {self.logs} logs in a row), so G gets no signal and samples will not improve; "
+            "a shallower D (model.depth) may train"
+        )
+
+
 class Trainer:
     def __init__(
         self, cfg: Config, session: Session, data: Dataset | None = None, tracker: Tracker | None = None
@@ -128,6 +159,7 @@ class Trainer:
         self.train_time_s = 0.0
         self.lineage: list[str] = []
         """The PBT exploits this run took, oldest first."""
+        self.stall = StallWatch()
         state = session.restore()
         if state is not None:
             self._load(state)
@@ -394,6 +426,8 @@ class Trainer:
             f"{img_per_s:6.0f} img/s  {losses}{fid}",
             flush=True,
         )
+        if warning := self.stall(self.loop.step, stats):
+            print(warning, flush=True)
 
 
 class LocalSession:

@@ -10,7 +10,7 @@ from gan import checkpoint
 from gan.config import override
 from gan.loop import ema_beta
 from gan.population import Exploit
-from gan.trainer import LocalSession, Trainer
+from gan.trainer import LocalSession, StallWatch, Trainer
 
 # Every speed option that runs on a CPU (tf32 and cudnn_benchmark act on CUDA only).
 SPEED = ["train.compile=true", "train.channels_last=true", "optim.adam_impl=fused", "train.foreach_ema=true"]
@@ -212,3 +212,32 @@ def test_an_exploit_continues_from_the_donors_state_with_new_settings_and_keeps_
         assert all(g["betas"] == (cfg.optim.beta1, 0.95) for g in groups)
         assert trainer.loop.beta == ema_beta(cfg.train.batch_size, 0.5)
         assert trainer.cfg.optim.lr_g == 5e-4 and len(trainer.lineage) == 1
+
+
+def _logs(rows):
+    return [{"d/real": real, "d/fake": fake, "grad_norm/g": grad} for real, fake, grad in rows]
+
+
+def test_a_stalled_discriminator_is_reported_once_and_a_learning_one_never():
+    # Logged every 50 steps by dcgan-64 on emoji: with depth 1 D's signal died by step 400;
+    # with depth 0 it kept learning, though at times its scores of real and fake came close.
+    dead = _logs([(0.029, 0.009, 0.325), (0.006, 0.004, 0.014), (-0.007, -0.007, 0.013), (0.011, 0.012, 0.005),
+                  (0.000, 0.000, 0.002), (-0.000, -0.000, 0.000), (-0.002, -0.002, 0.001), (0.000, 0.000, 0.001)])  # fmt: skip
+    alive = _logs([(3.421, -0.760, 1.302), (1.712, -1.782, 2.740), (0.025, -0.042, 0.572), (0.252, 0.276, 0.771),
+                   (0.079, -0.060, 0.549), (-0.003, -0.114, 0.889), (0.261, 0.239, 0.604), (-0.416, -0.440, 0.669)])  # fmt: skip
+    watch = StallWatch()
+    assert [watch(step, stats) for step, stats in enumerate(alive * 3)] == [None] * 24
+
+    watch = StallWatch()
+    said = [(step, watch(step, stats)) for step, stats in enumerate(dead)]
+    assert [step for step, warning in said if warning] == [5]  # the third stalled log in a row, and only it
+    assert "D has stopped learning" in said[5][1] and "model.depth" in said[5][1]
+    # A log without G's gradient (not a logging step) neither counts nor breaks the streak.
+    assert StallWatch()(0, {"d/real": 0.0, "d/fake": 0.0}) is None
+
+
+def test_a_stall_broken_by_a_learning_log_starts_counting_again():
+    stalled, learning = _logs([(0.0, 0.0, 0.001)])[0], _logs([(0.5, -0.5, 0.8)])[0]
+    watch = StallWatch()
+    said = [watch(step, stats) for step, stats in enumerate([stalled, stalled, learning, stalled, stalled, stalled])]
+    assert [step for step, warning in enumerate(said) if warning] == [5]
