@@ -232,8 +232,10 @@ def test_a_stalled_discriminator_is_reported_once_and_a_learning_one_never():
     said = [(step, watch(step, stats)) for step, stats in enumerate(dead)]
     assert [step for step, warning in said if warning] == [5]  # the third stalled log in a row, and only it
     assert "D has stopped learning" in said[5][1] and "model.depth" in said[5][1]
-    # A log without G's gradient (not a logging step) neither counts nor breaks the streak.
-    assert StallWatch()(0, {"d/real": 0.0, "d/fake": 0.0}) is None
+    # Stats without G's gradient (not read at a logging step) neither count nor break the streak.
+    watch, no_grad = StallWatch(), {"d/real": 0.0, "d/fake": 0.0}
+    said = [watch(step, stats) for step, stats in enumerate([dead[5], no_grad, dead[6], no_grad, no_grad, dead[7]])]
+    assert [step for step, warning in enumerate(said) if warning] == [5]
 
 
 def test_a_stall_broken_by_a_learning_log_starts_counting_again():
