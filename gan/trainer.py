@@ -59,9 +59,11 @@ def check_data_fits(cfg: Config, data: Dataset) -> None:
             f"model.num_classes={cfg.model.num_classes} but {data.source} has no labels; "
             "set model.num_classes=0 and loss.class_weight=0 for an unconditional model"
         )
-    if cfg.model.num_classes and data.num_classes > cfg.model.num_classes:
+    # More classes than the data has would train rows of the class grid on nothing.
+    if cfg.model.num_classes and data.num_classes != cfg.model.num_classes:
         raise ValueError(
-            f"{data.source} has labels up to {data.num_classes - 1} but model.num_classes={cfg.model.num_classes}"
+            f"model.num_classes={cfg.model.num_classes} but {data.source} has {data.num_classes} classes "
+            f"(labels 0 to {data.num_classes - 1}); set model.num_classes={data.num_classes}"
         )
 
 

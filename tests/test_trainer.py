@@ -3,6 +3,8 @@ with and without every speed option; compiling changes images only by float nois
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -243,3 +245,15 @@ def test_a_stall_broken_by_a_learning_log_starts_counting_again():
     watch = StallWatch()
     said = [watch(step, stats) for step, stats in enumerate([stalled, stalled, learning, stalled, stalled, stalled])]
     assert [step for step, warning in enumerate(said) if warning] == [5]
+
+
+@pytest.mark.parametrize("labels_mod, num_classes", [(3, 10), (10, 3)], ids=["fewer-in-data", "more-in-data"])
+def test_a_class_count_that_differs_from_the_data_is_refused(tiny_cfg, digits, tmp_path, labels_mod, num_classes):
+    data = replace(digits, labels=digits.labels % labels_mod)
+    cfg = override(tiny_cfg, [f"model.num_classes={num_classes}"])
+    message = (
+        rf"model\.num_classes={num_classes} but .* has {labels_mod} classes .*set model\.num_classes={labels_mod}$"
+    )
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg, LocalSession(str(tmp_path), quiet=True), data=data)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
