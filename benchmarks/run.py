@@ -100,7 +100,7 @@ SCREEN64_SETTINGS = {  # each spelled out, so that the screen does not move with
     "DiffAugment translation,color (the preset before)": [DIFFAUGMENT, "loss.r1_gamma=0"],
     "no augmentation, no R1": ["loss.augment=", "loss.r1_gamma=0"],
     "R1 gamma 0.01, no augmentation": ["loss.augment=", "loss.r1_gamma=0.01"],
-    "R1 gamma 1, no augmentation (the preset now)": ["loss.augment=", "loss.r1_gamma=1"],
+    "R1 gamma 1, no augmentation (the preset from 99f960c)": ["loss.augment=", "loss.r1_gamma=1"],
     "R1 gamma 10, no augmentation": ["loss.augment=", "loss.r1_gamma=10"],
     "DiffAugment and R1 gamma 0.01": [DIFFAUGMENT, "loss.r1_gamma=0.01"],
     "DiffAugment and R1 gamma 1": [DIFFAUGMENT, "loss.r1_gamma=1"],

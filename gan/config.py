@@ -529,8 +529,8 @@ def dcgan_64() -> Config:
     # Width 16, not 32: on 2 CPU cores 3.4x the img/s, and FID 466 against 1371 after 150 s on the emoji set.
     # Depth 0: with the extra convolutions, nine spectrally normalised layers shrank the signal
     # until D's output was the same for every image and G stopped learning (RESULTS.md).
-    # DiffAugment: without it D learnt the 3,786 emoji by heart and G stopped improving after
-    # about 30 passes over them (RESULTS.md).
+    # DiffAugment: without it G stopped improving on the emoji set after about 30 passes over its
+    # 3,786 images while D won ever more clearly, as a D that memorises does (RESULTS.md).
     cfg = _rgb(dcgan(), "dcgan-64", 64)
     return replace(
         cfg,
@@ -571,8 +571,9 @@ def _conditional(cfg: Config, name: str, class_weight: float = 1.0) -> Config:
 def _rgb(cfg: Config, name: str, resolution: int) -> Config:
     """A digit preset moved to RGB images: the data's evaluator (pipelines/build_evaluator.py
     --data) and R1 on D, without augmentation."""
-    # On the emoji set R1 (gamma 1) beat colour and translation DiffAugment, both together, and
-    # neither (benchmarks/run.py --only screen64, RESULTS.md). Gamma scales with pixels (StyleGAN2-ADA).
+    # In 300-s runs on the emoji set R1 (gamma 1) beat colour and translation DiffAugment, both
+    # together, and neither (benchmarks/run.py --only screen64, RESULTS.md); longer runs need both
+    # (dcgan_64). Gamma scales with pixels (StyleGAN2-ADA).
     return replace(
         cfg,
         name=name,
