@@ -164,7 +164,7 @@ class RaySession:
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         return values if self.world_size == 1 else all_gather(values, self.device)
 
-    def restore(self) -> dict[str, Any] | None:
+    def restore(self) -> tuple[dict[str, Any], str] | None:
         """The state of Ray's latest checkpoint or, when that one does not load (a torn
         upload), of the newest one before it that does: the same error on every retry
         would otherwise fail the run."""
@@ -176,12 +176,11 @@ class RaySession:
         state, found = checkpoint.first_that_loads(
             parent, self._newest_first(latest), self._load, say, "newest", label=lambda ckpt: ckpt.path
         )
-        say(f"resuming from {found.path} (step {state['loop']['step']})", flush=True)
         if self.member is not None:
             self.last_checkpoint = f"{self.member.run_uri}/{found.path.rstrip('/').rsplit('/', 1)[-1]}"
         if found is not latest:  # the steps after this one are written again: not into the folders Ray still tracks
             self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
-        return state
+        return state, found.path
 
     @staticmethod
     def _load(ckpt) -> dict[str, Any]:

@@ -47,7 +47,9 @@ class Session(Protocol):
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module: ...
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
     def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
-    def restore(self) -> dict[str, Any] | None: ...
+    def restore(self) -> tuple[dict[str, Any], str] | None:
+        """The state of the run's checkpoint to continue from, and where it was found."""
+
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
     def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> tuple[Exploit, dict] | None:
         """After a round's report: in a PBT population, another trial's state to continue from."""
@@ -162,9 +164,15 @@ class Trainer:
         self.lineage: list[str] = []
         """The PBT exploits this run took, oldest first."""
         self.stall = StallWatch()
-        state = session.restore()
-        if state is not None:
+        restored = session.restore()
+        resumed: dict[str, str] = {}
+        if restored is not None:
+            state, where = restored
             self._load(state)
+            # On the run itself: a worker's printed line can be lost on its way to the driver.
+            resumed = {"resumed_from": f"{where} (step {state['loop']['step']})"}
+            if session.rank == 0:
+                print(f"resuming from {resumed['resumed_from']}", flush=True)
         self.tracker.log_params(cfg.flat())
         self.tracker.set_tags(
             {
@@ -172,6 +180,7 @@ class Trainer:
                 "evaluator_sha256": self.evaluator.sha256,
                 "world_size": session.world_size,
                 "device": str(session.device),
+                **resumed,
             }
         )
         self.tracker.log_dict(cfg.to_dict(), "config.json")
@@ -466,15 +475,14 @@ class LocalSession:
     def all_gather(self, values: torch.Tensor) -> torch.Tensor:
         return values
 
-    def restore(self) -> dict[str, Any] | None:
+    def restore(self) -> tuple[dict[str, Any], str] | None:
         if not self.resume:
             return None
         state, latest = checkpoint.load_latest(self.run_uri, self.options)
         if state is None:
             print(f"{self.run_uri} holds no checkpoint yet: starting from scratch", flush=True)
             return None
-        print(f"resuming from {latest} (step {state['loop']['step']})", flush=True)
-        return state
+        return state, latest
 
     def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> None:
         return None

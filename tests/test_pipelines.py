@@ -146,10 +146,13 @@ def test_existing_run_is_not_overwritten(trained):
 
 def test_resume_continues_the_same_run(trained, tmp_path):
     out, _ = trained
+    saved = latest(out)
+    step = json.loads((saved / "meta.json").read_text())["step"]
     proc = run(*TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64", *tracking_args(out))
-    assert "resuming from" in proc.stdout
+    assert f"resuming from {saved} (step {step})" in proc.stdout
     client, tracked = mlflow_run(out)  # the same MLflow run continued
     assert tracked.info.status == "FINISHED"
+    assert tracked.data.tags["resumed_from"] == f"{saved} (step {step})"
     assert [m.step for m in client.get_metric_history(tracked.info.run_id, "fid")] == [160, 320, 480, 640]
     assert tracked.data.tags["resumed_with.train.total_kimg"] == "0.64"
     meta = json.loads((latest(out) / "meta.json").read_text())

@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -183,6 +184,8 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
         _kill_session(driver.pid)
     finished, interrupted = done[0], running[0]
     finished_checkpoints = sorted(os.listdir(sweep_dir / "trials" / finished))
+    saved = [re.match(r"checkpoint_step(\d+)", name) for name in os.listdir(sweep_dir / "trials" / interrupted)]
+    saved_steps = {int(match.group(1)) for match in saved if match}
 
     refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "--resume" in refused.stderr
@@ -191,7 +194,6 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
     output = resumed.stdout + resumed.stderr
     (tmp_path / "resumed.log").write_text(output)
     assert resumed.returncode == 0, output[-5000:]
-    assert "resuming from" in output  # the interrupted trial continued from its checkpoint
     assert sorted(os.listdir(sweep_dir / "trials" / finished)) == finished_checkpoints  # not run again
     assert _trial_statuses(sweep_dir) == {finished: "TERMINATED", interrupted: "TERMINATED"}
 
@@ -214,6 +216,9 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
     fids = [h["fid"] for h in state["history"]]
     assert fids[1] < fids[0], fids  # round 2 started from the better trial's weights
     run = next(r for r in children if "pbt.exploit.1" in r.data.tags)
+    # The interrupted trial continued from a checkpoint it had saved before the kill.
+    resumed_from = re.search(r"\(step (\d+)\)$", run.data.tags.get("resumed_from", ""))
+    assert resumed_from and int(resumed_from.group(1)) in saved_steps, (run.data.tags, saved_steps, output[-3000:])
     assert "lr_g=1e-07" in run.info.run_name and run.data.tags["pbt.exploit.1"] == exploits[0]
     assert run.data.metrics["hparam/optim.lr_g"] == lr_g
     summary = (sweep_dir / "summary.txt").read_text()
