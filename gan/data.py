@@ -195,6 +195,38 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return dataset
 
 
+def check_class_count(num_classes: int, source: str, data_classes: int) -> None:
+    """A conditional model's classes must be the data's (``data_classes``, 0 when unlabelled):
+    more would train rows of the class grid on nothing."""
+    if not num_classes:
+        return
+    if not data_classes:
+        raise DataError(
+            f"model.num_classes={num_classes} but {source} has no labels; "
+            "set model.num_classes=0 and loss.class_weight=0 for an unconditional model"
+        )
+    if data_classes != num_classes:
+        raise DataError(
+            f"model.num_classes={num_classes} but {source} has {data_classes} classes "
+            f"(labels 0 to {data_classes - 1}); set model.num_classes={data_classes}"
+        )
+
+
+def check_classes_before_loading(num_classes: int, cfg: DataConfig) -> None:
+    """``check_class_count`` on the driver, before any worker starts, where the classes are
+    known without loading the images: the embedded digits, a prepared dataset's manifest.
+    Other formats are checked once loaded."""
+    if not num_classes or (cfg.uri.startswith("embedded:") and cfg.uri != EMBEDDED):
+        return
+    if cfg.uri == EMBEDDED:
+        found = int(_embedded_mnist()[1].max()) + 1
+    elif (manifest := prepared_manifest(cfg.uri, cfg.fsspec_options())) is not None:
+        found = len(manifest["class_names"])
+    else:
+        return
+    check_class_count(num_classes, cfg.uri, found)
+
+
 def class_shares(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
     """Each class's share of the images (float32 on the host, ``num_classes`` long; equal
     shares without labels). A conditional G draws its labels in these proportions, in training and

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from gan import checkpoint
 from gan.config import MUTABLE, Config, TrainConfig, override
-from gan.data import Dataset, load_dataset
+from gan.data import Dataset, check_class_count, load_dataset
 from gan.loop import GANLoop, Nets, make_ema
 from gan.metrics import Evaluator, evaluator_uri
 from gan.models import build_models
@@ -53,20 +53,6 @@ class Session(Protocol):
     def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
     def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> tuple[Exploit, dict] | None:
         """After a round's report: in a PBT population, another trial's state to continue from."""
-
-
-def check_data_fits(cfg: Config, data: Dataset) -> None:
-    if cfg.model.num_classes and data.labels is None:
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes} but {data.source} has no labels; "
-            "set model.num_classes=0 and loss.class_weight=0 for an unconditional model"
-        )
-    # More classes than the data has would train rows of the class grid on nothing.
-    if cfg.model.num_classes and data.num_classes != cfg.model.num_classes:
-        raise ValueError(
-            f"model.num_classes={cfg.model.num_classes} but {data.source} has {data.num_classes} classes "
-            f"(labels 0 to {data.num_classes - 1}); set model.num_classes={data.num_classes}"
-        )
 
 
 def configure_backends(train: TrainConfig, device: torch.device) -> None:
@@ -126,7 +112,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.data = data if data is not None else load_dataset(cfg.data)
-        check_data_fits(cfg, self.data)
+        check_class_count(cfg.model.num_classes, self.data.source, self.data.num_classes)
         # Per-rank seed for anything outside the loop's shared generator.
         torch.manual_seed(cfg.train.seed * session.world_size + session.rank)
         configure_backends(cfg.train, session.device)

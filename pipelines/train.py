@@ -19,6 +19,7 @@ import time
 from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
 from gan.config import Config, ConfigError, check_split, redact_uri
+from gan.data import check_classes_before_loading
 from gan.metrics import check_backbone
 from gan.sampling import generator_from_state, interpolation, png_bytes
 from gan.storage import Storage
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.workers is not None and not args.in_process:
             check_split(cfg.train, args.workers)
         check_backbone(cfg.eval, cfg.data)
+        check_classes_before_loading(cfg.model.num_classes, cfg.data)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
         if args.resume:  # refused before its MLflow run is reopened or Ray starts

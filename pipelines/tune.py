@@ -24,6 +24,7 @@ from gan import plan as plans
 from gan import space as spaces
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, add_sweep_args, fail
 from gan.config import override, preset
+from gan.data import check_classes_before_loading
 from gan.metrics import check_backbone
 from gan.storage import Storage
 from gan.tracking import check_names
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
         check_backbone(base.eval, base.data)
+        if "model.num_classes" not in space:
+            check_classes_before_loading(base.model.num_classes, base.data)
         if not args.no_tracking:
             check_names(args.name, args.model_name)
     except USER_ERRORS as err:

@@ -170,6 +170,38 @@ def test_too_many_workers_fails_clearly(tmp_path):
     assert proc.returncode == 2 and "64 workers x 1 CPU need 64 CPUs" in proc.stderr
 
 
+def test_a_class_count_that_differs_from_the_data_fails_before_any_worker(tmp_path):
+    """A prepared dataset's manifest names its classes: train.py refuses a conditional
+    model with another count on the driver, and tune.py (here --dry-run) the same for the
+    embedded digits, before Ray starts or the run's folder is made."""
+    import io
+
+    import numpy as np
+
+    from gan.prepare import PrepareConfig, prepare
+
+    images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "four.npz", images=images, labels=np.arange(40) % 4)
+    data = tmp_path / "four"
+    prepare(PrepareConfig(source=str(tmp_path / "four.npz"), dest=str(data), resolution=28, channels=1),
+            log=io.StringIO())  # fmt: skip
+    runs = tmp_path / "runs"
+    commands = {
+        f"{data} has 4 classes (labels 0 to 3); set model.num_classes=4": [
+            "pipelines/train.py", "--set", f"data.uri={data}", "--storage", str(runs)],
+        "embedded:mnist5k has 10 classes (labels 0 to 9); set model.num_classes=10": [
+            "pipelines/tune.py", "--set", "model.num_classes=3", "--storage", str(runs), "--dry-run"],
+    }  # fmt: skip
+    for message, command in commands.items():
+        proc = subprocess.run(
+            [sys.executable, "-W", "ignore", *command, "--preset", "debug", "--no-tracking"],
+            cwd=ROOT, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].endswith(message), proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+        assert "Ray Train run" not in proc.stdout and not runs.exists()
+
+
 def test_unreachable_storage_fails_before_any_worker():
     with socket.socket() as sock:  # a port nothing listens on
         sock.bind(("127.0.0.1", 0))
