@@ -171,9 +171,9 @@ def test_too_many_workers_fails_clearly(tmp_path):
 
 
 def test_a_class_count_that_differs_from_the_data_fails_before_any_worker(tmp_path):
-    """A prepared dataset's manifest names its classes: train.py refuses a conditional
-    model with another count on the driver, and tune.py (here --dry-run) the same for the
-    embedded digits, before Ray starts or the run's folder is made."""
+    """A prepared dataset's manifest names its classes (or none): train.py refuses a
+    conditional model with another count on the driver, and tune.py (here --dry-run) the same
+    for the embedded digits, before Ray starts or the run's folder is made."""
     import io
 
     import numpy as np
@@ -182,13 +182,16 @@ def test_a_class_count_that_differs_from_the_data_fails_before_any_worker(tmp_pa
 
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "four.npz", images=images, labels=np.arange(40) % 4)
-    data = tmp_path / "four"
-    prepare(PrepareConfig(source=str(tmp_path / "four.npz"), dest=str(data), resolution=28, channels=1),
-            log=io.StringIO())  # fmt: skip
+    data, unlabelled = tmp_path / "four", tmp_path / "unlabelled"
+    for dest, infer_labels in ((data, True), (unlabelled, False)):
+        prepare(PrepareConfig(source=str(tmp_path / "four.npz"), dest=str(dest), resolution=28, channels=1,
+                              infer_labels=infer_labels), log=io.StringIO())  # fmt: skip
     runs = tmp_path / "runs"
     commands = {
         f"{data} has 4 classes (labels 0 to 3); set model.num_classes=4": [
             "pipelines/train.py", "--set", f"data.uri={data}", "--storage", str(runs)],
+        f"{unlabelled} has no labels; set model.num_classes=0 and loss.class_weight=0 for an unconditional model": [
+            "pipelines/train.py", "--set", f"data.uri={unlabelled}", "--storage", str(runs)],
         "embedded:mnist5k has 10 classes (labels 0 to 9); set model.num_classes=10": [
             "pipelines/tune.py", "--set", "model.num_classes=3", "--storage", str(runs), "--dry-run"],
     }  # fmt: skip
