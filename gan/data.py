@@ -197,7 +197,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 def check_class_count(num_classes: int, source: str, data_classes: int) -> None:
     """A conditional model's classes must be the data's (``data_classes``, 0 when unlabelled):
-    more would train rows of the class grid on nothing."""
+    more would train rows of the class grid on nothing, fewer has labels past its embedding."""
     if not num_classes:
         return
     if not data_classes:
@@ -215,16 +215,20 @@ def check_class_count(num_classes: int, source: str, data_classes: int) -> None:
 def check_classes_before_loading(num_classes: int, cfg: DataConfig) -> None:
     """``check_class_count`` on the driver, before any worker starts, where the classes are
     known without loading the images: the embedded digits, a prepared dataset's manifest.
-    Other formats are checked once loaded."""
-    if not num_classes or (cfg.uri.startswith("embedded:") and cfg.uri != EMBEDDED):
+    Everything else, and data the driver cannot read (workers may hold other credentials),
+    is checked where it is loaded."""
+    if not num_classes or cfg.labels_uri:
         return
-    if cfg.uri == EMBEDDED:
-        found = int(_embedded_mnist()[1].max()) + 1
-    elif (manifest := prepared_manifest(cfg.uri, cfg.fsspec_options())) is not None:
-        found = len(manifest["class_names"])
-    else:
+    if cfg.uri.startswith("embedded:"):
+        if cfg.uri == EMBEDDED:
+            check_class_count(num_classes, cfg.uri, int(_embedded_mnist()[1].max()) + 1)
         return
-    check_class_count(num_classes, cfg.uri, found)
+    try:
+        manifest = prepared_manifest(cfg.uri, cfg.fsspec_options())
+    except DataError:
+        return
+    if manifest is not None:
+        check_class_count(num_classes, cfg.uri, len(manifest["class_names"]))
 
 
 def class_shares(labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:

@@ -135,6 +135,15 @@ class Member:
     storage_options: dict
 
 
+def _full_uri(ckpt) -> str:
+    """A Ray checkpoint's location with its scheme: Ray names one in an object store without it."""
+    handler = getattr(ckpt.filesystem, "handler", None)  # storage.ray_args wraps fsspec for remote storage
+    if handler is None:
+        return ckpt.path
+    protocol = handler.fs.protocol
+    return f"{protocol if isinstance(protocol, str) else protocol[0]}://{ckpt.path.lstrip('/')}"
+
+
 class RaySession:
     def __init__(self, member: Member | None = None) -> None:
         import ray.train
@@ -166,8 +175,8 @@ class RaySession:
 
     def restore(self) -> tuple[dict[str, Any], str] | None:
         """The state of Ray's latest checkpoint or, when that one does not load (a torn
-        upload), of the newest one before it that does: the same error on every retry
-        would otherwise fail the run."""
+        upload), of the newest one before it that does (the same error on every retry
+        would otherwise fail the run), and that checkpoint's full URI."""
         latest = self._train.get_checkpoint()
         if latest is None:
             return None
@@ -180,7 +189,7 @@ class RaySession:
             self.last_checkpoint = f"{self.member.run_uri}/{found.path.rstrip('/').rsplit('/', 1)[-1]}"
         if found is not latest:  # the steps after this one are written again: not into the folders Ray still tracks
             self.dir_suffix = f"-{uuid.uuid4().hex[:6]}"
-        return state, found.path
+        return state, _full_uri(found)
 
     @staticmethod
     def _load(ckpt) -> dict[str, Any]:

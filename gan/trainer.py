@@ -154,11 +154,11 @@ class Trainer:
         resumed: dict[str, str] = {}
         if restored is not None:
             state, where = restored
-            self._load(state)
-            # On the run itself: a worker's printed line can be lost on its way to the driver.
+            # Also on the run itself: a worker's printed line can be lost on its way to the driver.
             resumed = {"resumed_from": f"{where} (step {state['loop']['step']})"}
-            if session.rank == 0:
+            if session.rank == 0:  # before loading: a refusal then follows the checkpoint it names
                 print(f"resuming from {resumed['resumed_from']}", flush=True)
+            self._load(state)
         self.tracker.log_params(cfg.flat())
         self.tracker.set_tags(
             {

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
         check_backbone(base.eval, base.data)
-        if "model.num_classes" not in space:
+        if not any(key == "model.num_classes" or key.startswith("data.") for key in space):  # else per trial
             check_classes_before_loading(base.model.num_classes, base.data)
         if not args.no_tracking:
             check_names(args.name, args.model_name)

@@ -84,13 +84,18 @@ def test_default_preset_for_a_minute_with_gpu(tmp_path):
     out = run(*base, "--time-budget-s", "60", "--set", "eval.every_kimg=100")
     assert re.search(r"Ray Train run 'gpu': \d+ worker\(s\)", out) and "best FID" in out
     best = re.search(r"best checkpoint:\s+(\S+)", out).group(1)
+    saved = re.search(r"latest checkpoint:\s+(\S+)", out).group(1).rstrip("/").rsplit("/", 1)[-1]
     from gan import checkpoint
 
     first, _ = checkpoint.load(best)
     assert math.isfinite(first["best_fid"]) and first["loop"]["step"] > 0
 
     out = run(*base, "--time-budget-s", "75", "--set", "eval.every_kimg=100", "--resume")
-    assert "resuming from" in out
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(db)
+    (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])  # one run, resumed
+    assert f"/{saved} (step " in tracked.data.tags["resumed_from"]  # the first run's last checkpoint
     latest = re.search(r"latest checkpoint:\s+(\S+)", out).group(1)
     state, _ = checkpoint.load(latest)
     assert state["loop"]["step"] > first["loop"]["step"]
