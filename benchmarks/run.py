@@ -22,6 +22,9 @@ Benchmarks (each also runs alone with --only):
             about the same worker-seconds): best FID and worker-seconds
   eval      FID evaluation time as a share of training time at the default interval, and
             peak memory of the default training job
+  gpu       where a CUDA GPU is present: the default preset's img/s and step time at batch
+            64, 256 and 1024, fp32 and bf16, compile off and on; seconds to evaluate 10k
+            samples; and a profile of the step that says what bounds it
   tracking  img/s in-process with MLflow tracking to a local `mlflow server` vs without
   s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
@@ -107,6 +110,10 @@ SCREEN64_SETTINGS = {  # each spelled out, so that the screen does not move with
     "DiffAugment, learning rates halved": [DIFFAUGMENT, "loss.r1_gamma=0", "optim.lr_g=5e-4", "optim.lr_d=3e-4"],
     "DiffAugment, learning rates doubled": [DIFFAUGMENT, "loss.r1_gamma=0", "optim.lr_g=2e-3", "optim.lr_d=1.2e-3"],
 }
+GPU_BATCHES = ((64, 256, 1024), (64, 1024))  # (full, quick)
+GPU_SECONDS = (1.0, 0.5)  # per timed round
+GPU_BUDGET_S = (240, 120)  # compiled settings past this are reported as not run
+GPU_EVAL_SAMPLES = 10_000
 BENCH_CACHE = Path(os.environ.get("GAN_BENCH_CACHE", Path.home() / ".cache" / "gan-bench"))
 
 
@@ -316,6 +323,132 @@ def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
         (f"evaluation share at every {default_every:g} kimg (target < 10%)", f"{share:.1%}", "eval seconds / training seconds between evals"),
         ("peak memory of the default training job", f"{median(r['peak_rss_mib'] for r in runs):.0f} MiB", "RSS, in-process, 2 threads"),
     ]  # fmt: skip
+
+
+def gpu(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """The default preset's training step on the CUDA GPU at each batch size, fp32 and bf16,
+    compile off and on; evaluation of 10k samples; and the profile that says what bounds
+    the step. Profiles are written to BENCH_CACHE/gpu-profiles."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [("gpu", "skipped", "no CUDA GPU on this machine")]
+    return gpu_rows("cuda", quick, repeats, BENCH_CACHE / "gpu-profiles")
+
+
+def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tuple[str, str, str]]:
+    from gan.config import override, preset
+    from gan.data import load_dataset
+    from gan.trainer import LocalSession, Trainer
+
+    base = preset("dcgan")
+    data = load_dataset(base.data)
+    profiles.mkdir(parents=True, exist_ok=True)
+    started, rows = time.monotonic(), []
+    settings = [(c, bf16, b) for c in (False, True) for bf16 in (False, True) for b in GPU_BATCHES[quick]]
+    with tempfile.TemporaryDirectory(prefix="gan-bench-gpu-") as tmp:
+
+        def loop_for(i: int, sets: list[str]):
+            cfg = override(base, sets)
+            return Trainer(cfg, LocalSession(f"{tmp}/{i}", device=device, quiet=True), data=data)
+
+        for i, (compiled, bf16, batch) in enumerate(settings):
+            name = f"batch {batch}, {'bf16' if bf16 else 'fp32'}, compile {'on' if compiled else 'off'}"
+            if compiled and time.monotonic() - started > GPU_BUDGET_S[quick]:
+                rows.append((f"img/s, {name}", "not run", f"past the {GPU_BUDGET_S[quick]}s budget"))
+                continue
+            sets = [f"train.batch_size={batch}", f"train.bf16={bf16}", f"train.compile={compiled}"]
+            loop = loop_for(i, sets).loop
+            warm_s = time.monotonic()
+            for _ in range(5):  # compiles G and D when asked to, and lets cuDNN pick its kernels
+                loop.train_step()
+            loop.read_stats()
+            warm_s = time.monotonic() - warm_s
+            rates, step_ms = timed_steps(loop, repeats, GPU_SECONDS[quick])
+            rows.append((f"img/s, {name}", f"{median(rates):.0f}",
+                         f"{median(step_ms):.2f} ms/step, rounds {[round(r) for r in rates]}; "
+                         f"build + 5 steps {warm_s:.0f}s"))  # fmt: skip
+            if not compiled and not bf16 or (compiled and not bf16 and batch == GPU_BATCHES[quick][0]):
+                rows.append(
+                    profile_row(loop, name, profiles / f"step-{batch}-{'compiled' if compiled else 'eager'}.txt")
+                )
+            del loop
+            torch_empty_cache()
+        trainer = loop_for(len(settings), [f"eval.num_samples={GPU_EVAL_SAMPLES}"])
+        G = trainer.nets.G_ema
+        seconds = []
+        for _ in range(1 + repeats):  # the first pays cuDNN's choice of kernels
+            start = time.monotonic()
+            scores = trainer.evaluator(G, trainer.cfg.model.num_classes)
+            seconds.append(time.monotonic() - start)
+        rows.append((f"seconds to evaluate {GPU_EVAL_SAMPLES} samples", f"{median(seconds[1:]):.2f}",
+                     f"first {seconds[0]:.2f}s; {trainer.evaluator.num_real} real images in the reference; "
+                     f"FID {scores['fid']:.1f} (untrained G)"))  # fmt: skip
+    return rows
+
+
+def timed_steps(loop, repeats: int, seconds: float) -> tuple[list[float], list[float]]:
+    """img/s and ms per step over ``repeats`` rounds of about ``seconds`` each; steps are
+    queued without reading anything back, as in training, and the round ends at a read."""
+    start = time.monotonic()
+    for _ in range(10):
+        loop.train_step()
+    loop.read_stats()
+    steps = max(10, round(seconds / ((time.monotonic() - start) / 10)))
+    rates, step_ms = [], []
+    for _ in range(repeats):
+        start = time.monotonic()
+        for _ in range(steps):
+            loop.train_step()
+        loop.read_stats()
+        elapsed = time.monotonic() - start
+        rates.append(steps * loop.global_batch / elapsed)
+        step_ms.append(1000 * elapsed / steps)
+    return rates, step_ms
+
+
+def profile_row(loop, name: str, path: Path, steps: int = 20) -> tuple[str, str, str]:
+    """What bounds a step: the share of the step's wall time the GPU spends in kernels
+    (low: the host cannot launch kernels fast enough), the kernels per step, and the share
+    of kernel time in matrix units (convolutions, GEMMs) against elementwise and reductions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    loop.read_stats()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.monotonic()
+        for _ in range(steps):
+            loop.train_step()
+        loop.read_stats()
+        wall_us = (time.monotonic() - start) * 1e6
+    kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+    busy_us = sum(e.device_time_total for e in kernels)
+    matrix = ("gemm", "conv", "xmma", "cutlass", "sm90", "wgrad", "dgrad", "fprop", "implicit")
+    matrix_us = sum(e.device_time_total for e in kernels if any(k in e.name.lower() for k in matrix))
+    path.write_text(
+        f"{name}: {steps} steps, wall {wall_us / 1000:.1f} ms, kernels {len(kernels)}, GPU busy {busy_us / 1000:.1f} ms\n\n"
+        + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
+    )
+    busy = busy_us / wall_us
+    bound = (
+        "kernel launches (host)"
+        if busy < 0.5
+        else "matrix units"
+        if matrix_us > busy_us / 2
+        else "memory (elementwise)"
+    )
+    return (f"profile, {name}", f"GPU busy {busy:.0%}",
+            f"{len(kernels) / steps:.0f} kernels/step, {busy_us / steps / 1000:.2f} ms kernel time/step, "
+            f"matrix share {matrix_us / max(busy_us, 1):.0%}: bound by {bound}; {path.name}")  # fmt: skip
+
+
+def torch_empty_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
@@ -653,6 +786,7 @@ BENCHMARKS = {
     "tune": tune,
     "schedulers": schedulers,
     "eval": eval_cost,
+    "gpu": gpu,
     "tracking": tracking,
     "s3reads": s3reads,
     "streaming": streaming,
