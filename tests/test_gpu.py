@@ -115,7 +115,7 @@ def test_default_preset_for_a_minute_with_gpu(tmp_path):
     (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])
     assert tracked.info.status == "FINISHED" and tracked.data.tags["device"].startswith("cuda")
     mlflow.set_tracking_uri(db)
-    version = register(db, logged_model_uri(tracked, "generator_best"), "gpu-generator",
+    version = register(db, logged_model_uri(db, tracked, "generator_best"), "gpu-generator",
                        Config.from_json(first["config"]), tags={"test": "gpu"})  # fmt: skip
     G, _ = load_generator(f"models:/gpu-generator/{version.version}")
     images, _ = sample(G, 5, seed=0)
