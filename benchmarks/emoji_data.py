@@ -1,6 +1,7 @@
 """Fetch and prepare the emoji benchmark set: 3,786 RGBA 64-px emoji of one vendor from the
 npm registry's `emoji-datasource-<vendor>` package, labelled with their emoji.json category
-(10 classes), composited on white, prepared at 64 px, with an evaluator built for it.
+(10 classes), composited on white, prepared at 64 px (or 32: --resolution 32), with an
+evaluator built for it.
 
 The images are not committed: this script fetches them (as an install step would) with
 `npm pack` into --cache, and is run by `benchmarks/run.py --only emoji`. Usage:
@@ -25,12 +26,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", default=str(Path.home() / ".cache" / "gan-bench"))
     parser.add_argument("--vendor", default=VENDOR, help=f"apple, google, twitter or facebook (default {VENDOR})")
+    parser.add_argument("--resolution", type=int, default=64, choices=(32, 64), help="pixels (default 64)")
     args = parser.parse_args()
-    print(prepare(Path(args.cache), args.vendor))
+    print(prepare(Path(args.cache), args.vendor, args.resolution))
     return 0
 
 
-def prepare(cache: Path, vendor: str = VENDOR) -> str:
+def prepare(cache: Path, vendor: str = VENDOR, resolution: int = 64) -> str:
     """The prepared dataset's folder, with its evaluator.pt; reuses what is there."""
     cache.mkdir(parents=True, exist_ok=True)
     package = f"emoji-datasource-{vendor}"
@@ -40,10 +42,10 @@ def prepare(cache: Path, vendor: str = VENDOR) -> str:
     labels = cache / f"{package}-{VERSION}.labels.csv"
     if not labels.exists():
         write_labels(archive, vendor, labels)
-    dest = cache / f"emoji-{vendor}-64"
+    dest = cache / f"emoji-{vendor}-{resolution}"
     if not (dest / "manifest.json").exists():
         run("pipelines/prepare_data.py", str(archive), str(dest), "--labels", str(labels),
-            "--resolution", "64", "--background", "white", "--workers", "2")  # fmt: skip
+            "--resolution", str(resolution), "--background", "white", "--workers", "2")  # fmt: skip
     if not (dest / "evaluator.pt").exists():
         run("pipelines/build_evaluator.py", "--data", str(dest))
     return str(dest)
