@@ -546,8 +546,17 @@ def dcgan_64_cond() -> Config:
 
 
 def dcgan_32() -> Config:
-    """RGB images at 32 px: the default DCGAN recipe at width 32, with R1."""
-    return _rgb(dcgan(), "dcgan-32", 32)
+    """RGB images at 32 px: dcgan-64's recipe (width 16, no extra 3x3 convolutions, R1 and
+    DiffAugment) at 32 px."""
+    # On the emoji set at 32 px after 10 minutes: FID 50 (best evaluation 27) and 628 img/s,
+    # against 151 (best 86) and 188 img/s for the digits recipe at width 32 with R1 alone (RESULTS.md).
+    cfg = dcgan_64()
+    return replace(
+        cfg,
+        name="dcgan-32",
+        data=replace(cfg.data, resolution=32),
+        loss=replace(cfg.loss, r1_gamma=(32 / 64) ** 2),
+    )
 
 
 def resnet_64() -> Config:
