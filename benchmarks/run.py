@@ -185,9 +185,8 @@ def speed(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     timed in interleaved rounds: on a shared machine, drift hits every option alike, and
     each round's ratio to the defaults is what the median is taken over."""
 
-    from gan.config import override, preset
+    from gan.config import preset
     from gan.data import load_dataset
-    from gan.trainer import LocalSession, Trainer
 
     rounds, steps = SPEED_ROUNDS[quick] * repeats, SPEED_STEPS[quick]
     cores = os.cpu_count() or 1
@@ -196,13 +195,8 @@ def speed(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     loops, warmup = {}, {}
     with tempfile.TemporaryDirectory(prefix="gan-bench-speed-") as tmp:
         for i, (name, sets) in enumerate(SPEED_OPTIONS.items()):
-            started = time.monotonic()
-            cfg = override(base, [*sets, f"train.threads={cores}"])
-            loop = Trainer(cfg, LocalSession(f"{tmp}/{i}", quiet=True), data=data).loop
-            for _ in range(5):  # compiles G and D (both grad modes) when asked to
-                loop.train_step()
-            loop.read_stats()
-            loops[name], warmup[name] = loop, time.monotonic() - started
+            trainer, warmup[name] = warmed_trainer(base, [*sets, f"train.threads={cores}"], f"{tmp}/{i}", data)
+            loops[name] = trainer.loop
     rates: dict[str, list[float]] = {name: [] for name in loops}
     for _ in range(rounds):
         for name, loop in loops.items():
@@ -337,9 +331,12 @@ def gpu(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tuple[str, str, str]]:
-    from gan.config import override, preset
+    import gc
+
+    import torch
+
+    from gan.config import preset
     from gan.data import load_dataset
-    from gan.trainer import LocalSession, Trainer
 
     base = preset("dcgan")
     data = load_dataset(base.data)
@@ -347,23 +344,14 @@ def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tup
     started, rows = time.monotonic(), []
     settings = [(c, bf16, b) for c in (False, True) for bf16 in (False, True) for b in GPU_BATCHES[quick]]
     with tempfile.TemporaryDirectory(prefix="gan-bench-gpu-") as tmp:
-
-        def loop_for(i: int, sets: list[str]):
-            cfg = override(base, sets)
-            return Trainer(cfg, LocalSession(f"{tmp}/{i}", device=device, quiet=True), data=data)
-
         for i, (compiled, bf16, batch) in enumerate(settings):
             name = f"batch {batch}, {'bf16' if bf16 else 'fp32'}, compile {'on' if compiled else 'off'}"
             if compiled and time.monotonic() - started > GPU_BUDGET_S[quick]:
                 rows.append((f"img/s, {name}", "not run", f"past the {GPU_BUDGET_S[quick]}s budget"))
                 continue
             sets = [f"train.batch_size={batch}", f"train.bf16={bf16}", f"train.compile={compiled}"]
-            loop = loop_for(i, sets).loop
-            warm_s = time.monotonic()
-            for _ in range(5):  # compiles G and D when asked to, and lets cuDNN pick its kernels
-                loop.train_step()
-            loop.read_stats()
-            warm_s = time.monotonic() - warm_s
+            trainer, warm_s = warmed_trainer(base, sets, f"{tmp}/{i}", data, device)
+            loop = trainer.loop
             rates, step_ms = timed_steps(loop, repeats, GPU_SECONDS[quick])
             rows.append((f"img/s, {name}", f"{median(rates):.0f}",
                          f"{median(step_ms):.2f} ms/step, rounds {[round(r) for r in rates]}; "
@@ -371,9 +359,11 @@ def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tup
             if not bf16 and (not compiled or batch == GPU_BATCHES[quick][0]):  # fp32 eager, and compiled once
                 path = profiles / f"step-{batch}-{'compiled' if compiled else 'eager'}.txt"
                 rows.append(profile_row(loop, name, path, median(step_ms)))
-            del loop
-            torch_empty_cache()
-        trainer = loop_for(len(settings), [f"eval.num_samples={GPU_EVAL_SAMPLES}"])
+            del trainer, loop  # the next setting gets the GPU's memory
+            gc.collect()
+            if device == "cuda":
+                torch.cuda.empty_cache()
+        trainer, _ = warmed_trainer(base, [f"eval.num_samples={GPU_EVAL_SAMPLES}"], f"{tmp}/eval", data, device)
         G = trainer.nets.G_ema
         seconds = []
         for _ in range(1 + repeats):  # the first pays cuDNN's choice of kernels
@@ -382,8 +372,22 @@ def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tup
             seconds.append(time.monotonic() - start)
         rows.append((f"seconds to evaluate {GPU_EVAL_SAMPLES} samples", f"{median(seconds[1:]):.2f}",
                      f"first {seconds[0]:.2f}s; {trainer.evaluator.num_real} real images in the reference; "
-                     f"FID {scores['fid']:.1f} (untrained G)"))  # fmt: skip
+                     f"FID {scores['fid']:.1f} (G after 5 steps)"))  # fmt: skip
     return rows
+
+
+def warmed_trainer(base, sets: list[str], folder: str, data, device: str = "cpu"):
+    """A Trainer built as a run builds it, after 5 steps (which compile G and D when asked to
+    and let cuDNN choose its kernels); and the seconds that took."""
+    from gan.config import override
+    from gan.trainer import LocalSession, Trainer
+
+    started = time.monotonic()
+    trainer = Trainer(override(base, sets), LocalSession(folder, device=device, quiet=True), data=data)
+    for _ in range(5):
+        trainer.loop.train_step()
+    trainer.loop.read_stats()
+    return trainer, time.monotonic() - started
 
 
 def timed_steps(loop, repeats: int, seconds: float) -> tuple[list[float], list[float]]:
@@ -413,7 +417,6 @@ def profile_row(loop, name: str, path: Path, step_ms: float, steps: int = 20) ->
     (convolutions, GEMMs) against elementwise and reductions."""
     from torch.profiler import ProfilerActivity, profile
 
-    loop.read_stats()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.monotonic()
         for _ in range(steps):
@@ -440,16 +443,6 @@ def profile_row(loop, name: str, path: Path, step_ms: float, steps: int = 20) ->
     return (f"profile, {name}", f"GPU busy {busy:.0%}",
             f"{len(kernels) / steps:.0f} kernels/step, {busy_us / steps / 1000:.2f} ms kernel time/step, "
             f"matrix share {matrix_us / max(busy_us, 1):.0%}: bound by {bound}; {path.name}")  # fmt: skip
-
-
-def torch_empty_cache() -> None:
-    import gc
-
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 @contextlib.contextmanager
