@@ -474,9 +474,10 @@ def override(cfg: Config, assignments: list[str]) -> Config:
 
 # --- presets ---------------------------------------------------------------------------
 def dcgan() -> Config:
-    """Default: DCGAN for 28x28 digits, width 32 with an extra 3x3 conv per stage,
-    spectral-norm D with minibatch-std, non-saturating loss, Adam(1e-3/6e-4, 0, 0.9), EMA
-    generator. Digits in a minute on a laptop CPU."""
+    """Default: DCGAN for 28x28 digits, digits in a minute on a laptop CPU.
+
+    Width 32 with an extra 3x3 conv per stage, spectral-norm D with minibatch-std,
+    non-saturating loss, Adam(1e-3/6e-4, 0, 0.9), EMA generator."""
     # Settings from the Quickstart sweep's best trial, learning rates raised after 90-second
     # screens; benchmarks/RESULTS.md compares it with the textbook recipe at 300 s.
     return Config(
@@ -493,7 +494,8 @@ def dcgan_cond() -> Config:
 
 
 def mlp() -> Config:
-    """The seed text's Keras MLP GAN (256-512-1024 LeakyReLU, tanh output), made to work:
+    """The seed text's Keras MLP GAN (256-512-1024 LeakyReLU, tanh output), made to work.
+
     D trained on real vs generated images, non-saturating loss, Adam(2e-4, 0.5)."""
     return Config(
         name="mlp",
@@ -512,7 +514,8 @@ def resnet() -> Config:
 
 
 def textbook() -> Config:
-    """Radford et al. 2015 as in the PyTorch tutorial and Ray's PBT-DCGAN example:
+    """Radford et al. 2015, as in the PyTorch tutorial and Ray's PBT-DCGAN example.
+
     32x32, ngf=ndf=32, BatchNorm, BCE, Adam(2e-4, 0.5), batch 64, no EMA, unconditional."""
     return Config(
         name="textbook",
@@ -523,9 +526,11 @@ def textbook() -> Config:
 
 
 def dcgan_64() -> Config:
-    """RGB images at 64 px: the default DCGAN recipe at width 16 without its extra 3x3
-    convolutions, with R1 and DiffAugment (colour, translation, cutout; no flips, which would
-    let G mirror text and flags). Scored by the dataset's own evaluator (pipelines/build_evaluator.py --data)."""
+    """RGB images at 64 px: the default DCGAN recipe made small, with R1 and DiffAugment.
+
+    Width 16 without the extra 3x3 convolutions; DiffAugment colour, translation, cutout (no
+    flips, which would let G mirror text and flags). Scored by the dataset's own evaluator
+    (pipelines/build_evaluator.py --data)."""
     # Width 16, not 32: on 2 CPU cores 3.4x the img/s, and FID 466 against 1371 after 150 s on the emoji set.
     # Depth 0: with the extra convolutions, nine spectrally normalised layers shrank the signal
     # until D's output was the same for every image and G stopped learning (RESULTS.md).
@@ -541,8 +546,7 @@ def dcgan_64_cond() -> Config:
 
 
 def dcgan_32() -> Config:
-    """RGB images at 32 px: dcgan-64's recipe (width 16, no extra 3x3 convolutions, R1 and
-    DiffAugment) at 32 px."""
+    """RGB images at 32 px: dcgan-64's recipe (width 16, R1 and DiffAugment) at 32 px."""
     # On the emoji set at 32 px after 10 minutes: FID 43.7 at 633 img/s, against 151 at 188 img/s
     # for the digits recipe at width 32 with R1 alone (medians of 3, RESULTS.md).
     return _small_rgb("dcgan-32", 32)
@@ -559,8 +563,11 @@ def _small_rgb(name: str, resolution: int) -> Config:
 
 
 def resnet_64() -> Config:
-    """Class-conditional RGB at 64 px: the resnet preset at width 32. Slower than dcgan-64.
+    """Class-conditional RGB at 64 px for GPUs: the resnet preset at width 32.
+
     R1 in place of the translation DiffAugment; scored by the dataset's own evaluator."""
+    # On 2 CPU cores it trains at 9 img/s against dcgan-64's 200: FID 562 after 10 minutes on
+    # the emoji set (RESULTS.md), so the CPU presets are the dcgan ones.
     cfg = _rgb(resnet(), "resnet-64", 64)
     return replace(cfg, model=replace(cfg.model, width=32))
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from gan.config import PRESETS, Config, ConfigError, credential_names, override, preset, redact_uri
+from gan.config import PRESETS, Config, ConfigError, credential_names, describe_presets, override, preset, redact_uri
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -38,6 +38,12 @@ def test_bad_values_name_the_field(assignment, fragment):
     with pytest.raises(ConfigError) as err:
         override(preset("dcgan"), [assignment])
     assert fragment in str(err.value)
+
+
+def test_help_lists_every_preset_with_a_whole_sentence():
+    lines = describe_presets().splitlines()
+    assert [line.split()[0] for line in lines] == list(PRESETS)
+    assert all(line.endswith(".") for line in lines), lines
 
 
 def test_unknown_preset_lists_choices():
