@@ -253,6 +253,9 @@ class OptimConfig:
     """Adam beta2 for both networks."""
     d_steps: int = 1
     """D updates per G update."""
+    lr_decay_start: float = 1.0
+    """Share of the run (of train.total_kimg or train.time_budget_s, whichever is further
+    along) after which both learning rates fall linearly to zero at its end (1 = constant)."""
     adam_impl: str = "auto"
     """Adam's implementation: 'auto' (torch's choice: foreach on GPU, a loop on CPU),
     'for-loop', 'foreach' (one kernel per group of tensors) or 'fused' (one kernel, GPU or CPU)."""
@@ -264,6 +267,7 @@ class OptimConfig:
         _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
         _check(1 <= self.d_steps <= 10, "optim.d_steps", "must be in [1, 10]", self.d_steps)
+        _check(0 <= self.lr_decay_start <= 1, "optim.lr_decay_start", "must be in [0, 1]", self.lr_decay_start)
         _choice("optim.adam_impl", self.adam_impl, ("auto", "for-loop", "foreach", "fused"))
 
 

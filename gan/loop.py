@@ -49,6 +49,13 @@ def ema_beta(batch_size: int, half_life_kimg: float) -> float:
     return 0.5 ** (batch_size / (half_life_kimg * 1000.0))
 
 
+def lr_scale(progress: float, decay_start: float) -> float:
+    """The share of the configured learning rates at ``progress`` (0 to 1) through the run:
+    1 until ``decay_start``, then falling linearly to 0 at the end."""
+    progress = min(max(progress, 0.0), 1.0)
+    return 1.0 if progress <= decay_start else (1.0 - progress) / (1.0 - decay_start)
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, beta: float, foreach: bool = False) -> None:
     ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
@@ -152,6 +159,7 @@ class GANLoop:
         self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
         self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        self.lr_scale = 1.0
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.step = 0
         self.images_seen = 0
@@ -164,11 +172,16 @@ class GANLoop:
     def set_hyperparameters(self, cfg: Config) -> None:
         """Train on with ``cfg``'s learning rates, betas and EMA half-life (config.MUTABLE):
         PBT's explore step on a running loop."""
-        for opt, lr in ((self.opt_g, cfg.optim.lr_g), (self.opt_d, cfg.optim.lr_d)):
-            for group in opt.param_groups:
-                group.update(lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-        self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
         self.cfg = cfg
+        self.scale_learning_rates(self.lr_scale)
+        self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+
+    def scale_learning_rates(self, scale: float) -> None:
+        """Train on at ``scale`` times the configured learning rates (the decay's share)."""
+        self.lr_scale = scale
+        for opt, lr in ((self.opt_g, self.cfg.optim.lr_g), (self.opt_d, self.cfg.optim.lr_d)):
+            for group in opt.param_groups:
+                group.update(lr=lr * scale, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
 
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from gan import checkpoint
 from gan.config import MUTABLE, Config, TrainConfig, override
 from gan.data import Dataset, check_class_count, load_dataset
-from gan.loop import GANLoop, Nets, make_ema
+from gan.loop import GANLoop, Nets, lr_scale, make_ema
 from gan.metrics import Evaluator, evaluator_uri
 from gan.models import build_models
 from gan.population import Exploit
@@ -274,6 +274,20 @@ class Trainer:
         flag = torch.full((1,), float(over), device=self.session.device)
         return bool(self.session.reduce_mean(flag).item() > 0)
 
+    def _decay_learning_rates(self) -> dict[str, float]:
+        """Sets the learning rates' share for how far the run is through its budget (images
+        or training seconds, whichever is further along; the seconds agreed over ranks, one
+        all-reduce at logging steps), and returns it for the logs; nothing without a decay."""
+        t, decay_start = self.cfg.train, self.cfg.optim.lr_decay_start
+        if decay_start >= 1:
+            return {}
+        done = self.loop.images_seen / (t.total_kimg * 1000)
+        if t.time_budget_s:
+            seconds = torch.full((1,), self.train_time_s, device=self.session.device)
+            done = max(done, self.session.reduce_mean(seconds).item() / t.time_budget_s)
+        self.loop.scale_learning_rates(lr_scale(done, decay_start))
+        return {"optim/lr_scale": self.loop.lr_scale}
+
     def _steps_left(self, seconds_per_step: float) -> int:
         """Steps until the time budget is spent at the current pace, agreed over ranks (one
         all-reduce, at logging steps): the run then stops at that step without checking
@@ -356,6 +370,7 @@ class Trainer:
         evaluated_at = self.loop.images_seen if self.history else -1
         budget = cfg.train.time_budget_s > 0
         stop_step = self.loop.step if budget and self._over_time() else math.inf
+        self._decay_learning_rates()  # a resumed run continues at its share
         if self.history and self.session.in_population:  # restarted: an exploit after that round may be lost
             self._ask_population(self.history[-1])
         tick = time.monotonic()
@@ -374,6 +389,7 @@ class Trainer:
             if log_now:
                 img_per_s = window_images / max(time.monotonic() - window_start, 1e-9)
                 window_start, window_images = time.monotonic(), 0
+                stats |= self._decay_learning_rates()
                 self._progress(stats, img_per_s)
                 if not eval_now:  # an evaluation logs them with its metrics
                     self.tracker.log_curves({**stats, "throughput/img_per_s": img_per_s}, self.loop.images_seen)

@@ -30,6 +30,7 @@ def test_override_parses_types_and_revalidates():
         ("bogus.x=1", "unknown section 'bogus'"),
         ("train.batch_size=1.5", "expected a whole number"),
         ("optim.lr_d=fast", "expected a number"),
+        ("optim.lr_decay_start=1.5", "optim.lr_decay_start=1.5 is not allowed: must be in [0, 1]"),
         ("eval.kid_subset_size=5000", "eval.kid_subset_size=5000 is not allowed"),
         ("loss.class_weight=1", "loss.class_weight=1 needs a class-conditional model"),
     ],

@@ -10,7 +10,7 @@ import torch
 
 from gan import checkpoint
 from gan.config import override
-from gan.loop import ema_beta
+from gan.loop import ema_beta, lr_scale
 from gan.population import Exploit
 from gan.trainer import LocalSession, StallWatch, Trainer
 
@@ -55,6 +55,33 @@ def test_a_resumed_run_keeps_its_best_weights_and_takes_new_learning_rates(tiny_
     assert opt_g.state and opt_d.state  # Adam's moments came with the checkpoint
     assert [g["lr"] for g in opt_g.param_groups] == [1e-5] and [g["lr"] for g in opt_d.param_groups] == [3e-5]
     assert all(g["betas"] == (cfg.optim.beta1, 0.9) for g in opt_g.param_groups + opt_d.param_groups)
+
+
+def test_learning_rates_decay_to_zero_over_the_budgets_end_and_a_resumed_run_continues_the_decay(
+    tiny_cfg, digits, tmp_path
+):
+    assert [lr_scale(p, 0.5) for p in (0.0, 0.5, 0.75, 1.0, 1.2)] == [1.0, 1.0, 0.5, 0.0, 0.0]
+    decay = ["optim.lr_decay_start=0.5", "eval.every_kimg=0.16", "train.log_every_steps=2"]
+    full_cfg = override(tiny_cfg, ["train.total_kimg=0.64", *decay])
+    straight = Trainer(full_cfg, LocalSession(str(tmp_path / "a"), quiet=True), data=digits)
+    straight.train()
+    # Evaluated at steps 10, 20, 30 and 40 of 40: full rates for the first half, then falling.
+    assert [h["optim/lr_scale"] for h in straight.history] == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert [g["lr"] for g in straight.loop.opt_g.param_groups + straight.loop.opt_d.param_groups] == [0.0, 0.0]
+
+    # Killed after its checkpoint at step 30 and resumed: the decay goes on from 0.5, bit for bit.
+    class KilledAfterStep30(LocalSession):
+        def report(self, metrics, snapshot):
+            super().report(metrics, snapshot)
+            if metrics["step"] == 30:
+                raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(full_cfg, KilledAfterStep30(str(tmp_path / "b"), quiet=True), data=digits).train()
+    resumed = Trainer(full_cfg, LocalSession(str(tmp_path / "b"), resume=True, quiet=True), data=digits)
+    resumed.train()
+    for key, value in straight.nets.G_ema.state_dict().items():
+        assert torch.equal(resumed.nets.G_ema.state_dict()[key], value), key
 
 
 def _images(trainer: Trainer) -> torch.Tensor:
