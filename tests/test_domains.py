@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from gan.config import ConfigError, EvalConfig, override, preset
-from gan.metrics import check_backbone, read_domain_evaluator
+from gan.metrics import check_backbone, read_domain_evaluator, split_real
 from gan.models import build_models
 from gan.prepare import PrepareConfig, prepare
 from gan.trainer import LocalSession, Trainer
@@ -96,6 +96,30 @@ def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path
     assert trainer.evaluator.sha256 == sha
     last = trainer.train().history[-1]
     assert last["fid"] > 0 and 0 <= last["class_accuracy"] <= 1  # conditional: scored per class too
+
+
+def test_a_users_torchscript_network_scores_every_fid_and_a_wrong_one_is_refused_before_training(shapes, tmp_path):
+    """Data without labels: the user's TorchScript feature network (an exported Inception-v3,
+    say), named by its sha256; here a small one with any input size, as Inception resizes."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1))
+    torch.jit.save(torch.jit.script(net.eval()), tmp_path / "features.pt")
+    sha = hashlib.sha256((tmp_path / "features.pt").read_bytes()).hexdigest()
+    cfg = override(preset("debug"), [f"data.uri={shapes}", "data.resolution=32", "data.channels=3",
+                                     "model.num_classes=3", "eval.backbone=torchscript", f"eval.backbone_uri={tmp_path / 'features.pt'}",
+                                     f"eval.backbone_sha256={sha}", "train.total_kimg=0.16", "eval.every_kimg=0.16"])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"its sha256 is {sha}, not eval\.backbone_sha256=0{{64}}"):
+        check_backbone(override(cfg, ["eval.backbone_sha256=" + "0" * 64]).eval, cfg.data)
+    check_backbone(cfg.eval, cfg.data)
+    trainer = Trainer(cfg, LocalSession(str(tmp_path / "run"), quiet=True))
+    assert trainer.evaluator.sha256 == sha and trainer.evaluator.real_features.shape[1] == 8
+    first = trainer.evaluator.real_features[:4]
+    reference, _ = split_real(len(trainer.data), cfg.eval.num_samples)
+    with torch.no_grad():  # the network's own features of the real images, from uint8 to [0, 1]
+        expected = net(trainer.data.rows(reference[:4]).float() / 255).flatten(1)
+    torch.testing.assert_close(first, expected)
+    last = trainer.train().history[-1]
+    assert last["fid"] > last["fid_floor"] >= 0 and 0 <= last["precision"] <= 1
 
 
 def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):
