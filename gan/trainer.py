@@ -278,15 +278,19 @@ class Trainer:
         """Sets the learning rates' share for how far the run is through its budget (images
         or training seconds, whichever is further along; the seconds agreed over ranks, one
         all-reduce at logging steps), and returns it for the logs; nothing without a decay."""
-        t, decay_start = self.cfg.train, self.cfg.optim.lr_decay_start
+        decay_start = self.cfg.optim.lr_decay_start
         if decay_start >= 1:
             return {}
-        done = self.loop.images_seen / (t.total_kimg * 1000)
-        if t.time_budget_s:
-            seconds = torch.full((1,), self.train_time_s, device=self.session.device)
-            done = max(done, self.session.reduce_mean(seconds).item() / t.time_budget_s)
+        seconds = torch.full((1,), self.train_time_s, device=self.session.device)
+        done = self._share_done(self.session.reduce_mean(seconds).item())
         self.loop.scale_learning_rates(lr_scale(done, decay_start))
         return {"optim/lr_scale": self.loop.lr_scale}
+
+    def _share_done(self, train_s: float) -> float:
+        """How far through its budget the run is: images or training seconds, whichever is further along."""
+        t = self.cfg.train
+        done = self.loop.images_seen / (t.total_kimg * 1000)
+        return max(done, train_s / t.time_budget_s) if t.time_budget_s else done
 
     def _steps_left(self, seconds_per_step: float) -> int:
         """Steps until the time budget is spent at the current pace, agreed over ranks (one
@@ -428,10 +432,7 @@ class Trainer:
     def _progress(self, stats: dict[str, float], img_per_s: float) -> None:
         if self.session.rank != 0:
             return
-        t = self.cfg.train
-        done = self.loop.images_seen / (t.total_kimg * 1000)
-        if t.time_budget_s:
-            done = max(done, self.train_time_s / t.time_budget_s)
+        done = self._share_done(self.train_time_s)
         losses = "  ".join(f"{k} {v:+.3f}" for k, v in stats.items())
         fid = f"  fid {self.history[-1]['fid']:.2f} (best {self.best_fid:.2f})" if self.history else ""
         print(
