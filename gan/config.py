@@ -320,6 +320,9 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads", "must be >= 0", self.threads)
 
 
+USER_BACKBONES = ("torchscript", "onnx")  # feature networks the user supplies by URI
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalConfig:
     every_kimg: float = 40.0
@@ -328,13 +331,16 @@ class EvalConfig:
     """Generated (and real) images per FID/KID evaluation; fixed so FIDs compare."""
     backbone: str = "digits"
     """Feature network: 'digits' (the committed digit classifier), 'classifier' (one that
-    pipelines/build_evaluator.py trained on the labelled dataset) or 'torchscript'."""
+    pipelines/build_evaluator.py trained on the labelled dataset), or a network the user
+    supplies: 'torchscript' or 'onnx' (run by onnxruntime: pip install 'gan[onnx]')."""
     backbone_uri: str = ""
     """For 'classifier': the file build_evaluator.py wrote (default: evaluator.pt beside the
-    prepared dataset's manifest). For 'torchscript': path/URI of a feature extractor the
-    user supplies (for example an exported Inception-v3), taking float images in [0, 1], NCHW."""
+    prepared dataset's manifest). For 'torchscript' and 'onnx': path/URI of a feature extractor
+    the user supplies (for example an exported Inception-v3), taking float images in [0, 1],
+    NCHW. An ONNX network exported with a fixed input size is fed images resized to it, in
+    batches of its fixed batch size."""
     backbone_sha256: str = ""
-    """The sha256 the 'classifier' or 'torchscript' file must have: a network fetched from a
+    """The sha256 the 'classifier', 'torchscript' or 'onnx' file must have: a network fetched from a
     URI is refused unless it is the one named. '' = not checked (its sha256 is still logged)."""
     kid_subset_size: int = 500
     """Subset size for the KID estimate."""
@@ -342,13 +348,13 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _positive("eval.every_kimg", self.every_kimg)
         check_num_samples("eval.num_samples", self.num_samples)
-        _choice("eval.backbone", self.backbone, ("digits", "classifier", "torchscript"))
-        if self.backbone == "torchscript":
-            _check(bool(self.backbone_uri), "eval.backbone_uri", "required for backbone 'torchscript'", "")
+        _choice("eval.backbone", self.backbone, ("digits", "classifier", *USER_BACKBONES))
+        if self.backbone in USER_BACKBONES:
+            _check(bool(self.backbone_uri), "eval.backbone_uri", f"required for backbone '{self.backbone}'", "")
         check_no_credentials("eval.backbone_uri", self.backbone_uri)
         if self.backbone == "digits":
             _check(not self.backbone_uri and not self.backbone_sha256, "eval.backbone_uri/backbone_sha256",
-                   "are for backbone 'classifier' or 'torchscript', not the committed 'digits'", self.backbone_uri)  # fmt: skip
+                   "are for backbone 'classifier', 'torchscript' or 'onnx', not the committed 'digits'", self.backbone_uri)  # fmt: skip
         if self.backbone_sha256:
             _check(
                 len(self.backbone_sha256) == 64 and all(c in "0123456789abcdef" for c in self.backbone_sha256),

@@ -4,8 +4,8 @@ The default feature network is a small digit classifier trained by
 ``pipelines/build_evaluator.py`` (weights committed under gan/assets, sha256 recorded
 with every result). For other labelled data the same script trains a classifier for that
 domain and stores it beside the prepared dataset (backbone 'classifier'); for unlabelled
-data, any TorchScript feature extractor (an exported Inception-v3, say) can replace it
-from a path or URI the user gives. A classifier backbone also scores how conditional a
+data, any TorchScript or ONNX feature extractor (an exported Inception-v3, say) can replace
+it from a path or URI the user gives. A classifier backbone also scores how conditional a
 class-conditional generator is: the share of samples drawn for class k classified as k.
 Rules that keep FID honest: float64 statistics and an eigenvalue square root
 (torchmetrics), a fixed sample count, generated images quantised to uint8 exactly like
@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchmetrics.image.kid import poly_mmd
 
-from gan.config import ConfigError, DataConfig, EvalConfig
+from gan.config import USER_BACKBONES, ConfigError, DataConfig, EvalConfig
 from gan.data import MANIFEST, Dataset, class_shares, prepared_manifest
 from gan.sampling import latents, to_uint8
 
@@ -138,13 +138,45 @@ class _ScriptedFeatures(nn.Module):
     """A user's TorchScript extractor (float images in [0, 1]) behind the uint8 interface;
     a module, so ``.to(device)`` moves its weights."""
 
-    def __init__(self, scripted: nn.Module, num_features: int) -> None:
+    def __init__(self, scripted: nn.Module) -> None:
         super().__init__()
         self.scripted = scripted
-        self.num_features = num_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.scripted(images.float() / 255.0).flatten(1)
+
+
+class _OnnxFeatures(nn.Module):
+    """A user's ONNX extractor (float images in [0, 1]) run by onnxruntime behind the uint8
+    interface. Exporters fix the input shape unless told otherwise, so a fixed height and
+    width get images resized to them, and a fixed batch size gets batches of it (the last
+    one padded)."""
+
+    def __init__(self, raw: bytes) -> None:
+        super().__init__()
+        import onnxruntime  # optional: only this backbone needs it
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()  # train.threads, not every core
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()]  # fmt: skip
+        self.session = onnxruntime.InferenceSession(raw, options, providers=providers)
+        net_input = self.session.get_inputs()[0]
+        self.input_name = net_input.name
+        batch, _, height, width = (d if isinstance(d, int) else None for d in net_input.shape)
+        self.batch, self.size = batch, (height, width) if height and width else None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float() / 255.0
+        if self.size and tuple(x.shape[2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        x = x.cpu().numpy()
+        step = self.batch or len(x)
+        out = []
+        for i in range(0, len(x), step):
+            chunk = x[i : i + step]
+            padded = np.concatenate([chunk, np.zeros((step - len(chunk), *chunk.shape[1:]), chunk.dtype)])
+            out.append(self.session.run(None, {self.input_name: padded})[0][: len(chunk)])
+        return torch.from_numpy(np.concatenate(out)).reshape(len(x), -1).to(images.device)
 
 
 def evaluator_path() -> Path:
@@ -206,20 +238,30 @@ def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | N
         model, _, sha = read_domain_evaluator(uri, storage_options, cfg.backbone_sha256)
         return _ClassifierFeatures(model), sha
     # The entry points checked the file before starting (promote.py does not); a missing file fails this read.
+    return read_user_network(cfg, storage_options)
+
+
+def read_user_network(cfg: EvalConfig, storage_options: dict | None = None) -> tuple[nn.Module, str]:
+    """(the user's TorchScript or ONNX feature network, sha256 of its file)."""
+    kind = "a TorchScript module" if cfg.backbone == "torchscript" else "an ONNX network"
+    if cfg.backbone == "onnx":
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise ConfigError("eval.backbone=onnx runs the network with onnxruntime: pip install 'gan[onnx]'") from None
     try:
-        with fsspec.open(cfg.backbone_uri, "rb") as handle:
+        with fsspec.open(cfg.backbone_uri, "rb", **(storage_options or {})) as handle:
             raw = handle.read()
         sha = checked_sha256(raw, cfg.backbone_uri, cfg.backbone_sha256)
-        scripted = torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()
+        if cfg.backbone == "onnx":
+            return _OnnxFeatures(raw), sha
+        return _ScriptedFeatures(torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()), sha
+    except FileNotFoundError:
+        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file ({kind})") from None
     except ConfigError:
         raise
-    except Exception as err:  # fsspec and TorchScript raise many types; the message says which
-        raise ConfigError(
-            f"eval.backbone_uri={cfg.backbone_uri}: not a readable TorchScript module ({type(err).__name__}: {err})"
-        ) from None
-    with torch.no_grad():
-        dim = scripted(torch.zeros(1, 3, 299, 299, device="cpu")).flatten(1).shape[1]
-    return _ScriptedFeatures(scripted, dim), sha
+    except Exception as err:  # fsspec, TorchScript and onnxruntime raise many types; the message says which
+        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: not {kind} ({type(err).__name__}: {err})") from None
 
 
 def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
@@ -228,7 +270,7 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
         raise ConfigError(
             "eval.backbone=digits scores grayscale digits, not RGB images: build an evaluator for this data "
             f"(python pipelines/build_evaluator.py --data {data.uri}) and --set eval.backbone=classifier, "
-            "or give a TorchScript feature network (eval.backbone=torchscript)"
+            "or give your own feature network (eval.backbone=torchscript or onnx)"
         )
     if data is not None and cfg.backbone == "classifier":
         if not cfg.backbone_uri and (
@@ -240,26 +282,26 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
             )
         read_domain_evaluator(evaluator_uri(cfg, data.uri), data.fsspec_options(), cfg.backbone_sha256)
         return
-    if cfg.backbone != "torchscript":
+    if cfg.backbone not in USER_BACKBONES:
         return
-    try:
-        fs, path = fsspec.core.url_to_fs(cfg.backbone_uri)
-        found = fs.isfile(path)
-    except Exception as err:  # unknown protocols, network and permission errors differ per backend
+    network, _ = read_user_network(cfg, data.fsspec_options() if data is not None else None)
+    if data is None:
+        return
+    try:  # one blank image of the data's shape: a network that cannot take it fails here, not mid-run
+        with torch.no_grad():
+            network(torch.zeros(1, data.channels, data.resolution, data.resolution, dtype=torch.uint8))
+    except Exception as err:  # TorchScript and onnxruntime raise many types; the message says which
         raise ConfigError(
-            f"eval.backbone_uri={cfg.backbone_uri}: cannot reach it ({type(err).__name__}: {err})"
+            f"eval.backbone_uri={cfg.backbone_uri}: cannot take {data.channels}x{data.resolution}x{data.resolution} "
+            f"images in [0, 1] ({type(err).__name__}: {one_line(err)})"
         ) from None
-    if not found:
-        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file (a TorchScript feature extractor)")
-    if cfg.backbone_sha256:  # a wrong network is refused before training, not at its first evaluation
-        try:
-            with fs.open(path, "rb") as handle:
-                raw = handle.read()
-        except Exception as err:  # network and permission errors differ per backend
-            raise ConfigError(
-                f"eval.backbone_uri={cfg.backbone_uri}: cannot read it ({type(err).__name__}: {err})"
-            ) from None
-        checked_sha256(raw, cfg.backbone_uri, cfg.backbone_sha256)
+
+
+def one_line(err: Exception) -> str:
+    """An error on one line: TorchScript's cause is its last line, after a trace of the
+    scripted code; onnxruntime's lines are all the cause."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if "Traceback of TorchScript" in str(err) else " ".join(lines)
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -509,7 +551,7 @@ class Evaluator:
         if gather is None:
             raise ValueError(f"world_size={world_size} needs a gather function")
         start, stop, per = shard(n, rank, world_size)
-        padded = torch.zeros(per, self.backbone.num_features, device=self.device)
+        padded = torch.zeros(per, self.real_features.shape[1], device=self.device)
         if stop > start:
             padded[: stop - start] = self.features(images)
         # Rank r's rows hold images r*per.. in order, so the gathered set is the one-rank set.

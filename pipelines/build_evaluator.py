@@ -10,9 +10,9 @@ With --data it trains a classifier on that dataset's labels and writes it beside
 (evaluator.pt), where every run on that data with eval.backbone=classifier (the RGB presets)
 finds it. Its held-out accuracy and sha256 are printed and stored in the file.
 
-Unlabelled data has no classes to learn features from: give a TorchScript feature network
-(an exported Inception-v3, say) with --set eval.backbone=torchscript --set eval.backbone_uri=URI;
-its sha256 is recorded the same way.
+Unlabelled data has no classes to learn features from: give a TorchScript or ONNX feature
+network (an exported Inception-v3, say) with --set eval.backbone=torchscript (or onnx)
+--set eval.backbone_uri=URI; its sha256 is recorded the same way.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def open_domain(uri: str, out: str, options: dict, overwrite: bool) -> tuple[Dat
     if not manifest.get("class_names"):
         raise ValueError(
             f"{uri}: the dataset has no labels to learn features from: prepare it with labels (one sub-folder "
-            "per class, or --labels), or give your own network (--set eval.backbone=torchscript)"
+            "per class, or --labels), or give your own network (--set eval.backbone=torchscript or onnx)"
         )
     out = out or evaluator_uri(EvalConfig(backbone="classifier"), uri)
     check_writable(out, options, overwrite)

@@ -122,6 +122,46 @@ def test_a_users_torchscript_network_scores_every_fid_and_a_wrong_one_is_refused
     assert last["fid"] > last["fid_floor"] >= 0 and 0 <= last["precision"] <= 1
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch's TorchScript-based exporter: fast, no onnxscript
+def test_a_users_fixed_size_onnx_network_scores_fids_and_one_that_cannot_take_the_data_is_refused(shapes, tmp_path):
+    """The exporter's default is a fixed input: this one takes batches of 2 at 24 px, so
+    32-px images are resized to it and scored 2 at a time. A network for grayscale input is
+    refused before training, in one line."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, stride=2), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    torch.onnx.export(net, (torch.zeros(2, 3, 24, 24),), tmp_path / "features.onnx", dynamo=False)
+    gray = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    torch.onnx.export(gray, (torch.zeros(1, 1, 32, 32),), tmp_path / "gray.onnx", dynamo=False)
+    sha = hashlib.sha256((tmp_path / "features.onnx").read_bytes()).hexdigest()
+    cfg = override(preset("debug"), [f"data.uri={shapes}", "data.resolution=32", "data.channels=3",
+                                     "model.num_classes=3", "eval.backbone=onnx", f"eval.backbone_uri={tmp_path / 'features.onnx'}",
+                                     f"eval.backbone_sha256={sha}", "train.total_kimg=0.16", "eval.every_kimg=0.16"])  # fmt: skip
+    with pytest.raises(ConfigError, match=rf"its sha256 is {sha}, not eval\.backbone_sha256=0{{64}}"):
+        check_backbone(override(cfg, ["eval.backbone_sha256=" + "0" * 64]).eval, cfg.data)
+    wrong = override(cfg, [f"eval.backbone_uri={tmp_path / 'gray.onnx'}", "eval.backbone_sha256="])
+    with pytest.raises(
+        ConfigError, match=r"gray\.onnx: cannot take 3x32x32 images in \[0, 1\] \(\w+: .+\)$"
+    ) as refused:
+        check_backbone(wrong.eval, wrong.data)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(ConfigError, match=r"none\.onnx: no such file \(an ONNX network\)$"):
+        check_backbone(override(cfg, [f"eval.backbone_uri={tmp_path / 'none.onnx'}", "eval.backbone_sha256="]).eval)
+    check_backbone(cfg.eval, cfg.data)
+    trainer = Trainer(cfg, LocalSession(str(tmp_path / "run"), quiet=True))
+    assert trainer.evaluator.sha256 == sha and trainer.evaluator.real_features.shape[1] == 8
+    reference, _ = split_real(len(trainer.data), cfg.eval.num_samples)
+    with torch.no_grad():  # the network's own features of 5 real images (an odd count: the last batch is padded)
+        images = torch.nn.functional.interpolate(trainer.data.rows(reference[:5]).float() / 255, size=(24, 24),
+                                                 mode="bilinear", align_corners=False, antialias=True)  # fmt: skip
+        expected = net(images).flatten(1)
+    torch.testing.assert_close(trainer.evaluator.real_features[:5], expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(
+        trainer.evaluator.features(trainer.data.rows(reference[:5])), expected, atol=1e-5, rtol=1e-4
+    )
+    last = trainer.train().history[-1]
+    assert last["fid"] > last["fid_floor"] >= 0 and 0 <= last["precision"] <= 1
+
+
 def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):
     cfg = preset("dcgan-64")
     with pytest.raises(ConfigError, match=r"eval\.backbone=digits scores grayscale digits, not RGB images"):
