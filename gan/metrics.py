@@ -124,7 +124,6 @@ class _ClassifierFeatures(nn.Module):
     def __init__(self, model: DigitClassifier | DomainClassifier) -> None:
         super().__init__()
         self.model = model
-        self.num_features = model.num_features
         self.num_classes = model.classify.out_features
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -150,25 +149,31 @@ class _OnnxFeatures(nn.Module):
     """A user's ONNX extractor (float images in [0, 1]) run by onnxruntime behind the uint8
     interface. Exporters fix the input shape unless told otherwise, so a fixed height and
     width get images resized to them, and a fixed batch size gets batches of it (the last
-    one padded)."""
+    one padded). On a CUDA device it runs on that GPU where onnxruntime-gpu is installed."""
 
-    def __init__(self, raw: bytes) -> None:
+    def __init__(self, raw: bytes, device: torch.device | str = "cpu") -> None:
         super().__init__()
-        import onnxruntime  # optional: only this backbone needs it
+        import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()  # train.threads, not every core
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in onnxruntime.get_available_providers()]  # fmt: skip
+        device = torch.device(device)
+        providers: list = ["CPUExecutionProvider"]
+        if device.type == "cuda" and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+            gpu = torch.cuda.current_device() if device.index is None else device.index  # each rank its own GPU
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         self.session = onnxruntime.InferenceSession(raw, options, providers=providers)
         net_input = self.session.get_inputs()[0]
+        if not isinstance(net_input.shape, list) or len(net_input.shape) != 4:
+            raise ValueError(f"its input {net_input.name!r} has shape {net_input.shape}, not N x C x H x W")
         self.input_name = net_input.name
-        batch, _, height, width = (d if isinstance(d, int) else None for d in net_input.shape)
-        self.batch, self.size = batch, (height, width) if height and width else None
+        self.batch, _, self.height, self.width = (d if isinstance(d, int) else None for d in net_input.shape)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0
-        if self.size and tuple(x.shape[2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode="bilinear", align_corners=False, antialias=True)
+        size = (self.height or x.shape[2], self.width or x.shape[3])
+        if size != tuple(x.shape[2:]):
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         x = x.cpu().numpy()
         step = self.batch or len(x)
         out = []
@@ -192,9 +197,30 @@ def load_digit_classifier() -> tuple[DigitClassifier, str]:
 
 
 def evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
-    """Where a 'classifier' or 'torchscript' backbone is read: eval.backbone_uri, else (a
-    classifier) the evaluator.pt beside the prepared dataset."""
+    """Where a backbone other than 'digits' is read: eval.backbone_uri, else (a classifier)
+    the evaluator.pt beside the prepared dataset."""
     return eval_cfg.backbone_uri or f"{data_uri.removesuffix(MANIFEST).rstrip('/')}/{DOMAIN_EVALUATOR_FILE}"
+
+
+def options_for(uri: str, data_uri: str, data_options: dict | None) -> dict:
+    """The data's storage options, for a file on the data's filesystem only: another
+    filesystem would take an endpoint or credentials meant for the data's."""
+    same = fsspec.core.split_protocol(uri)[0] == fsspec.core.split_protocol(data_uri)[0]
+    return dict(data_options or {}) if same else {}
+
+
+def read_checked(uri: str, label: str, storage_options: dict, expected_sha256: str, missing: str) -> tuple[bytes, str]:
+    """(the file's bytes, their sha256), refused in one line that starts with ``label`` when
+    the file is missing (``missing`` says what should be there), unreadable or not the one
+    the sha256 names."""
+    try:
+        with fsspec.open(uri, "rb", **storage_options) as handle:
+            raw = handle.read()
+    except FileNotFoundError:
+        raise ConfigError(f"{label}: no such file ({missing})") from None
+    except Exception as err:  # each filesystem raises its own types; the message says which
+        raise ConfigError(f"{label}: cannot read it ({one_line(err)})") from None
+    return raw, checked_sha256(raw, uri, expected_sha256)
 
 
 def checked_sha256(raw: bytes, uri: str, expected: str) -> str:
@@ -208,60 +234,58 @@ def checked_sha256(raw: bytes, uri: str, expected: str) -> str:
 def read_domain_evaluator(
     uri: str, storage_options: dict | None = None, expected_sha256: str = ""
 ) -> tuple[DomainClassifier, dict, str]:
-    """(classifier, its metadata, sha256 of the file) from a file build_evaluator.py wrote."""
+    """(classifier, its metadata, sha256 of the file) from a file build_evaluator.py wrote;
+    ``storage_options`` for the file's own filesystem."""
+    missing = "an evaluator: pipelines/build_evaluator.py --data DATA"
+    raw, sha = read_checked(uri, uri, storage_options or {}, expected_sha256, missing)
     try:
-        with fsspec.open(uri, "rb", **(storage_options or {})) as handle:
-            raw = handle.read()
-        sha = checked_sha256(raw, uri, expected_sha256)
         saved = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
         if not isinstance(saved, dict) or saved.get("format") != DOMAIN_EVALUATOR_FORMAT:
             raise ValueError("not written by pipelines/build_evaluator.py")
         meta = saved["meta"]
         model = DomainClassifier(meta["channels"], meta["resolution"], meta["num_classes"])
         model.load_state_dict(saved["state_dict"])
-    except FileNotFoundError:
-        raise ConfigError(f"{uri}: no such file (an evaluator: pipelines/build_evaluator.py --data DATA)") from None
-    except ConfigError:
-        raise
-    except Exception as err:  # fsspec, torch.load and a wrong state dict raise many types; the message says which
-        raise ConfigError(f"{uri}: not a readable evaluator ({type(err).__name__}: {err})") from None
+    except Exception as err:  # torch.load and a wrong state dict raise many types; the message says which
+        raise ConfigError(f"{uri}: not a readable evaluator ({one_line(err)})") from None
     return model.eval().requires_grad_(False), meta, sha
 
 
-def load_backbone(cfg: EvalConfig, data_uri: str = "", storage_options: dict | None = None) -> tuple[nn.Module, str]:
-    """(feature module taking uint8 NCHW, sha256 of its weights)."""
+def load_backbone(
+    cfg: EvalConfig, data_uri: str = "", storage_options: dict | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, str]:
+    """(feature module taking uint8 NCHW on ``device``, sha256 of its weights);
+    ``storage_options`` are the data's."""
     if cfg.backbone == "digits":
         model, sha = load_digit_classifier()
-        return _ClassifierFeatures(model), sha
+        return _ClassifierFeatures(model).to(device), sha
+    uri = evaluator_uri(cfg, data_uri)
+    options = options_for(uri, data_uri, storage_options)
     if cfg.backbone == "classifier":
-        uri = evaluator_uri(cfg, data_uri)
-        model, _, sha = read_domain_evaluator(uri, storage_options, cfg.backbone_sha256)
-        return _ClassifierFeatures(model), sha
+        model, _, sha = read_domain_evaluator(uri, options, cfg.backbone_sha256)
+        return _ClassifierFeatures(model).to(device), sha
     # The entry points checked the file before starting (promote.py does not); a missing file fails this read.
-    return read_user_network(cfg, storage_options)
+    return read_user_network(cfg, options, device)
 
 
-def read_user_network(cfg: EvalConfig, storage_options: dict | None = None) -> tuple[nn.Module, str]:
-    """(the user's TorchScript or ONNX feature network, sha256 of its file)."""
+def read_user_network(
+    cfg: EvalConfig, storage_options: dict | None = None, device: torch.device | str = "cpu"
+) -> tuple[nn.Module, str]:
+    """(the user's TorchScript or ONNX feature network on ``device``, sha256 of its file);
+    ``storage_options`` for the file's own filesystem."""
     kind = "a TorchScript module" if cfg.backbone == "torchscript" else "an ONNX network"
     if cfg.backbone == "onnx":
         try:
-            import onnxruntime  # noqa: F401
+            import onnxruntime  # noqa: F401  (optional: only this backbone needs it)
         except ImportError:
             raise ConfigError("eval.backbone=onnx runs the network with onnxruntime: pip install 'gan[onnx]'") from None
+    label = f"eval.backbone_uri={cfg.backbone_uri}"
+    raw, sha = read_checked(cfg.backbone_uri, label, storage_options or {}, cfg.backbone_sha256, kind)
     try:
-        with fsspec.open(cfg.backbone_uri, "rb", **(storage_options or {})) as handle:
-            raw = handle.read()
-        sha = checked_sha256(raw, cfg.backbone_uri, cfg.backbone_sha256)
         if cfg.backbone == "onnx":
-            return _OnnxFeatures(raw), sha
-        return _ScriptedFeatures(torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()), sha
-    except FileNotFoundError:
-        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: no such file ({kind})") from None
-    except ConfigError:
-        raise
-    except Exception as err:  # fsspec, TorchScript and onnxruntime raise many types; the message says which
-        raise ConfigError(f"eval.backbone_uri={cfg.backbone_uri}: not {kind} ({type(err).__name__}: {err})") from None
+            return _OnnxFeatures(raw, device), sha
+        return _ScriptedFeatures(torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()).to(device), sha
+    except Exception as err:  # TorchScript and onnxruntime raise many types; the message says which
+        raise ConfigError(f"{label}: cannot be loaded as {kind} ({one_line(err)})") from None
 
 
 def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
@@ -280,11 +304,13 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
                 f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
                 "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
             )
-        read_domain_evaluator(evaluator_uri(cfg, data.uri), data.fsspec_options(), cfg.backbone_sha256)
+        uri = evaluator_uri(cfg, data.uri)
+        read_domain_evaluator(uri, options_for(uri, data.uri, data.fsspec_options()), cfg.backbone_sha256)
         return
     if cfg.backbone not in USER_BACKBONES:
         return
-    network, _ = read_user_network(cfg, data.fsspec_options() if data is not None else None)
+    options = None if data is None else options_for(cfg.backbone_uri, data.uri, data.fsspec_options())
+    network, _ = read_user_network(cfg, options)
     if data is None:
         return
     try:  # one blank image of the data's shape: a network that cannot take it fails here, not mid-run
@@ -293,15 +319,17 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
     except Exception as err:  # TorchScript and onnxruntime raise many types; the message says which
         raise ConfigError(
             f"eval.backbone_uri={cfg.backbone_uri}: cannot take {data.channels}x{data.resolution}x{data.resolution} "
-            f"images in [0, 1] ({type(err).__name__}: {one_line(err)})"
+            f"images in [0, 1] ({one_line(err)})"
         ) from None
 
 
 def one_line(err: Exception) -> str:
-    """An error on one line: TorchScript's cause is its last line, after a trace of the
-    scripted code; onnxruntime's lines are all the cause."""
+    """'Type: message' on one line. TorchScript's last line is that, after a trace of the
+    scripted code; other messages' lines are all the cause."""
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return lines[-1] if "Traceback of TorchScript" in str(err) else " ".join(lines)
+    if "Traceback of TorchScript" in str(err):
+        return lines[-1]
+    return f"{type(err).__name__}: {' '.join(lines)}"
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -470,8 +498,7 @@ class Evaluator:
         self, cfg: EvalConfig, data: Dataset, device: torch.device | str = "cpu", storage_options: dict | None = None
     ) -> None:
         self.cfg, self.device = cfg, torch.device(device)
-        self.backbone, self.sha256 = load_backbone(cfg, data.source, storage_options)
-        self.backbone = self.backbone.to(self.device)
+        self.backbone, self.sha256 = load_backbone(cfg, data.source, storage_options, self.device)
         ref_idx, held_idx = split_real(len(data), cfg.num_samples)
         if len(ref_idx) < 2:
             raise ValueError(f"the dataset has {len(data)} images; FID needs at least 4")

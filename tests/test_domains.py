@@ -12,10 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from gan.config import ConfigError, EvalConfig, override, preset
-from gan.metrics import check_backbone, read_domain_evaluator, split_real
+from gan.metrics import check_backbone, options_for, read_domain_evaluator, read_user_network, split_real
 from gan.models import build_models
 from gan.prepare import PrepareConfig, prepare
 from gan.trainer import LocalSession, Trainer
@@ -160,6 +161,26 @@ def test_a_users_fixed_size_onnx_network_scores_fids_and_one_that_cannot_take_th
     )
     last = trainer.train().history[-1]
     assert last["fid"] > last["fid_floor"] >= 0 and 0 <= last["precision"] <= 1
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_an_onnx_network_with_one_fixed_side_is_resized_on_that_side_and_one_not_for_images_is_refused(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1)).eval()
+    torch.onnx.export(net, (torch.zeros(1, 3, 24, 24),), tmp_path / "tall.onnx", dynamo=False, input_names=["x"],
+                      dynamic_axes={"x": {0: "batch", 3: "width"}})  # fmt: skip
+    network, _ = read_user_network(EvalConfig(backbone="onnx", backbone_uri=str(tmp_path / "tall.onnx")))
+    images = torch.randint(0, 256, (3, 3, 32, 40), dtype=torch.uint8)
+    with torch.no_grad():  # height 32 -> 24, width kept at 40
+        expected = net(F.interpolate(images / 255, size=(24, 40), mode="bilinear", antialias=True)).flatten(1)
+        torch.testing.assert_close(network(images), expected, atol=1e-5, rtol=1e-4)
+    torch.onnx.export(torch.nn.Flatten(), (torch.zeros(2, 3, 24),), tmp_path / "rows.onnx", dynamo=False)
+    with pytest.raises(ConfigError, match=r"rows\.onnx: cannot be loaded as an ONNX network \(ValueError: its input "
+                                          r"'\S+' has shape \[2, 3, 24\], not N x C x H x W\)$"):  # fmt: skip
+        read_user_network(EvalConfig(backbone="onnx", backbone_uri=str(tmp_path / "rows.onnx")))
+    # the data's storage options (an endpoint, say) reach a network on the data's filesystem only
+    assert options_for("s3://nets/inception.onnx", "s3://data/faces", {"endpoint_url": "x"}) == {"endpoint_url": "x"}
+    assert options_for(str(tmp_path / "tall.onnx"), "s3://data/faces", {"endpoint_url": "x"}) == {}
 
 
 def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):
