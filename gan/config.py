@@ -147,8 +147,9 @@ class DataConfig:
     channels: int = 1
     """1 for grayscale, 3 for RGB; images are converted on load."""
     storage_options: str = ""
-    """JSON object of fsspec storage options (e.g. an S3 endpoint_url). Credentials are
-    refused here (the config is logged everywhere): they come from the environment."""
+    """JSON object of fsspec storage options (e.g. an S3 endpoint_url), also used for
+    eval.backbone_uri when it is on the same kind of filesystem. Credentials are refused here
+    (the config is logged everywhere): they come from the environment."""
     memory_budget_mb: float = 4096.0
     """Memory (MiB) a worker may spend holding the dataset. A prepared dataset larger than
     this is not loaded but streamed: each step reads only its rows of the batch from the
@@ -337,8 +338,8 @@ class EvalConfig:
     """For 'classifier': the file build_evaluator.py wrote (default: evaluator.pt beside the
     prepared dataset's manifest). For 'torchscript' and 'onnx': path/URI of a feature extractor
     the user supplies (for example an exported Inception-v3), taking float images in [0, 1],
-    NCHW. An ONNX network exported with a fixed input size is fed images resized to it, in
-    batches of its fixed batch size."""
+    NCHW. An ONNX network exported with a fixed height or width is fed images resized to it on
+    that side, in batches of its fixed batch size."""
     backbone_sha256: str = ""
     """The sha256 the 'classifier', 'torchscript' or 'onnx' file must have: a network fetched from a
     URI is refused unless it is the one named. '' = not checked (its sha256 is still logged)."""

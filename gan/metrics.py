@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fsspec.registry import known_implementations
 from torchmetrics.image.kid import poly_mmd
 
 from gan.config import USER_BACKBONES, ConfigError, DataConfig, EvalConfig
@@ -147,9 +149,10 @@ class _ScriptedFeatures(nn.Module):
 
 class _OnnxFeatures(nn.Module):
     """A user's ONNX extractor (float images in [0, 1]) run by onnxruntime behind the uint8
-    interface. Exporters fix the input shape unless told otherwise, so a fixed height and
-    width get images resized to them, and a fixed batch size gets batches of it (the last
-    one padded). On a CUDA device it runs on that GPU where onnxruntime-gpu is installed."""
+    interface. Exporters fix the input shape unless told otherwise, so a fixed height or
+    width gets images resized to it on that side, and a fixed batch size gets batches of it
+    (the last one padded). On a CUDA device it runs on that GPU where onnxruntime-gpu is
+    installed."""
 
     def __init__(self, raw: bytes, device: torch.device | str = "cpu") -> None:
         super().__init__()
@@ -163,11 +166,17 @@ class _OnnxFeatures(nn.Module):
             gpu = torch.cuda.current_device() if device.index is None else device.index  # each rank its own GPU
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": gpu}))
         self.session = onnxruntime.InferenceSession(raw, options, providers=providers)
+        if device.type == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
+            warnings.warn(
+                "eval.backbone=onnx runs on the CPU: install onnxruntime-gpu to run it on the GPU", stacklevel=2
+            )
         net_input = self.session.get_inputs()[0]
-        if not isinstance(net_input.shape, list) or len(net_input.shape) != 4:
+        # Symbolic sides are strings (or None, or -1 from some exporters): any size goes there.
+        shape = [d if isinstance(d, int) and d > 0 else None for d in net_input.shape or []]
+        if len(shape) != 4 or (shape[1] not in (None, 1, 3) and shape[3] in (1, 3)):
             raise ValueError(f"its input {net_input.name!r} has shape {net_input.shape}, not N x C x H x W")
         self.input_name = net_input.name
-        self.batch, _, self.height, self.width = (d if isinstance(d, int) else None for d in net_input.shape)
+        self.batch, _, self.height, self.width = shape
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images.float() / 255.0
@@ -202,11 +211,17 @@ def evaluator_uri(eval_cfg: EvalConfig, data_uri: str) -> str:
     return eval_cfg.backbone_uri or f"{data_uri.removesuffix(MANIFEST).rstrip('/')}/{DOMAIN_EVALUATOR_FILE}"
 
 
-def options_for(uri: str, data_uri: str, data_options: dict | None) -> dict:
-    """The data's storage options, for a file on the data's filesystem only: another
-    filesystem would take an endpoint or credentials meant for the data's."""
-    same = fsspec.core.split_protocol(uri)[0] == fsspec.core.split_protocol(data_uri)[0]
-    return dict(data_options or {}) if same else {}
+def backbone_file(cfg: EvalConfig, data_uri: str, data_options: dict | None) -> tuple[str, dict]:
+    """(where the backbone is read, the storage options to read it with): the data's, for a
+    file on the same kind of filesystem only (s3 and s3a are one), since another would take
+    an endpoint or credentials meant for the data's."""
+    uri = evaluator_uri(cfg, data_uri)
+    return uri, dict(data_options or {}) if _filesystem(uri) == _filesystem(data_uri) else {}
+
+
+def _filesystem(uri: str) -> str:
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    return known_implementations.get(protocol, {}).get("class", protocol)
 
 
 def read_checked(uri: str, label: str, storage_options: dict, expected_sha256: str, missing: str) -> tuple[bytes, str]:
@@ -258,8 +273,7 @@ def load_backbone(
     if cfg.backbone == "digits":
         model, sha = load_digit_classifier()
         return _ClassifierFeatures(model).to(device), sha
-    uri = evaluator_uri(cfg, data_uri)
-    options = options_for(uri, data_uri, storage_options)
+    uri, options = backbone_file(cfg, data_uri, storage_options)
     if cfg.backbone == "classifier":
         model, _, sha = read_domain_evaluator(uri, options, cfg.backbone_sha256)
         return _ClassifierFeatures(model).to(device), sha
@@ -283,7 +297,7 @@ def read_user_network(
     try:
         if cfg.backbone == "onnx":
             return _OnnxFeatures(raw, device), sha
-        return _ScriptedFeatures(torch.jit.load(io.BytesIO(raw), map_location="cpu").eval()).to(device), sha
+        return _ScriptedFeatures(torch.jit.load(io.BytesIO(raw), map_location=device).eval()), sha
     except Exception as err:  # TorchScript and onnxruntime raise many types; the message says which
         raise ConfigError(f"{label}: cannot be loaded as {kind} ({one_line(err)})") from None
 
@@ -304,12 +318,11 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
                 f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
                 "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
             )
-        uri = evaluator_uri(cfg, data.uri)
-        read_domain_evaluator(uri, options_for(uri, data.uri, data.fsspec_options()), cfg.backbone_sha256)
+        read_domain_evaluator(*backbone_file(cfg, data.uri, data.fsspec_options()), cfg.backbone_sha256)
         return
     if cfg.backbone not in USER_BACKBONES:
         return
-    options = None if data is None else options_for(cfg.backbone_uri, data.uri, data.fsspec_options())
+    options = None if data is None else backbone_file(cfg, data.uri, data.fsspec_options())[1]
     network, _ = read_user_network(cfg, options)
     if data is None:
         return
@@ -329,7 +342,8 @@ def one_line(err: Exception) -> str:
     lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     if "Traceback of TorchScript" in str(err):
         return lines[-1]
-    return f"{type(err).__name__}: {' '.join(lines)}"
+    text = " ".join(lines)
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:

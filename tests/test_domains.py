@@ -8,6 +8,7 @@ import io
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -16,7 +17,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from gan.config import ConfigError, EvalConfig, override, preset
-from gan.metrics import check_backbone, options_for, read_domain_evaluator, read_user_network, split_real
+from gan.metrics import (
+    _OnnxFeatures,
+    backbone_file,
+    check_backbone,
+    read_domain_evaluator,
+    read_user_network,
+    split_real,
+)
 from gan.models import build_models
 from gan.prepare import PrepareConfig, prepare
 from gan.trainer import LocalSession, Trainer
@@ -178,9 +186,46 @@ def test_an_onnx_network_with_one_fixed_side_is_resized_on_that_side_and_one_not
     with pytest.raises(ConfigError, match=r"rows\.onnx: cannot be loaded as an ONNX network \(ValueError: its input "
                                           r"'\S+' has shape \[2, 3, 24\], not N x C x H x W\)$"):  # fmt: skip
         read_user_network(EvalConfig(backbone="onnx", backbone_uri=str(tmp_path / "rows.onnx")))
-    # the data's storage options (an endpoint, say) reach a network on the data's filesystem only
-    assert options_for("s3://nets/inception.onnx", "s3://data/faces", {"endpoint_url": "x"}) == {"endpoint_url": "x"}
-    assert options_for(str(tmp_path / "tall.onnx"), "s3://data/faces", {"endpoint_url": "x"}) == {}
+    channels_last = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(24 * 24 * 3, 4))
+    torch.onnx.export(channels_last, (torch.zeros(2, 24, 24, 3),), tmp_path / "nhwc.onnx", dynamo=False)
+    with pytest.raises(ConfigError, match=r"nhwc\.onnx: .+ has shape \[2, 24, 24, 3\], not N x C x H x W\)$"):
+        read_user_network(EvalConfig(backbone="onnx", backbone_uri=str(tmp_path / "nhwc.onnx")))
+    # the data's storage options (an endpoint, say) reach a network on the data's kind of filesystem only
+    for uri, data_uri, reaches in [("s3://nets/inception.onnx", "s3://data/faces", True),
+                                   ("s3a://nets/inception.onnx", "s3://data/faces", True),
+                                   (str(tmp_path / "tall.onnx"), "s3://data/faces", False),
+                                   ("s3://nets/inception.onnx", str(tmp_path), False)]:  # fmt: skip
+        _, options = backbone_file(EvalConfig(backbone="onnx", backbone_uri=uri), data_uri, {"endpoint_url": "x"})
+        assert options == ({"endpoint_url": "x"} if reaches else {}), uri
+
+
+def test_each_gpu_rank_runs_an_onnx_network_on_its_own_gpu_and_is_warned_when_onnxruntime_cannot(monkeypatch):
+    """No GPU here: onnxruntime's session is replaced by one that records what it was asked."""
+    import onnxruntime
+
+    asked, cuda_starts = [], True
+
+    class Session:
+        def __init__(self, raw, options, providers):
+            asked.append(providers)
+            self.providers = providers if cuda_starts else ["CPUExecutionProvider"]
+
+        def get_providers(self):
+            return [p if isinstance(p, str) else p[0] for p in self.providers]
+
+        def get_inputs(self):
+            return [SimpleNamespace(name="images", shape=["batch", 3, 299, 299])]
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", Session)
+    monkeypatch.setattr(
+        onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    _OnnxFeatures(b"", "cuda:1")
+    _OnnxFeatures(b"", "cpu")
+    assert asked == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"], ["CPUExecutionProvider"]]
+    cuda_starts = False  # onnxruntime without CUDA libraries falls back to the CPU, with a log line only
+    with pytest.warns(UserWarning, match="runs on the CPU: install onnxruntime-gpu"):
+        _OnnxFeatures(b"", "cuda:0")
 
 
 def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):
