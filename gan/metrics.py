@@ -235,15 +235,10 @@ def read_checked(uri: str, label: str, storage_options: dict, expected_sha256: s
         raise ConfigError(f"{label}: no such file ({missing})") from None
     except Exception as err:  # each filesystem raises its own types; the message says which
         raise ConfigError(f"{label}: cannot read it ({one_line(err)})") from None
-    return raw, checked_sha256(raw, uri, expected_sha256)
-
-
-def checked_sha256(raw: bytes, uri: str, expected: str) -> str:
-    """The file's sha256, refused when it is not the ``expected`` one (if one is given)."""
     sha = hashlib.sha256(raw).hexdigest()
-    if expected and sha != expected:
-        raise ConfigError(f"{uri}: its sha256 is {sha}, not eval.backbone_sha256={expected}")
-    return sha
+    if expected_sha256 and sha != expected_sha256:
+        raise ConfigError(f"{uri}: its sha256 is {sha}, not eval.backbone_sha256={expected_sha256}")
+    return raw, sha
 
 
 def read_domain_evaluator(
