@@ -39,13 +39,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gan.config import RESOLUTIONS, DataConfig
-from gan.storage import folder_mode
+from gan.storage import folder_mode, url_to_fs
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -171,7 +170,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     elif cfg.uri.startswith("embedded:"):
         raise DataError(f"unknown embedded dataset {cfg.uri!r}; the only one is {EMBEDDED!r}")
     else:
-        fs, path = _url_to_fs(cfg.uri, storage_options)
+        fs, path = url_to_fs(cfg.uri, storage_options, DataError)
         if _is_prepared(fs, path, cfg.uri):
             if cfg.labels_uri:
                 raise DataError(f"{cfg.labels_uri}: a prepared dataset carries its own labels")
@@ -262,13 +261,6 @@ def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def _url_to_fs(uri: str, storage_options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(uri, **storage_options)
-    except (ImportError, ValueError) as err:
-        raise DataError(f"{uri}: cannot open this URI ({err})") from None
-
-
 def _read_uri(fs, path: str, uri: str, labels_uri: str, storage_options: dict) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         is_dir = fs.isdir(path)
@@ -292,7 +284,7 @@ def _read_uri(fs, path: str, uri: str, labels_uri: str, storage_options: dict) -
         raise DataError(f"{uri}: an IDX images file must be 3-D (N x H x W), found shape {images.shape}")
     labels = None
     if labels_uri:
-        lfs, lpath = fsspec.core.url_to_fs(labels_uri, **storage_options)
+        lfs, lpath = url_to_fs(labels_uri, storage_options, DataError)
         if not lfs.exists(lpath):
             raise DataError(f"{labels_uri}: no such labels file")
         labels = parse_idx(read_bytes(lfs, lpath, labels_uri), labels_uri)
@@ -524,7 +516,7 @@ def cache_root() -> Path:
 
 def prepared_manifest(uri: str, storage_options: dict | None = None) -> dict | None:
     """The manifest of the prepared dataset at ``uri``; None when it is not one."""
-    fs, path = _url_to_fs(uri, storage_options or {})
+    fs, path = url_to_fs(uri, storage_options or {}, DataError)
     if not _is_prepared(fs, path, uri):
         return None
     path = path.removesuffix(MANIFEST).rstrip("/")

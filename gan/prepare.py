@@ -51,7 +51,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-import fsspec
 import numpy as np
 
 from gan.data import (
@@ -67,6 +66,7 @@ from gan.data import (
     read_manifest,
     to_uint8,
 )
+from gan.storage import url_to_fs
 
 RESOLUTIONS = (28, 32, 64, 128)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -205,9 +205,9 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
     """Convert ``cfg.source`` into a prepared dataset at ``cfg.dest``; returns its manifest."""
     log = log or sys.stderr
     options = json.loads(cfg.storage_options) if cfg.storage_options else {}
-    src_fs, src_path = _url_to_fs(cfg.source, options)
+    src_fs, src_path = url_to_fs(cfg.source, options, PrepareError)
     kind = _detect(src_fs, src_path, cfg.source)
-    dest_fs, dest_path = _url_to_fs(cfg.dest, options)
+    dest_fs, dest_path = url_to_fs(cfg.dest, options, PrepareError)
     old_manifest = _check_dest(dest_fs, dest_path, cfg)
     csv_labels, idx_labels = _read_labels(cfg, kind, options)
     background = background_rgb(cfg.background)
@@ -249,13 +249,6 @@ def tool_version() -> str:
 
 
 # --- request checks: all before any image is read -------------------------------------
-
-
-def _url_to_fs(uri: str, options: dict) -> tuple[fsspec.AbstractFileSystem, str]:
-    try:
-        return fsspec.core.url_to_fs(uri, **options)
-    except (ImportError, ValueError) as err:
-        raise PrepareError(f"{uri}: cannot open this URI ({err})") from None
 
 
 def _detect(fs, path: str, uri: str) -> str:
@@ -329,7 +322,7 @@ def _read_labels(cfg: PrepareConfig, kind: str, options: dict) -> tuple[dict | N
         return None, None
     if kind == "npz":
         raise PrepareError(f"{cfg.labels}: an .npz file carries its own labels (key 'labels')")
-    fs, path = _url_to_fs(cfg.labels, options)
+    fs, path = url_to_fs(cfg.labels, options, PrepareError)
     if not fs.isfile(path):
         raise PrepareError(f"{cfg.labels}: no such labels file")
     if kind == "idx":

@@ -2,8 +2,9 @@
 
 Every path this module hands out is a full URI (``/abs/path`` or ``s3://bucket/key``).
 Ray takes a storage path without its scheme plus a pyarrow filesystem for object
-stores, and returns checkpoint paths without the scheme: ``ray_args`` and ``full`` are
-the only two places that convert, so callers never add a scheme back by hand.
+stores, and returns checkpoint paths without the scheme: ``ray_args`` and ``full`` convert
+on the driver (workers, which hold no Storage, take the scheme from their checkpoint's
+filesystem), so callers never add a scheme back by hand.
 """
 
 from __future__ import annotations
@@ -18,6 +19,15 @@ SCHEMES = ("s3",)
 """Object stores a run can use; anything else with ``://`` is refused, never a local folder."""
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
+
+
+def url_to_fs(uri: str, options: dict, error: type[Exception] = ValueError) -> tuple[fsspec.AbstractFileSystem, str]:
+    """fsspec's filesystem and path for ``uri``; an unknown scheme or a backend that is not
+    installed becomes ``error`` naming the URI."""
+    try:
+        return fsspec.core.url_to_fs(uri, **options)
+    except (ImportError, ValueError) as err:
+        raise error(f"{uri}: cannot open this URI ({err})") from None
 
 
 def check_outlives_job(path: str, what: str, instead: str) -> None:
