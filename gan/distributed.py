@@ -145,6 +145,8 @@ def _full_uri(ckpt) -> str:
 
 
 class RaySession:
+    quiet = False
+
     def __init__(self, member: Member | None = None) -> None:
         import ray.train
         import ray.train.torch

@@ -43,6 +43,8 @@ class Session(Protocol):
     world_size: int
     device: torch.device
     in_population: bool
+    quiet: bool
+    """No progress, stall or evaluation lines (rank 0 prints them otherwise)."""
 
     def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module: ...
     def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
@@ -430,7 +432,7 @@ class Trainer:
         return {key: flat[key] for key in MUTABLE}
 
     def _progress(self, stats: dict[str, float], img_per_s: float) -> None:
-        if self.session.rank != 0:
+        if self.session.rank != 0 or self.session.quiet:
             return
         done = self._share_done(self.train_time_s)
         losses = "  ".join(f"{k} {v:+.3f}" for k, v in stats.items())
