@@ -142,6 +142,14 @@ def test_missing_and_empty(tmp_path):
         load_dataset(DataConfig(uri=str(tmp_path)))
 
 
+def test_an_unknown_scheme_is_a_data_error_naming_the_uri_for_images_and_labels(tmp_path, small):
+    (tmp_path / "i.idx").write_bytes(idx_bytes(small[0]))
+    with pytest.raises(DataError, match=r"^nope://d.npz: cannot open this URI"):
+        load_dataset(DataConfig(uri="nope://d.npz"))
+    with pytest.raises(DataError, match=r"^nope://l.idx: cannot open this URI"):
+        load_dataset(DataConfig(uri=str(tmp_path / "i.idx"), labels_uri="nope://l.idx"))
+
+
 def test_label_count_mismatch(tmp_path, small):
     images, _ = small
     (tmp_path / "i.idx").write_bytes(idx_bytes(images))
