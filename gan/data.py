@@ -180,7 +180,8 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         raise DataError(f"{cfg.uri}: the dataset holds no images")
     if labels is not None and labels.shape[0] != images.shape[0]:
         raise DataError(f"{cfg.labels_uri or cfg.uri}: {labels.shape[0]} labels for {images.shape[0]} images")
-    tensor = _convert(torch.from_numpy(np.ascontiguousarray(images)), cfg.channels, cfg.resolution)
+    # IDX bytes parse to a read-only view; torch must own writable memory.
+    tensor = _convert(torch.from_numpy(np.require(images, requirements=("C", "W"))), cfg.channels, cfg.resolution)
     label_tensor = None if labels is None else torch.from_numpy(labels.astype(np.int64))
     if label_tensor is not None and int(label_tensor.min()) < 0:
         raise DataError(f"{cfg.labels_uri or cfg.uri}: negative class labels")

@@ -1,5 +1,6 @@
 import gzip
 import struct
+import warnings
 
 import numpy as np
 import pytest
@@ -34,7 +35,11 @@ def test_idx_plain_and_gz(tmp_path, small, compress):
     suffix = ".gz" if compress else ""
     (tmp_path / f"img.idx{suffix}").write_bytes(write(idx_bytes(images)))
     (tmp_path / f"lab.idx{suffix}").write_bytes(write(idx_bytes(labels.astype(np.uint8))))
-    ds = load_dataset(DataConfig(uri=str(tmp_path / f"img.idx{suffix}"), labels_uri=str(tmp_path / f"lab.idx{suffix}")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns when handed a read-only array, which IDX bytes parse to
+        ds = load_dataset(
+            DataConfig(uri=str(tmp_path / f"img.idx{suffix}"), labels_uri=str(tmp_path / f"lab.idx{suffix}"))
+        )
     assert torch.equal(ds.images[:, 0], torch.from_numpy(images))
     assert ds.labels.tolist() == labels.tolist()
 
