@@ -21,7 +21,7 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
 
 
-def url_to_fs(uri: str, options: dict, error: type[Exception] = ValueError) -> tuple[fsspec.AbstractFileSystem, str]:
+def url_to_fs(uri: str, options: dict, error: type[Exception]) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec's filesystem and path for ``uri``; an unknown scheme or a backend that is not
     installed becomes ``error`` naming the URI."""
     try:
