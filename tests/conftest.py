@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import uuid
 from pathlib import Path
 
@@ -62,6 +63,15 @@ def pytest_xdist_make_scheduler(config, log):
             return "ray" if in_ray_lane(nodeid) else nodeid.split("::", 1)[0]
 
     return OneRayLane(config, log)
+
+
+@pytest.fixture(autouse=True)
+def restore_sys_path():
+    """mlflow.pyfunc.load_model puts the model's bundled code first on sys.path; processes a
+    later test in this worker spawns (DDP ranks) would import that copy of gan, not this one."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved
 
 
 @pytest.fixture(scope="session")
