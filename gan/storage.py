@@ -17,6 +17,12 @@ import fsspec
 
 SCHEMES = ("s3",)
 """Object stores a run can use; anything else with ``://`` is refused, never a local folder."""
+RAY_RETRIES = {"mode": "standard", "max_attempts": 10}
+"""botocore retries for the filesystem Ray writes through. Ray Train's controller ends the
+run when one write of its checkpoint snapshot fails, so a storage outage of up to about a
+minute (jittered backoff, doubling from 1 s to 20 s) is waited out instead; the checks
+before a run keep botocore's short default, so a wrong endpoint fails in seconds. A user's
+own AWS_MAX_ATTEMPTS or AWS_RETRY_MODE replaces it."""
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
 
@@ -85,8 +91,8 @@ class Storage:
         """fsspec options (the S3 endpoint, if any)."""
         return s3_options(self.endpoint_url)
 
-    def filesystem(self) -> fsspec.AbstractFileSystem:
-        return fsspec.core.url_to_fs(self.uri, **self.options)[0]
+    def filesystem(self, **options) -> fsspec.AbstractFileSystem:
+        return fsspec.core.url_to_fs(self.uri, **self.options, **options)[0]
 
     def join(self, *parts: str) -> str:
         return "/".join([self.uri, *(p.strip("/") for p in parts)])
@@ -115,7 +121,9 @@ class Storage:
             return self.join(*parts), None
         from pyarrow.fs import FSSpecHandler, PyFileSystem
 
-        return self.join(*parts).split("://", 1)[1], PyFileSystem(FSSpecHandler(self.filesystem()))
+        user_set = os.environ.get("AWS_MAX_ATTEMPTS") or os.environ.get("AWS_RETRY_MODE")
+        filesystem = self.filesystem(**({} if user_set else {"config_kwargs": {"retries": RAY_RETRIES}}))
+        return self.join(*parts).split("://", 1)[1], PyFileSystem(FSSpecHandler(filesystem))
 
     def full(self, ray_path: str) -> str:
         """A path Ray returned (schemeless for object stores) as a full URI."""
