@@ -205,6 +205,7 @@ def find(run_uri: str, storage_options: dict | None = None) -> Found:
     """The latest (most images seen) and best (lowest FID) whole checkpoints under ``run_uri``."""
     fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
     scheme = run_uri.split("://", 1)[0] + "://" if "://" in run_uri else ""
+    fs.invalidate_cache(root)  # s3fs keeps listings: one made before a run would hide what it wrote and deleted
     try:
         dirs = sorted(p for p in fs.ls(root, detail=False) if p.rstrip("/").rsplit("/", 1)[-1].startswith(DIR_PREFIX))
     except FileNotFoundError:

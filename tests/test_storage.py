@@ -161,6 +161,15 @@ def test_find_returns_full_uris_on_s3(bucket, s3_server):
     assert found.best == f"s3://{name}/runs/r/checkpoint_step00000010"
     assert checkpoint.load(found.best, options)[1]["fid"] == 9.0
 
+    # Another process (Ray's workers and controller) writes a better one and deletes this:
+    import s3fs
+
+    other = s3fs.S3FileSystem(skip_instance_cache=True, **options)
+    other.rm(f"{name}/runs/r/checkpoint_step00000010", recursive=True)
+    _save(f"s3://{name}/runs/other", 20, 5.0, options)
+    other.copy(f"{name}/runs/other/checkpoint_step00000020", f"{name}/runs/r/checkpoint_step00000020", recursive=True)
+    assert checkpoint.find(run, options).best == f"s3://{name}/runs/r/checkpoint_step00000020"
+
 
 def test_a_node_local_folder_is_refused_on_a_cluster_of_several_nodes(tmp_path):
     local = Storage.parse(str(tmp_path / "runs"))
