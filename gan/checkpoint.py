@@ -182,12 +182,13 @@ def first_that_loads(run_uri: str, candidates, load_one, say=print, which: str =
     return None, None
 
 
-def check_resume(run_uri: str, cfg: Config, storage_options: dict | None = None) -> None:
+def check_resume(run_uri: str, cfg: Config, storage_options: dict | None = None) -> str | None:
     """Before a resumed run reopens anything (its MLflow run, Ray): the checkpoint it would
-    continue from loads and comes from a compatible config."""
+    continue from loads and comes from a compatible config. Returns its URI (None: none)."""
     state, uri = load_latest(run_uri, storage_options, say=lambda *args, **kwargs: None)
     if state is not None:
         check_compatible(state, cfg, uri)
+    return uri
 
 
 @dataclass(frozen=True)

@@ -147,7 +147,7 @@ def _full_uri(ckpt) -> str:
 class RaySession:
     quiet = False
 
-    def __init__(self, member: Member | None = None) -> None:
+    def __init__(self, member: Member | None = None, resume_from: tuple[str, dict] | None = None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -158,6 +158,8 @@ class RaySession:
         self.dir_suffix = ""
         """Added to checkpoint folder names after falling back past a checkpoint that does not load."""
         self.member = member
+        self.resume_from = resume_from
+        """(URI, storage options) of the checkpoint --resume found, for when Ray has none."""
         self.in_population = member is not None
         self.last_checkpoint = ""
         """Full URI of the checkpoint this run restored or reported last: what a population gets."""
@@ -181,7 +183,12 @@ class RaySession:
         would otherwise fail the run), and that checkpoint's full URI."""
         latest = self._train.get_checkpoint()
         if latest is None:
-            return None
+            # Ray restores from its snapshot of the run, which a storage outage can leave
+            # unwritten while checkpoints are there: continue from the one --resume found.
+            if self.resume_from is None:
+                return None
+            uri, options = self.resume_from
+            return checkpoint.load(uri, options)[0], uri
         say = print if self.rank == 0 else (lambda *args, **kwargs: None)
         parent = latest.path.rstrip("/").rsplit("/", 1)[0]
         state, found = checkpoint.first_that_loads(
@@ -268,7 +275,7 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:  # the CPUs this worker reserved
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    session = RaySession(loop_config.get("member"))
+    session = RaySession(loop_config.get("member"), loop_config.get("resume_from"))
     tracker = NullTracker()
     if session.rank == 0 and loop_config.get("tracking"):
         import ray
@@ -375,16 +382,18 @@ def make_trainer(
     callbacks: list | None = None,
     tracking: TrackingTarget | None = None,
     member: Member | None = None,
+    resume_from: tuple[str, dict] | None = None,
 ):
     """A TorchTrainer for ``cfg``; it resumes from its latest checkpoint when a run
-    with the same name already exists under ``storage_path`` (Train V2 restoration).
+    with the same name already exists under ``storage_path`` (Train V2 restoration), or
+    from ``resume_from`` (URI, storage options) when Ray's snapshot of the run is missing.
     ``keep_checkpoints`` None keeps every round's (PBT's donors are read by round)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     return TorchTrainer(
         train_worker,
-        train_loop_config={"config": cfg.to_json(), "tracking": tracking, "member": member},
+        train_loop_config={"config": cfg.to_json(), "tracking": tracking, "member": member, "resume_from": resume_from},
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=scaling.workers,
@@ -422,11 +431,15 @@ def fit(
     workers: int | None = None,
     use_gpu: bool = False,
     cpus_per_worker: float | None = None,
+    resume_from: str | None = None,
 ) -> float:
     """Train ``cfg`` as the Ray Train run ``name`` under ``storage`` (continuing it when it
-    exists) on the cluster's resources (``default_scaling`` for what is not given); returns
-    the best FID. A worker's user error (bad data, divergence) is raised as itself, not as
-    Ray's wrapper, and the run's MLflow run is closed when no worker can."""
+    exists, from ``resume_from`` if Ray's snapshot of it is missing) on the cluster's
+    resources (``default_scaling`` for what is not given); returns the best FID. A
+    worker's user error (bad data, divergence) is raised as itself, not as Ray's wrapper,
+    and the run's MLflow run is closed when no worker can."""
+    from botocore.exceptions import BotoCoreError
+
     from gan.cli import USER_ERRORS
     from gan.tracking import finish_run
 
@@ -442,8 +455,9 @@ def fit(
     )
     storage_path, filesystem = storage.ray_args()
     trainer = make_trainer(
-        cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking
-    )
+        cfg, scaling, name=name, storage_path=storage_path, storage_filesystem=filesystem, tracking=tracking,
+        resume_from=(resume_from, storage.options) if resume_from else None,
+    )  # fmt: skip
     try:
         result = fit_trainer(trainer)
     except KeyboardInterrupt:
@@ -458,5 +472,11 @@ def fit(
             cause = cause.__cause__
         if isinstance(cause, USER_ERRORS):
             raise cause from None
+        failure = getattr(err, "controller_failure", None)
+        if isinstance(failure, (OSError, BotoCoreError)):  # the controller's own writes: its snapshot of the run
+            raise ValueError(
+                f"writing to {storage.join(name)} failed ({type(failure).__name__}: {failure}); the checkpoints "
+                "there are kept: once the storage works again, the same command with --resume continues the run"
+            ) from None
         raise
     return min(metrics["best_fid"] for _, metrics in result.best_checkpoints)

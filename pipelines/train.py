@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
         check_classes_before_loading(cfg.model.num_classes, cfg.data)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
         storage.claim(name, args.resume)
+        resume_from = None
         if args.resume:  # refused before its MLflow run is reopened or Ray starts
-            checkpoint.check_resume(storage.join(name), cfg, storage.options)
+            resume_from = checkpoint.check_resume(storage.join(name), cfg, storage.options)
         source = source_tags("pipelines/train.py")
         target = (
             None
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             from gan.distributed import fit
 
-            best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker)
+            best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker, resume_from)
         found = checkpoint.find(storage.join(name), storage.options)
         state, best = checkpoint.load_best(storage.join(name), storage.options)
     except USER_ERRORS as err:

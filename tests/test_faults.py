@@ -169,6 +169,58 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
         outage.get("server", server).stop()
 
 
+def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
+    """The S3 server goes away for good after the first checkpoint: the run stops with one
+    line saying to resume, and its checkpoints stay. When Ray's snapshot of the run was
+    never written (the outage took its first write), --resume still continues from the last
+    checkpoint, not from scratch over it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_MAX_ATTEMPTS": "1"}
+    env.pop("RAY_ADDRESS", None)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing")
+    s3.create_bucket(Bucket="gone")
+    command = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--no-tracking",
+               "--storage", "s3://gone/runs", "--s3-endpoint", endpoint, "--name", "gone", *TINY,
+               "--set", "train.total_kimg=1.6", "--set", "eval.every_kimg=0.16"]  # fmt: skip
+
+    def checkpoints() -> list[str]:
+        listed = s3.list_objects_v2(Bucket="gone", Prefix="runs/gone/").get("Contents", [])
+        return sorted({o["Key"].split("/")[2] for o in listed if "/checkpoint_step" in o["Key"]})
+
+    driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not checkpoints() and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        server.stop()
+        _, stderr = driver.communicate(timeout=300)
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        assert driver.returncode == 2, stderr[-3000:]
+        (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
+        assert "s3://gone/runs/gone" in error and "with --resume continues the run" in error
+        kept = checkpoints()
+        assert kept, "the checkpoints written before the outage stay"
+        s3.delete_object(Bucket="gone", Key="runs/gone/checkpoint_manager_snapshot.json")
+        resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
+                                 timeout=300, start_new_session=True)  # fmt: skip
+        output = resumed.stdout + resumed.stderr
+        assert resumed.returncode == 0, output[-3000:]
+        assert f"resuming from s3://gone/runs/gone/{kept[-1]} (step {int(kept[-1][-8:])})" in output
+        assert kept[-1] in checkpoints() and "checkpoint_step00000100" in checkpoints()
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, 9)
+        server.stop()
+
+
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "pipelines/train.py", "--preset", "debug", *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
