@@ -1,4 +1,4 @@
-"""Starting and stopping the real services tests use: an MLflow server, ports."""
+"""Starting and stopping the real services tests use: an MLflow server, an S3 server, ports."""
 
 from __future__ import annotations
 
@@ -66,3 +66,38 @@ def stop_server(proc: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+class FlakyS3:
+    """An S3 API server (moto) on a port of its own that a test stops and starts again to
+    make an outage; the buckets and objects outlive a restart (moto keeps them in process)."""
+
+    def __init__(self, bucket: str) -> None:
+        import boto3
+
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.server = None
+        self.start()
+        self.client = boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id="testing",
+                                   aws_secret_access_key="testing")  # fmt: skip
+        self.client.create_bucket(Bucket=bucket)
+
+    def start(self) -> None:
+        from moto.server import ThreadedMotoServer
+
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self.server.start()
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def down_for(self, seconds: float) -> float:
+        """Stops the server for ``seconds``; returns how long it was really down."""
+        self.stop()
+        start = time.time()
+        time.sleep(seconds)
+        self.start()
+        return time.time() - start

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import ROOT, free_port
+from services import ROOT, FlakyS3, free_port
 
 pytestmark = pytest.mark.integration
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
@@ -113,9 +113,7 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
     """The S3 server goes away for a few seconds while checkpoints are uploaded: the run
     waits it out (the workers' uploads and the controller's snapshot writes retry), it
     finishes, and every checkpoint Ray registered is complete."""
-    import boto3
     import ray
-    from moto.server import ThreadedMotoServer
 
     from gan import checkpoint
     from gan.config import override, preset
@@ -124,29 +122,18 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="flaky")
-    storage_path, filesystem = Storage.open("s3://flaky/runs", endpoint).ray_args()
+    s3 = FlakyS3("flaky")
+    storage_path, filesystem = Storage.open("s3://flaky/runs", s3.endpoint).ray_args()
     cfg = override(preset("debug"), ["train.total_kimg=1.6", "eval.every_kimg=0.16", "eval.num_samples=100"])
     outage = {}
 
     def outage_after_first_checkpoint():
-        s3 = boto3.client("s3", endpoint_url=endpoint)
         while True:
-            listed = s3.list_objects_v2(Bucket="flaky", Prefix="runs/outage/").get("Contents", [])
+            listed = s3.client.list_objects_v2(Bucket="flaky", Prefix="runs/outage/").get("Contents", [])
             if any("checkpoint_step" in o["Key"] for o in listed):
                 break
             time.sleep(0.1)
-        server.stop()
-        outage["start"] = time.time()
-        time.sleep(4)
-        server_again = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server_again.start()
-        outage["server"] = server_again
-        outage["seconds"] = time.time() - outage["start"]
+        outage["seconds"] = s3.down_for(4)
 
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     thread = threading.Thread(target=outage_after_first_checkpoint, daemon=True)
@@ -158,7 +145,7 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
         thread.join(timeout=30)
         assert outage["seconds"] >= 4
         assert result.metrics["images_seen"] >= 1600
-        options = {"client_kwargs": {"endpoint_url": endpoint}}
+        options = {"client_kwargs": {"endpoint_url": s3.endpoint}}
         for registered, _ in result.best_checkpoints:  # whole, loadable checkpoints only
             state, meta = checkpoint.load(f"s3://{registered.path}", options)
             assert state["loop"]["step"] == meta["step"]
@@ -166,7 +153,7 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
     finally:
         ray.shutdown()
         thread.join(timeout=30)
-        outage.get("server", server).stop()
+        s3.stop()
 
 
 def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
@@ -174,23 +161,15 @@ def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
     line saying to resume, and its checkpoints stay. When Ray's snapshot of the run was
     never written (the outage took its first write), --resume still continues from the last
     checkpoint, not from scratch over it."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
+    s3 = FlakyS3("gone")
     env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_MAX_ATTEMPTS": "1"}
     env.pop("RAY_ADDRESS", None)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing")
-    s3.create_bucket(Bucket="gone")
     command = [sys.executable, "-W", "ignore", "pipelines/train.py", "--preset", "debug", "--no-tracking",
-               "--storage", "s3://gone/runs", "--s3-endpoint", endpoint, "--name", "gone", *TINY,
+               "--storage", "s3://gone/runs", "--s3-endpoint", s3.endpoint, "--name", "gone", *TINY,
                "--set", "train.total_kimg=1.6", "--set", "eval.every_kimg=0.16"]  # fmt: skip
 
     def checkpoints() -> list[str]:
-        listed = s3.list_objects_v2(Bucket="gone", Prefix="runs/gone/").get("Contents", [])
+        listed = s3.client.list_objects_v2(Bucket="gone", Prefix="runs/gone/").get("Contents", [])
         return sorted({o["Key"].split("/")[2] for o in listed if "/checkpoint_step" in o["Key"]})
 
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -199,16 +178,15 @@ def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
         deadline = time.time() + 180
         while not checkpoints() and driver.poll() is None and time.time() < deadline:
             time.sleep(0.1)
-        server.stop()
+        s3.stop()
         _, stderr = driver.communicate(timeout=300)
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        server.start()
+        s3.start()
         assert driver.returncode == 2, stderr[-3000:]
         (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
         assert "s3://gone/runs/gone" in error and "with --resume continues the run" in error
         kept = checkpoints()
         assert kept, "the checkpoints written before the outage stay"
-        s3.delete_object(Bucket="gone", Key="runs/gone/checkpoint_manager_snapshot.json")
+        s3.client.delete_object(Bucket="gone", Key="runs/gone/checkpoint_manager_snapshot.json")
         resumed = subprocess.run([*command, "--resume"], cwd=ROOT, env=env, capture_output=True, text=True,
                                  timeout=300, start_new_session=True)  # fmt: skip
         output = resumed.stdout + resumed.stderr
@@ -218,7 +196,7 @@ def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, 9)
-        server.stop()
+        s3.stop()
 
 
 def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from services import free_port
+from services import FlakyS3
 
 from gan import checkpoint
 from gan.config import debug
@@ -75,41 +75,23 @@ def test_s3_storage_is_checked_and_written_over_http(bucket, s3_server):
 def test_ray_writes_wait_out_a_short_storage_outage(monkeypatch):
     """Ray Train ends a run when its controller fails to write one snapshot: the filesystem
     it is given, as a worker unpickles it too, waits until the S3 server is back."""
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="outage")
-    _, filesystem = Storage.open("s3://outage/runs", endpoint).ray_args()
+    s3 = FlakyS3("outage")
+    _, filesystem = Storage.open("s3://outage/runs", s3.endpoint).ray_args()
     filesystem = pickle.loads(pickle.dumps(filesystem))
-    server.stop()
-    outage = {"start": time.time()}
-
-    def back_after_ten_seconds():
-        time.sleep(10)
-        outage["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-        outage["server"].start()
-        outage["seconds"] = time.time() - outage["start"]
-
-    thread = threading.Thread(target=back_after_ten_seconds, daemon=True)
+    s3.stop()
+    thread = threading.Thread(target=lambda: (time.sleep(10), s3.start()), daemon=True)
     thread.start()
     try:
         with filesystem.open_output_stream("outage/runs/checkpoint_manager_snapshot.json") as f:
             f.write(b'{"checkpoints": []}')
         thread.join(timeout=30)
-        assert outage["seconds"] >= 10
-        body = boto3.client("s3", endpoint_url=endpoint).get_object(
-            Bucket="outage", Key="runs/checkpoint_manager_snapshot.json"
-        )
+        body = s3.client.get_object(Bucket="outage", Key="runs/checkpoint_manager_snapshot.json")
         assert body["Body"].read() == b'{"checkpoints": []}'
     finally:
         thread.join(timeout=30)
-        outage.get("server", server).stop()
+        s3.stop()
 
 
 def _save(run, step: int, fid: float, options=None) -> None:
