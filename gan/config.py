@@ -341,8 +341,9 @@ class EvalConfig:
     NCHW. An ONNX network exported with a fixed height or width is fed images resized to it on
     that side, in batches of its fixed batch size."""
     backbone_sha256: str = ""
-    """The sha256 the 'classifier', 'torchscript' or 'onnx' file must have: a network fetched from a
-    URI is refused unless it is the one named. '' = not checked (its sha256 is still logged)."""
+    """The sha256 the 'classifier', 'torchscript' or 'onnx' file must have. train.py and tune.py
+    require it for a 'torchscript' or 'onnx' network fetched from a URI; '' = not checked (its
+    sha256 is still logged)."""
     kid_subset_size: int = 500
     """Subset size for the KID estimate."""
 

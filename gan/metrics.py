@@ -297,6 +297,32 @@ def read_user_network(
         raise ConfigError(f"{label}: cannot be loaded as {kind} ({one_line(err)})") from None
 
 
+def check_domain_evaluator(cfg: EvalConfig, data: DataConfig) -> None:
+    """The evaluator build_evaluator.py wrote loads and takes the data's images; the one
+    beside a prepared dataset was built on what that dataset holds now (a dataset prepared
+    again over an old one would otherwise be scored by the old one's features)."""
+    manifest = None if data.uri.startswith("embedded:") else prepared_manifest(data.uri, data.fsspec_options())
+    if not cfg.backbone_uri and manifest is None:
+        raise ConfigError(
+            f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
+            "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
+        )
+    uri, options = backbone_file(cfg, data.uri, data.fsspec_options())
+    _, meta, _ = read_domain_evaluator(uri, options, cfg.backbone_sha256)
+    shape, wanted = (meta["channels"], meta["resolution"]), (data.channels, data.resolution)
+    if shape != wanted:
+        raise ConfigError(
+            f"{uri} scores {shape[0]}-channel images at {shape[1]} px, and the data is {wanted[0]}-channel at "
+            f"{wanted[1]} px: build an evaluator for it (python pipelines/build_evaluator.py --data {data.uri})"
+        )
+    if not cfg.backbone_uri and meta.get("dataset_fingerprint") != manifest["sha256"]:
+        raise ConfigError(
+            f"{uri} was built on other data than {data.uri} holds now (prepared again since?): rebuild it with "
+            f"python pipelines/build_evaluator.py --data {data.uri} --overwrite, or name it in eval.backbone_uri "
+            "to keep scoring with it"
+        )
+
+
 def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
     """The feature network must be there, and fit the data, before any training starts."""
     if data is not None and cfg.backbone == "digits" and data.channels == 3:
@@ -306,17 +332,15 @@ def check_backbone(cfg: EvalConfig, data: DataConfig | None = None) -> None:
             "or give your own feature network (eval.backbone=torchscript or onnx)"
         )
     if data is not None and cfg.backbone == "classifier":
-        if not cfg.backbone_uri and (
-            data.uri.startswith("embedded:") or not prepared_manifest(data.uri, data.fsspec_options())
-        ):
-            raise ConfigError(
-                f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
-                "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
-            )
-        read_domain_evaluator(*backbone_file(cfg, data.uri, data.fsspec_options()), cfg.backbone_sha256)
+        check_domain_evaluator(cfg, data)
         return
     if cfg.backbone not in USER_BACKBONES:
         return
+    if "://" in cfg.backbone_uri and not cfg.backbone_uri.startswith("file://") and not cfg.backbone_sha256:
+        raise ConfigError(
+            f"eval.backbone_uri={cfg.backbone_uri}: a network fetched from a URI is checked against the sha256 "
+            "you expect: --set eval.backbone_sha256=<sha256sum of the file>"
+        )
     options = None if data is None else backbone_file(cfg, data.uri, data.fsspec_options())[1]
     network, _ = read_user_network(cfg, options)
     if data is None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -105,6 +106,41 @@ def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path
     assert trainer.evaluator.sha256 == sha
     last = trainer.train().history[-1]
     assert last["fid"] > 0 and 0 <= last["class_accuracy"] <= 1  # conditional: scored per class too
+
+
+def test_an_evaluator_for_other_data_or_another_image_size_is_refused_before_training(shapes, tmp_path):
+    """The dataset prepared again over an old one keeps the old evaluator.pt beside it: its
+    features were learnt on other images, so it is refused until rebuilt, unless named on
+    purpose; one for another image size is refused either way."""
+    built = tmp_path / "built"
+    built.mkdir()
+    assert build("--data", shapes, "--epochs", "1", "--out", str(built / "evaluator.pt")).returncode == 0
+    source = tmp_path / "src"
+    shutil.copytree(Path(shapes).parent / "src", source)
+    for extra in source.glob("*/5?.png"):  # the same classes, fewer images
+        extra.unlink()
+    again = tmp_path / "again"
+    prepare(PrepareConfig(source=str(source), dest=str(again), resolution=32, channels=3), log=io.StringIO())
+    (again / "evaluator.pt").write_bytes((built / "evaluator.pt").read_bytes())
+    cfg = override(preset("dcgan-32"), [f"data.uri={again}", "model.num_classes=3"])
+    with pytest.raises(ConfigError, match=r"evaluator\.pt was built on other data than .* --overwrite, or name it"):
+        check_backbone(cfg.eval, cfg.data)
+    check_backbone(override(cfg, [f"eval.backbone_uri={built / 'evaluator.pt'}"]).eval, cfg.data)
+
+    small = tmp_path / "small"
+    prepare(PrepareConfig(source=str(source), dest=str(small), resolution=28, channels=3), log=io.StringIO())
+    at_28 = override(cfg, [f"data.uri={small}", "data.resolution=28", f"eval.backbone_uri={built / 'evaluator.pt'}"])
+    with pytest.raises(ConfigError, match=r"scores 3-channel images at 32 px, and the data is 3-channel at 28 px"):
+        check_backbone(at_28.eval, at_28.data)
+
+
+def test_a_users_network_from_a_uri_must_be_named_by_its_sha256(tmp_path):
+    remote = EvalConfig(backbone="torchscript", backbone_uri="s3://models/inception.pt")
+    with pytest.raises(ConfigError, match=r"s3://models/inception\.pt: .* --set eval\.backbone_sha256="):
+        check_backbone(remote)
+    local = EvalConfig(backbone="torchscript", backbone_uri=f"file://{tmp_path}/inception.pt")
+    with pytest.raises(ConfigError, match=r"no such file \(a TorchScript module\)$"):
+        check_backbone(local)  # a file here is the user's own: its sha256 is logged, not required
 
 
 def test_a_users_torchscript_network_scores_every_fid_and_a_wrong_one_is_refused_before_training(shapes, tmp_path):
