@@ -78,6 +78,9 @@ def test_run_is_tracked_in_mlflow(trained):
     history = client.get_metric_history(run.info.run_id, "fid")
     assert [m.step for m in history] == [160, 320] and all(m.value > 0 for m in history)
     assert {"fid_floor", "kid", "loss/d", "throughput/img_per_s"} <= set(run.data.metrics)
+    for name in ("precision", "recall"):  # beside every FID: mode dropping and poor samples apart
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [160, 320]
+        assert 0 <= run.data.metrics[name] <= 1
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert "config.json" in artifacts and "images" in artifacts
     images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
