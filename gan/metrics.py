@@ -301,12 +301,14 @@ def check_domain_evaluator(cfg: EvalConfig, data: DataConfig) -> None:
     """The evaluator build_evaluator.py wrote loads and takes the data's images; the one
     beside a prepared dataset was built on what that dataset holds now (a dataset prepared
     again over an old one would otherwise be scored by the old one's features)."""
-    manifest = None if data.uri.startswith("embedded:") else prepared_manifest(data.uri, data.fsspec_options())
-    if not cfg.backbone_uri and manifest is None:
-        raise ConfigError(
-            f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
-            "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
-        )
+    manifest = None  # only the evaluator beside the data is tied to it; a named one is the user's choice
+    if not cfg.backbone_uri:
+        manifest = None if data.uri.startswith("embedded:") else prepared_manifest(data.uri, data.fsspec_options())
+        if manifest is None:
+            raise ConfigError(
+                f"eval.backbone=classifier reads the evaluator beside a prepared dataset, and {data.uri} is not one: "
+                "prepare it (pipelines/prepare_data.py, then build_evaluator.py --data) or set eval.backbone_uri"
+            )
     uri, options = backbone_file(cfg, data.uri, data.fsspec_options())
     _, meta, _ = read_domain_evaluator(uri, options, cfg.backbone_sha256)
     shape, wanted = (meta["channels"], meta["resolution"]), (data.channels, data.resolution)
@@ -315,7 +317,7 @@ def check_domain_evaluator(cfg: EvalConfig, data: DataConfig) -> None:
             f"{uri} scores {shape[0]}-channel images at {shape[1]} px, and the data is {wanted[0]}-channel at "
             f"{wanted[1]} px: build an evaluator for it (python pipelines/build_evaluator.py --data {data.uri})"
         )
-    if not cfg.backbone_uri and meta.get("dataset_fingerprint") != manifest["sha256"]:
+    if manifest is not None and meta.get("dataset_fingerprint") != manifest["sha256"]:
         raise ConfigError(
             f"{uri} was built on other data than {data.uri} holds now (prepared again since?): rebuild it with "
             f"python pipelines/build_evaluator.py --data {data.uri} --overwrite, or name it in eval.backbone_uri "
