@@ -18,9 +18,9 @@ import copy
 import json
 import tempfile
 
-from gan.config import override, preset
-from gan.loop import ema_beta, make_ema, update_ema
-from gan.trainer import LocalSession, Trainer
+from gan.core.config import override, preset
+from gan.core.loop import ema_beta, make_ema, update_ema
+from gan.runs.trainer import LocalSession, Trainer
 
 SCORES = ("fid", "fid_floor", "precision", "recall", "class_accuracy")
 

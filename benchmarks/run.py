@@ -185,8 +185,8 @@ def speed(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     timed in interleaved rounds: on a shared machine, drift hits every option alike, and
     each round's ratio to the defaults is what the median is taken over."""
 
-    from gan.config import preset
-    from gan.data import load_dataset
+    from gan.core.config import preset
+    from gan.data.datasets import load_dataset
 
     rounds, steps = SPEED_ROUNDS[quick] * repeats, SPEED_STEPS[quick]
     cores = os.cpu_count() or 1
@@ -216,8 +216,8 @@ def speed(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 def communication_bytes() -> tuple[int, int]:
     """Parameters of the default G and D: DDP all-reduces every gradient once per step."""
-    from gan.config import preset
-    from gan.models import build_models
+    from gan.core.config import preset
+    from gan.core.models import build_models
 
     cfg = preset("dcgan")
     G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
@@ -274,7 +274,7 @@ def tune(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def schedulers(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
-    from gan import space as spaces
+    from gan.sweeps import space as spaces
 
     plan = SCHEDULERS_PLAN[quick]
     results = {}
@@ -305,7 +305,7 @@ def schedulers(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
-    from gan.config import preset
+    from gan.core.config import preset
 
     default_every = preset("dcgan").eval.every_kimg
     runs = timed_runs("dcgan", quick, repeats)
@@ -335,8 +335,8 @@ def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tup
 
     import torch
 
-    from gan.config import preset
-    from gan.data import load_dataset
+    from gan.core.config import preset
+    from gan.data.datasets import load_dataset
 
     base = preset("dcgan")
     data = load_dataset(base.data)
@@ -379,8 +379,8 @@ def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tup
 def warmed_trainer(base, sets: list[str], folder: str, data, device: str = "cpu"):
     """A Trainer built as a run builds it, after 5 steps (which compile G and D when asked to
     and let cuDNN choose its kernels); and the seconds that took."""
-    from gan.config import override
-    from gan.trainer import LocalSession, Trainer
+    from gan.core.config import override
+    from gan.runs.trainer import LocalSession, Trainer
 
     started = time.monotonic()
     trainer = Trainer(override(base, sets), LocalSession(folder, device=device, quiet=True), data=data)
@@ -549,7 +549,7 @@ def s3reads(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     import boto3
     import numpy as np
 
-    from gan.data import _embedded_mnist
+    from gan.data.datasets import _embedded_mnist
 
     plan = S3READS_PLAN[quick]
     rows = []
@@ -591,8 +591,8 @@ def synthetic_prepared(folder: str, count: int) -> str:
     embedded 5,000 repeated, each copy shifted by a random offset (nothing downloaded)."""
     import numpy as np
 
-    from gan.config import DataConfig
-    from gan.data import load_dataset
+    from gan.core.config import DataConfig
+    from gan.data.datasets import load_dataset
 
     digits = load_dataset(DataConfig())
     base, labels = digits.images[:, 0].numpy(), digits.labels.numpy()
@@ -615,9 +615,9 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """Streamed and in-memory runs interleaved (drift hits both alike), each a fresh process
     so its peak memory is its own; then, in this process with the dataset's shards already
     hashed on this node, the data work a trial does before its first step."""
-    from gan.config import override, preset
-    from gan.data import CACHE_ENV, MappedDataset, load_dataset
-    from gan.trainer import LocalSession, Trainer
+    from gan.core.config import override, preset
+    from gan.data.datasets import CACHE_ENV, MappedDataset, load_dataset
+    from gan.runs.trainer import LocalSession, Trainer
 
     cap, seconds = STREAM_CAP_MIB[quick], STREAM_SECONDS[quick]
     count = math.ceil(10.5 * cap * 2**20 / (28 * 28))

@@ -22,7 +22,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from gan.config import override, preset
+from gan.core.config import override, preset
 
 HISTORY_KEYS = ("kimg", "fid", "fid_floor", "precision", "recall", "class_accuracy", "class_variety",
                 "time/train_s", "time/eval_s")  # fmt: skip
@@ -123,8 +123,8 @@ class AnonPeak:
 def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dict], float]:
     import time
 
-    from gan.tracking import MLflowTracker, TrackingTarget
-    from gan.trainer import LocalSession, Trainer
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
+    from gan.runs.trainer import LocalSession, Trainer
 
     tracker = None
     if tracking_uri:
@@ -138,7 +138,7 @@ def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dic
 def with_ray(cfg, workers: int, cpus: int, out: str) -> list[dict]:
     import ray
 
-    from gan.distributed import Scaling, make_trainer
+    from gan.runs.distributed import Scaling, make_trainer
 
     ray.init(num_cpus=max(2, workers * cpus), include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -154,7 +154,7 @@ def with_ray_defaults(cfg, out: str) -> list[dict]:
     """As `python pipelines/train.py` runs: local Ray on the whole machine, default scaling."""
     import ray
 
-    from gan.distributed import local_scaling, make_trainer
+    from gan.runs.distributed import local_scaling, make_trainer
 
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:

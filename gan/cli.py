@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gan.config import ConfigError, describe_presets, override, preset
-from gan.loop import DivergenceError
-from gan.tracking import TrackingError
+from gan.core.config import ConfigError, describe_presets, override, preset
+from gan.core.loop import DivergenceError
+from gan.registry.tracking import TrackingError
 
 # What a run can fail with that the user can act on: printed as one line, no traceback.
 # DataError and CheckpointError are ValueErrors.

@@ -31,12 +31,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gan.augment import translate
 from gan.cli import fail
-from gan.config import DataConfig, EvalConfig
-from gan.data import DataError, Dataset, load_dataset, prepared_manifest
-from gan.metrics import DOMAIN_EVALUATOR_FORMAT, DigitClassifier, DomainClassifier, evaluator_path, evaluator_uri
-from gan.storage import s3_options
+from gan.core.augment import translate
+from gan.core.config import DataConfig, EvalConfig
+from gan.data.datasets import DataError, Dataset, load_dataset, prepared_manifest
+from gan.data.storage import s3_options
+from gan.evaluation.metrics import (
+    DOMAIN_EVALUATOR_FORMAT,
+    DigitClassifier,
+    DomainClassifier,
+    evaluator_path,
+    evaluator_uri,
+)
 
 SEED, BATCH, LR, EPOCHS = 0, 64, 1e-3, 12
 DIGIT_HELD_OUT = 500  # the committed digit classifier's split

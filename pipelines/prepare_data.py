@@ -24,8 +24,8 @@ import os
 import sys
 
 from gan.cli import fail
-from gan.prepare import RESOLUTIONS, PrepareConfig, PrepareError, prepare
-from gan.storage import s3_options
+from gan.data.prepare import RESOLUTIONS, PrepareConfig, PrepareError, prepare
+from gan.data.storage import s3_options
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from gan.cli import USER_ERRORS, fail
-from gan.config import check_num_samples
-from gan.tracking import check_names, check_reachable, resolve_uri
+from gan.core.config import check_num_samples
+from gan.registry.tracking import check_names, check_reachable, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlflow.tracking import MlflowClient
 
-    from gan import promotion
+    from gan.registry import promotion
 
     uri = resolve_uri(args.tracking_uri)
     try:

@@ -14,10 +14,18 @@ import sys
 
 import fsspec
 
-from gan import checkpoint
 from gan.cli import fail
-from gan.sampling import check_request, class_grid, generator_from_state, interpolation, npz_bytes, png_bytes, sample
-from gan.tracking import TrackingError, check_reachable, resolve_uri
+from gan.core.sampling import (
+    check_request,
+    class_grid,
+    generator_from_state,
+    interpolation,
+    npz_bytes,
+    png_bytes,
+    sample,
+)
+from gan.registry.tracking import TrackingError, check_reachable, resolve_uri
+from gan.runs import checkpoint
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,7 +95,7 @@ def load(args: argparse.Namespace):
     if args.checkpoint:
         state, _ = checkpoint.load(args.checkpoint)
         return generator_from_state(state)[0]
-    from gan.registry import load_generator
+    from gan.registry.models import load_generator
 
     uri = resolve_uri(args.tracking_uri)
     check_reachable(uri)

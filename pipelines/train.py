@@ -16,14 +16,14 @@ import hashlib
 import sys
 import time
 
-from gan import checkpoint
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.config import Config, ConfigError, check_split, redact_uri
-from gan.data import check_classes_before_loading
-from gan.metrics import check_backbone
-from gan.sampling import generator_from_state, interpolation, png_bytes
-from gan.storage import Storage
-from gan.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
+from gan.core.config import Config, ConfigError, check_split, redact_uri
+from gan.core.sampling import generator_from_state, interpolation, png_bytes
+from gan.data.datasets import check_classes_before_loading
+from gan.data.storage import Storage
+from gan.evaluation.metrics import check_backbone
+from gan.registry.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
+from gan.runs import checkpoint
 
 
 def run_name(cfg: Config) -> str:
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             best_fid = train_in_process(cfg, storage, name, target, args.resume, args.gpu)
         else:
-            from gan.distributed import fit
+            from gan.runs.distributed import fit
 
             best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker, resume_from)
         found = checkpoint.find(storage.join(name), storage.options)
@@ -106,8 +106,8 @@ def budget_overrides(args: argparse.Namespace, cfg: Config) -> list[str]:
 def train_in_process(
     cfg: Config, storage: Storage, name: str, target: TrackingTarget | None, resume: bool, gpu: bool
 ) -> float:
-    from gan.data import MappedDataset
-    from gan.trainer import LocalSession, Trainer
+    from gan.data.datasets import MappedDataset
+    from gan.runs.trainer import LocalSession, Trainer
 
     session = LocalSession(
         storage.join(name), resume=resume, device="cuda" if gpu else "cpu", storage_options=storage.options

@@ -20,14 +20,14 @@ import sys
 import time
 import traceback
 
-from gan import plan as plans
-from gan import space as spaces
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, add_sweep_args, fail
-from gan.config import override, preset
-from gan.data import check_classes_before_loading
-from gan.metrics import check_backbone
-from gan.storage import Storage
-from gan.tracking import check_names
+from gan.core.config import override, preset
+from gan.data.datasets import check_classes_before_loading
+from gan.data.storage import Storage
+from gan.evaluation.metrics import check_backbone
+from gan.registry.tracking import check_names
+from gan.sweeps import plan as plans
+from gan.sweeps import space as spaces
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storage) -> int:
-    from gan import sweep
-    from gan.config import redact_uri
-    from gan.distributed import connect
-    from gan.report import report
-    from gan.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
+    from gan.core.config import redact_uri
+    from gan.registry.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
+    from gan.runs.distributed import connect
+    from gan.sweeps import ray_tune as sweep
+    from gan.sweeps.report import report
 
     storage.check()
     if args.name:  # refused before Ray starts; a derived name waits for the cluster's round length

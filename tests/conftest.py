@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gan.config import DataConfig, debug
-from gan.data import load_dataset
+from gan.core.config import DataConfig, debug
+from gan.data.datasets import load_dataset
 
 # Modules that start a local Ray: one lane runs them, one test at a time. With two Ray
 # instances on one host, Ray Train's placement-group cleaner cannot tell which is its own

@@ -2,7 +2,16 @@ import json
 
 import pytest
 
-from gan.config import PRESETS, Config, ConfigError, credential_names, describe_presets, override, preset, redact_uri
+from gan.core.config import (
+    PRESETS,
+    Config,
+    ConfigError,
+    credential_names,
+    describe_presets,
+    override,
+    preset,
+    redact_uri,
+)
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gan.config import DataConfig
-from gan.data import DataError, load_dataset
+from gan.core.config import DataConfig
+from gan.data.datasets import DataError, load_dataset
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -112,7 +112,7 @@ def test_corrupt_files_name_file_and_problem(tmp_path, name, payload, fragment):
 def test_gzip_expands_no_further_than_its_limit():
     """Plain, multi-member and truncated gzip, and bombs: past what an IDX header states, past
     the size limit, or a header that states more than the limit; each stops at the limit."""
-    from gan.data import gunzip
+    from gan.data.datasets import gunzip
 
     images = np.arange(12 * 28 * 28, dtype=np.uint8).reshape(12, 28, 28)
     raw = idx_bytes(images)

@@ -17,12 +17,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gan.config import override, preset
-from gan.data import load_dataset
-from gan.distributed import all_gather, ddp_wrap
-from gan.loop import GANLoop, Nets, make_ema
-from gan.metrics import Evaluator
-from gan.models import build_models
+from gan.core.config import override, preset
+from gan.core.loop import GANLoop, Nets, make_ema
+from gan.core.models import build_models
+from gan.data.datasets import load_dataset
+from gan.evaluation.metrics import Evaluator
+from gan.runs.distributed import all_gather, ddp_wrap
 
 # No batch norm, so per-rank statistics cannot differ from single-process ones.
 NO_BN = (

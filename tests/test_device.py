@@ -20,10 +20,10 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from gan import checkpoint
-from gan.config import override
-from gan.sampling import class_grid, interpolation, sample
-from gan.trainer import LocalSession, Trainer
+from gan.core.config import override
+from gan.core.sampling import class_grid, interpolation, sample
+from gan.runs import checkpoint
+from gan.runs.trainer import LocalSession, Trainer
 
 FACTORIES = {
     torch.randn, torch.rand, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.empty, torch.full,

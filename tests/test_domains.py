@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from gan.config import ConfigError, EvalConfig, override, preset
-from gan.metrics import (
+from gan.core.config import ConfigError, EvalConfig, override, preset
+from gan.core.models import build_models
+from gan.data.prepare import PrepareConfig, prepare
+from gan.evaluation.metrics import (
     _OnnxFeatures,
     backbone_file,
     check_backbone,
@@ -26,9 +28,7 @@ from gan.metrics import (
     read_user_network,
     split_real,
 )
-from gan.models import build_models
-from gan.prepare import PrepareConfig, prepare
-from gan.trainer import LocalSession, Trainer
+from gan.runs.trainer import LocalSession, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB_PRESETS = ["dcgan-32", "dcgan-64", "dcgan-64-cond", "resnet-64"]

@@ -115,10 +115,10 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
     finishes, and every checkpoint Ray registered is complete."""
     import ray
 
-    from gan import checkpoint
-    from gan.config import override, preset
-    from gan.distributed import Scaling, make_trainer
-    from gan.storage import Storage
+    from gan.core.config import override, preset
+    from gan.data.storage import Storage
+    from gan.runs import checkpoint
+    from gan.runs.distributed import Scaling, make_trainer
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

@@ -34,9 +34,9 @@ def run(*args: str, timeout: int = 600) -> str:
 def test_trainer_on_cuda_keeps_every_tensor_on_the_device(tiny_cfg, digits, tmp_path):
     from test_device import DeviceTrap
 
-    from gan.config import override
-    from gan.sampling import class_grid, interpolation, sample
-    from gan.trainer import LocalSession, Trainer
+    from gan.core.config import override
+    from gan.core.sampling import class_grid, interpolation, sample
+    from gan.runs.trainer import LocalSession, Trainer
 
     cfg = override(tiny_cfg, ["train.total_kimg=0.32", "eval.every_kimg=0.16", "loss.augment=translation,cutout"])
     with DeviceTrap():
@@ -66,8 +66,8 @@ def test_trainer_on_cuda_keeps_every_tensor_on_the_device(tiny_cfg, digits, tmp_
 
 def test_same_seed_same_images_on_cpu_and_gpu(tiny_cfg):
     """Latents come from a CPU generator: a seed means the same digits on either device."""
-    from gan.models import build_models
-    from gan.sampling import sample
+    from gan.core.models import build_models
+    from gan.core.sampling import sample
 
     G, _ = build_models(tiny_cfg.model, 28, 1)
     G.eval()
@@ -85,7 +85,7 @@ def test_default_preset_for_a_minute_with_gpu(tmp_path):
     assert re.search(r"Ray Train run 'gpu': \d+ worker\(s\)", out) and "best FID" in out
     best = re.search(r"best checkpoint:\s+(\S+)", out).group(1)
     saved = re.search(r"latest checkpoint:\s+(\S+)", out).group(1).rstrip("/").rsplit("/", 1)[-1]
-    from gan import checkpoint
+    from gan.runs import checkpoint
 
     first, _ = checkpoint.load(best)
     assert math.isfinite(first["best_fid"]) and first["loop"]["step"] > 0
@@ -107,9 +107,9 @@ def test_default_preset_for_a_minute_with_gpu(tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    from gan.config import Config
-    from gan.registry import load_generator, logged_model_uri, register
-    from gan.sampling import sample
+    from gan.core.config import Config
+    from gan.core.sampling import sample
+    from gan.registry.models import load_generator, logged_model_uri, register
 
     client = MlflowClient(db)
     (tracked,) = client.search_runs([client.get_experiment_by_name("gan").experiment_id])

@@ -3,12 +3,12 @@ import math
 import pytest
 import torch
 
-from gan.augment import DiffAugment, translate
-from gan.config import override
-from gan.data import ImageDataset
-from gan.loop import DivergenceError, GANLoop, Nets, ema_beta, make_ema, update_ema
-from gan.metrics import load_digit_classifier
-from gan.models import build_models
+from gan.core.augment import DiffAugment, translate
+from gan.core.config import override
+from gan.core.loop import DivergenceError, GANLoop, Nets, ema_beta, make_ema, update_ema
+from gan.core.models import build_models
+from gan.data.datasets import ImageDataset
+from gan.evaluation.metrics import load_digit_classifier
 
 
 def make_loop(cfg, data, seed=0):
@@ -207,7 +207,7 @@ def test_speed_options_train_like_the_defaults(tiny_cfg, digits, sets):
 
 
 def test_old_configs_load_with_the_new_fields_defaulted(tiny_cfg):
-    from gan.config import Config
+    from gan.core.config import Config
 
     raw = tiny_cfg.to_dict()
     for field in ("compile", "channels_last", "foreach_ema", "sync_batchnorm", "tf32", "cudnn_benchmark"):
@@ -218,7 +218,7 @@ def test_old_configs_load_with_the_new_fields_defaulted(tiny_cfg):
 
 
 def test_backend_flags_act_on_cuda_only(tiny_cfg):
-    from gan.trainer import configure_backends
+    from gan.runs.trainer import configure_backends
 
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
     try:
@@ -235,7 +235,7 @@ def test_backend_flags_act_on_cuda_only(tiny_cfg):
 
 
 def test_bad_adam_impl_is_refused(tiny_cfg):
-    from gan.config import ConfigError
+    from gan.core.config import ConfigError
 
     with pytest.raises(ConfigError, match="optim.adam_impl='fast' is not allowed: choose one of auto"):
         override(tiny_cfg, ["optim.adam_impl=fast"])

@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gan.config import LossConfig, ModelConfig
-from gan.losses import GANLoss, d_adversarial, g_adversarial, gradient_penalty, r1_penalty
-from gan.models import build_models
+from gan.core.config import LossConfig, ModelConfig
+from gan.core.losses import GANLoss, d_adversarial, g_adversarial, gradient_penalty, r1_penalty
+from gan.core.models import build_models
 
 
 def test_non_saturating_at_zero_logits():

@@ -4,9 +4,9 @@ import io
 import pytest
 import torch
 
-from gan.config import EvalConfig
-from gan.data import ImageDataset
-from gan.metrics import (
+from gan.core.config import EvalConfig
+from gan.data.datasets import ImageDataset
+from gan.evaluation.metrics import (
     DigitClassifier,
     Evaluator,
     class_variety,
@@ -31,7 +31,7 @@ def test_weights_are_safe_to_load_and_hashed(evaluator):
 
 
 def test_classifier_is_accurate(digits):
-    from gan.metrics import load_digit_classifier
+    from gan.evaluation.metrics import load_digit_classifier
 
     model, _ = load_digit_classifier()
     with torch.no_grad():
@@ -85,8 +85,8 @@ class Copier(torch.nn.Module):
 
 
 def test_a_copying_generator_is_caught_and_a_fresh_one_is_not(digits, evaluator):
-    from gan.config import preset
-    from gan.models import build_models
+    from gan.core.config import preset
+    from gan.core.models import build_models
 
     copied = evaluator(Copier(digits.images), num_classes=0)["leakage/copy_share"]
     cfg = preset("dcgan")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 def test_tracking_fills_the_gap_after_a_server_outage(bucket, s3_server, postgres, tmp_path):
     from mlflow.tracking import MlflowClient
 
-    from gan.tracking import MLflowTracker, TrackingTarget
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
 
     name, _ = bucket
     env = server_env(postgres, name, s3_server, free_port())
@@ -143,7 +143,7 @@ def test_refused_credentials_stop_tracking_instead_of_queueing_for_ever(postgres
     one error line, tracking stops, training never waits on a queue that cannot drain."""
     from mlflow.tracking import MlflowClient
 
-    from gan.tracking import MLflowTracker, TrackingTarget
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
 
     name, _ = bucket
     env = production_env(postgres, name, s3_server, tmp_path)
@@ -182,9 +182,9 @@ def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, 
     checkpoints never wait for it, and afterwards the run holds every evaluation, FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from gan.config import override, preset
-    from gan.tracking import MLflowTracker, TrackingTarget
-    from gan.trainer import LocalSession, Trainer
+    from gan.core.config import override, preset
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
+    from gan.runs.trainer import LocalSession, Trainer
 
     name, _ = bucket
     env = server_env(postgres, name, s3_server, free_port())
@@ -208,7 +208,7 @@ def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, 
         session = OutageSession(str(tmp_path / "run"), quiet=True)
         result = Trainer(cfg, session, tracker=tracker).train()
         assert session.evaluations == 10 and len(result.history) == 10
-        from gan import checkpoint
+        from gan.runs import checkpoint
 
         latest, _ = checkpoint.load(checkpoint.find(str(tmp_path / "run")).latest)
         assert len(latest["history"]) == 10  # every evaluation was checkpointed

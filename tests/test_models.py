@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gan.config import ModelConfig
-from gan.models import build_models
+from gan.core.config import ModelConfig
+from gan.core.models import build_models
 
 
 @pytest.mark.parametrize("family", ["mlp", "dcgan", "resnet"])
@@ -66,7 +66,7 @@ def test_labels_change_the_output():
 
 
 def test_minibatch_std_groups_are_consecutive():
-    from gan.models import MinibatchStd
+    from gan.core.models import MinibatchStd
 
     h = torch.cat([torch.zeros(4, 2), torch.arange(8.0).view(4, 2)])  # group 1 constant, group 2 not
     out = MinibatchStd(group=4)(h)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gan import checkpoint
+from gan.runs import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,10 +8,10 @@ import random
 
 import pytest
 
-from gan import plan as plans
-from gan import space as spaces
-from gan.config import ConfigError, preset
-from gan.population import Population
+from gan.core.config import ConfigError, preset
+from gan.sweeps import plan as plans
+from gan.sweeps import space as spaces
+from gan.sweeps.population import Population
 
 SPACE = spaces.build_space(
     preset("dcgan"),

@@ -1,4 +1,4 @@
-"""The dataset tool (gan/prepare.py, pipelines/prepare_data.py) and reading what it writes."""
+"""The dataset tool (gan/data/prepare.py, pipelines/prepare_data.py) and reading what it writes."""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from gan import data as data_mod
-from gan import prepare as prepare_mod
-from gan.config import DataConfig
-from gan.data import MANIFEST, DataError, load_dataset
-from gan.prepare import PrepareConfig, PrepareError, prepare
+from gan.core.config import DataConfig
+from gan.data import datasets as data_mod
+from gan.data import prepare as prepare_mod
+from gan.data.datasets import MANIFEST, DataError, load_dataset
+from gan.data.prepare import PrepareConfig, PrepareError, prepare
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from gan.metrics import FIDEstimate
-from gan.promotion import decide
+from gan.evaluation.metrics import FIDEstimate
+from gan.registry.promotion import decide
 
 
 def fid(mean: float, copy_share: float = 0.01) -> FIDEstimate:

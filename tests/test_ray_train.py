@@ -15,9 +15,9 @@ import psutil
 import pytest
 import torch
 
-from gan import checkpoint
-from gan.config import override, preset
-from gan.tracking import TrackingTarget
+from gan.core.config import override, preset
+from gan.registry.tracking import TrackingTarget
+from gan.runs import checkpoint
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def ray_cluster():
 
 
 def fit(cfg, tmp_path, name, workers, tracking=None):
-    from gan.distributed import Scaling, make_trainer
+    from gan.runs.distributed import Scaling, make_trainer
 
     trainer = make_trainer(cfg, Scaling(workers=workers), name=name, storage_path=str(tmp_path), max_failures=2,
                            tracking=tracking)  # fmt: skip
@@ -103,7 +103,7 @@ def test_killed_worker_is_replaced_and_run_finishes_from_checkpoint(ray_cluster,
     # The MLflow run has every evaluation exactly once across the restart.
     from mlflow.tracking import MlflowClient
 
-    from gan.tracking import run_id_of
+    from gan.registry.tracking import run_id_of
 
     run_id = run_id_of(tracking)
     logged = [m.step for m in MlflowClient(tracking.uri).get_metric_history(run_id, "fid")]
@@ -178,7 +178,7 @@ def test_a_class_count_that_differs_from_the_data_fails_before_any_worker(tmp_pa
 
     import numpy as np
 
-    from gan.prepare import PrepareConfig, prepare
+    from gan.data.prepare import PrepareConfig, prepare
 
     images = np.random.default_rng(0).integers(0, 256, (40, 28, 28), dtype=np.uint8)
     np.savez(tmp_path / "four.npz", images=images, labels=np.arange(40) % 4)

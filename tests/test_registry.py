@@ -15,7 +15,7 @@ import pytest
 import requests
 from services import ROOT, free_port
 
-from gan.config import override, preset
+from gan.core.config import override, preset
 
 pytestmark = pytest.mark.integration
 NAME = "digits"
@@ -23,8 +23,8 @@ NAME = "digits"
 
 def train_run(url: str, run_name: str, kimg: float, tmp_path, overrides: tuple[str, ...] = ()) -> str:
     """A real (tiny) training run tracked on the server; returns its run id."""
-    from gan.tracking import MLflowTracker, TrackingTarget
-    from gan.trainer import LocalSession, Trainer
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
+    from gan.runs.trainer import LocalSession, Trainer
 
     cfg = override(
         preset("debug"), [f"train.total_kimg={kimg}", f"eval.every_kimg={kimg}", "eval.num_samples=300", *overrides]
@@ -149,8 +149,8 @@ def test_promotion_refuses_a_generator_that_copies_training_images(registry, dig
     import torch
     from mlflow.tracking import MlflowClient
 
-    from gan import registry as gan_registry
-    from gan.models import build_models
+    from gan.core.models import build_models
+    from gan.registry import models as gan_registry
 
     url, *_ = registry
     client = MlflowClient(url)
@@ -192,8 +192,8 @@ def test_promote_a_candidate_whose_data_is_gone(registry, s3_server, tmp_path):
     import boto3
     from mlflow.tracking import MlflowClient
 
-    from gan.config import DataConfig
-    from gan.data import load_dataset
+    from gan.core.config import DataConfig
+    from gan.data.datasets import load_dataset
 
     url, bucket, *_ = registry
     digits = load_dataset(DataConfig())
@@ -288,7 +288,7 @@ def test_a_tampered_model_runs_no_code_where_it_is_sampled_or_promoted(registry,
     import mlflow.pyfunc
     from mlflow.tracking import MlflowClient
 
-    from gan.registry import logged_model_uri, register
+    from gan.registry.models import logged_model_uri, register
 
     url, bucket, *_ = registry
     run_id = train_run(url, "tampered", 0.016, tmp_path)

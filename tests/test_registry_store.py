@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from gan import promotion, registry
-from gan.config import override, preset
-from gan.models import build_models
-from gan.report import TrialSummary, register_best
-from gan.tracking import MLflowTracker, TrackingTarget, finish_run, run_id_of
+from gan.core.config import override, preset
+from gan.core.models import build_models
+from gan.registry import models as registry
+from gan.registry import promotion
+from gan.registry.tracking import MLflowTracker, TrackingTarget, finish_run, run_id_of
+from gan.sweeps.report import TrialSummary, register_best
 
 pytestmark = pytest.mark.integration
 DEBUG = preset("debug")

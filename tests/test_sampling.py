@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from gan.models import build_models
-from gan.registry import MAX_IMAGES_PER_REQUEST, GeneratorModel, RequestError
-from gan.sampling import latents, sample
+from gan.core.models import build_models
+from gan.core.sampling import latents, sample
+from gan.registry.models import MAX_IMAGES_PER_REQUEST, GeneratorModel, RequestError
 
 
 @pytest.fixture

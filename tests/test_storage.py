@@ -11,9 +11,9 @@ import pytest
 import torch
 from services import FlakyS3
 
-from gan import checkpoint
-from gan.config import debug
-from gan.storage import Storage
+from gan.core.config import debug
+from gan.data.storage import Storage
+from gan.runs import checkpoint
 
 
 @pytest.mark.parametrize(
@@ -166,8 +166,8 @@ def test_nothing_is_kept_in_the_temporary_copy_of_a_jobs_working_dir(tmp_path, m
     """Under `ray job submit --working-dir .` the entrypoint runs in Ray's copy of the
     folder, deleted when the job ends: relative storage and SQLite paths are refused there
     (tests/test_tune.py submits a real job for --storage)."""
-    from gan.storage import JOB_CONFIG_ENV
-    from gan.tracking import resolve_uri
+    from gan.data.storage import JOB_CONFIG_ENV
+    from gan.registry.tracking import resolve_uri
 
     monkeypatch.chdir(tmp_path)
     assert resolve_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"  # not a job: absolute, kept

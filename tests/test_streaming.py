@@ -15,15 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from gan import checkpoint
-from gan import data as data_mod
-from gan.config import ConfigError, DataConfig, override
-from gan.data import DataError, ImageDataset, MappedDataset, load_dataset
-from gan.loop import GANLoop, Nets, make_ema
-from gan.metrics import Evaluator
-from gan.models import build_models
-from gan.prepare import PrepareConfig, prepare
-from gan.trainer import LocalSession, Trainer
+from gan.core.config import ConfigError, DataConfig, override
+from gan.core.loop import GANLoop, Nets, make_ema
+from gan.core.models import build_models
+from gan.data import datasets as data_mod
+from gan.data.datasets import DataError, ImageDataset, MappedDataset, load_dataset
+from gan.data.prepare import PrepareConfig, prepare
+from gan.evaluation.metrics import Evaluator
+from gan.runs import checkpoint
+from gan.runs.trainer import LocalSession, Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_IMAGES = 200_000  # 1 x 28 x 28 each: 150 MiB, 20x the 7 MiB budget of the streamed run
@@ -154,7 +154,7 @@ CHILD = r"""
 import json, os, sys, tempfile, threading, time
 from importlib.util import module_from_spec, spec_from_file_location
 
-import gan.trainer, gan.metrics, torchmetrics.image.kid  # what a run imports, before the baseline
+import gan.runs.trainer, gan.evaluation.metrics, torchmetrics.image.kid  # what a run imports, before the baseline
 
 def rss_anon_kib():
     with open("/proc/self/status") as status:

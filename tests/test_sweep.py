@@ -9,11 +9,11 @@ import sys
 import pytest
 from services import ROOT
 
-from gan import plan as plans
-from gan import report as reports
-from gan import space as spaces
-from gan.config import ConfigError, preset
-from gan.plan import Scaling
+from gan.core.config import ConfigError, preset
+from gan.sweeps import plan as plans
+from gan.sweeps import report as reports
+from gan.sweeps import space as spaces
+from gan.sweeps.plan import Scaling
 
 
 def test_space_entries_parse_to_dimensions():
@@ -170,7 +170,7 @@ def test_optuna_search_samples_the_space(tmp_path):
     import ray
     from ray import tune
 
-    from gan.sweep import make_search, tune_domain
+    from gan.sweeps.ray_tune import make_search, tune_domain
 
     space = spaces.build_space(preset("dcgan"), spaces.CPU_SPACE)
     plan = plans.Plan(trials=3, search="optuna", seed=1)
@@ -203,7 +203,7 @@ class _Trial:
 def test_asha_cuts_weak_trials_but_never_at_the_last_round():
     from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-    from gan.sweep import make_scheduler
+    from gan.sweeps.ray_tune import make_scheduler
 
     def decisions(scheduler):
         scheduler.set_search_properties("fid", "min", config={})
@@ -234,7 +234,7 @@ def test_search_holds_trials_to_the_concurrency(tmp_path):
     import ray
     from ray import tune
 
-    from gan.sweep import make_search
+    from gan.sweeps.ray_tune import make_search
 
     spans = tmp_path / "spans"
     spans.mkdir()
@@ -275,8 +275,9 @@ class Block:
             raise ImportError(f"{{name}} is blocked in this test")
 
 sys.meta_path.insert(0, Block())
-from gan import plan, space
-from gan.config import preset
+from gan.sweeps import plan
+from gan.sweeps import space
+from gan.core.config import preset
 spec = space.load_space_file({str(tmp_path / "space.yaml")!r})
 spec.update([space.parse_override("model.depth=choice:0,1")])
 dims = space.build_space(preset("dcgan"), spec)

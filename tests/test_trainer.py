@@ -8,11 +8,11 @@ from dataclasses import replace
 import pytest
 import torch
 
-from gan import checkpoint
-from gan.config import override
-from gan.loop import ema_beta, lr_scale
-from gan.population import Exploit
-from gan.trainer import LocalSession, StallWatch, Trainer
+from gan.core.config import override
+from gan.core.loop import ema_beta, lr_scale
+from gan.runs import checkpoint
+from gan.runs.trainer import LocalSession, StallWatch, Trainer
+from gan.sweeps.population import Exploit
 
 # Every speed option that runs on a CPU (tf32 and cudnn_benchmark act on CUDA only).
 SPEED = ["train.compile=true", "train.channels_last=true", "optim.adam_impl=fused", "train.foreach_ema=true"]
@@ -112,7 +112,7 @@ class _Stop(Exception):
 def _tracked_status(tmp_path, tiny_cfg, digits, error):
     from mlflow.tracking import MlflowClient
 
-    from gan.tracking import MLflowTracker, TrackingTarget
+    from gan.registry.tracking import MLflowTracker, TrackingTarget
 
     target = TrackingTarget(f"sqlite:///{tmp_path}/mlflow.db", "gan", "run")
     trainer = Trainer(

@@ -155,7 +155,7 @@ def test_killed_pbt_sweep_resumes_with_its_exploit_and_without_rerunning_finishe
     settings, and does not rerun the finished trial."""
     from mlflow.tracking import MlflowClient
 
-    from gan import checkpoint
+    from gan.runs import checkpoint
 
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     space = tmp_path / "space.yaml"

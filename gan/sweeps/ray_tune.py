@@ -6,7 +6,7 @@ report after every evaluation, so one Tune iteration is one evaluation round and
 compares trials at equal numbers of images. Each trial's worker logs its own child run
 of the sweep's MLflow run; ``TrialRuns`` on the driver closes the runs of trials that
 ASHA stopped (code after a trial's last report never runs). The search space and the
-plan are pure modules (gan/space.py, gan/plan.py); the summary is gan/report.py's.
+plan are pure modules (gan/sweeps/space.py, gan/sweeps/plan.py); the summary is gan/sweeps/report.py's.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ import fsspec
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
-from gan.config import Config, ConfigError
-from gan.plan import Plan, child_run_name, max_concurrent_trials, stopped_reason, trial_config, trial_label
-from gan.report import TrialSummary
-from gan.space import Dimension
-from gan.storage import Storage
-from gan.tracking import STOPPED_TAG, TrackingTarget, finish_run
+from gan.core.config import Config, ConfigError
+from gan.data.storage import Storage
+from gan.registry.tracking import STOPPED_TAG, TrackingTarget, finish_run
+from gan.sweeps.plan import Plan, child_run_name, max_concurrent_trials, stopped_reason, trial_config, trial_label
+from gan.sweeps.report import TrialSummary
+from gan.sweeps.space import Dimension
 
 # The trial function only waits on its Train run, whose workers hold the CPUs and GPUs;
 # Tune needs some resource in the bundle, so it holds a little memory instead.
@@ -68,7 +68,7 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     resumed sweep) find their Train run by name and continue from its checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from gan.distributed import Member, fit_trainer, make_trainer
+    from gan.runs.distributed import Member, fit_trainer, make_trainer
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_json(setup.base_config), params, setup.plan)
@@ -101,7 +101,7 @@ class PopulationHost:
     written to ``population.json`` beside the trials, so a resumed sweep reloads it."""
 
     def __init__(self, setup: TrialSetup, space: dict[str, Dimension]) -> None:
-        from gan.population import Population
+        from gan.sweeps.population import Population
 
         self.storage, self.uri = setup.storage, setup.storage.join(setup.sweep, "population.json")
         self.population = Population(setup.plan, space)

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan.config import ModelConfig
+from gan.core.config import ModelConfig
 
 
 def stages(resolution: int) -> tuple[int, int]:

@@ -3,7 +3,7 @@
 Every trial reports its FID, checkpoint and current settings after each round. At a
 perturbation round, a trial in the bottom quantile of the trials that have reached that
 round continues from a top-quantile trial's checkpoint of the same round (so images seen
-stay equal) with that trial's settings explored (gan/space.py ``perturb``). A trial that
+stay equal) with that trial's settings explored (gan/sweeps/space.py ``perturb``). A trial that
 restarts from a checkpoint asks again about that checkpoint's round, and decisions are
 seeded, so a crash between an exploit and the next checkpoint loses nothing. Pure: the Ray
 Tune adapter hosts one Population in an actor that every trial's rank 0 asks, and keeps
@@ -19,8 +19,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from gan.plan import PBT_QUANTILE, Plan
-from gan.space import Dimension, perturb, searched
+from gan.sweeps.plan import PBT_QUANTILE, Plan
+from gan.sweeps.space import Dimension, perturb, searched
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gan.config import RESOLUTIONS, DataConfig
-from gan.storage import folder_mode, url_to_fs
+from gan.core.config import RESOLUTIONS, DataConfig
+from gan.data.storage import folder_mode, url_to_fs
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage

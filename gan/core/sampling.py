@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from gan.config import Config, ConfigError
-from gan.models import build_models
+from gan.core.config import Config, ConfigError
+from gan.core.models import build_models
 
 MAX_SEED = 2**63 - 1
 """Largest sampling seed: a torch generator takes any non-negative int64."""

@@ -1,6 +1,6 @@
 """The sweep's report: a table of trials, FID against images, the best trial's samples,
 its numbers on the parent MLflow run, and its generator registered with the evidence.
-No Ray: the Tune adapter (gan/sweep.py) turns Tune's results into ``TrialSummary`` rows."""
+No Ray: the Tune adapter (gan/sweeps/ray_tune.py) turns Tune's results into ``TrialSummary`` rows."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gan import checkpoint
-from gan.plan import Plan, child_run_name, trial_label
-from gan.sampling import class_grid, generator_from_state, png_bytes
-from gan.space import Dimension, searched
-from gan.storage import Storage
-from gan.tracking import MLflowTracker, git_commit, run_id_of
+from gan.core.sampling import class_grid, generator_from_state, png_bytes
+from gan.data.storage import Storage
+from gan.registry.tracking import MLflowTracker, git_commit, run_id_of
+from gan.runs import checkpoint
+from gan.sweeps.plan import Plan, child_run_name, trial_label
+from gan.sweeps.space import Dimension, searched
 
 
 @dataclass
@@ -183,8 +183,8 @@ def register_best(tracking_uri: str, model_name: str, run_id: str, state, meta, 
     """The best trial's best generator as a new registered version, with its evidence."""
     from mlflow.tracking import MlflowClient
 
-    from gan import registry
-    from gan.config import Config
+    from gan.core.config import Config
+    from gan.registry import models as registry
 
     client = MlflowClient(tracking_uri)
     done = registry.latest_version_of_run(client, model_name, run_id)

@@ -19,8 +19,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gan.config import redact_uri
-from gan.storage import check_outlives_job
+from gan.core.config import redact_uri
+from gan.data.storage import check_outlives_job
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -358,7 +358,7 @@ class MLflowTracker(Tracker):
 
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None:
         """The generator as an MLflow model (pyfunc; samples at any batch size)."""
-        from gan.registry import log_generator
+        from gan.registry.models import log_generator
 
         self._call(f"model {name}", log_generator, self.target.uri, self.run_id, name, G_ema_state, config_json)
 

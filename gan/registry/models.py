@@ -2,7 +2,7 @@
 
 The logged model carries only the EMA generator's weights and the config, plus this
 package's code, so loading it needs torch and numpy, not the training stack. It is logged
-as models-from-code (``gan/pyfunc_entry.py``), so it holds no pickle. The project's own
+as models-from-code (``gan/registry/pyfunc_entry.py``), so it holds no pickle. The project's own
 loader (``load_generator``) reads only the weights, never the model's code.
 Request (one row per request): n, seed, class (-1 = cycle through classes), truncation
 (0 = none). Response: uint8 images, N x H x W (gray) or N x H x W x 3 (RGB).
@@ -24,8 +24,8 @@ import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
-from gan.sampling import MAX_SEED
-from gan.tracking import filter_value
+from gan.core.sampling import MAX_SEED
+from gan.registry.tracking import filter_value
 
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
@@ -92,7 +92,7 @@ def _number(value, name: str, row: int) -> float:
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from gan.sampling import generator_from_state
+        from gan.core.sampling import generator_from_state
 
         state = torch.load(context.artifacts["generator"], weights_only=True, map_location="cpu")
         self.G, self.cfg = generator_from_state(state)
@@ -100,7 +100,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     # A DataFrame hint: MLflow then neither nags for hints nor infers a schema; the
     # signature given at logging is the schema.
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
-        from gan.sampling import sample
+        from gan.core.sampling import sample
 
         requests = parse_requests(model_input, self.G.num_classes)
         try:
@@ -139,7 +139,7 @@ def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, 
     """Log a generator as an MLflow model under ``run_id``; returns its models:/ URI."""
     from mlflow.tracking import MlflowClient
 
-    from gan.config import Config
+    from gan.core.config import Config
 
     use(tracking_uri)
     cfg = Config.from_json(config_json)
@@ -217,7 +217,7 @@ def load_generator(model_uri: str, tracking_uri: str | None = None):
     from mlflow.models import Model
     from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
 
-    from gan.sampling import generator_from_state
+    from gan.core.sampling import generator_from_state
 
     if tracking_uri:
         use(tracking_uri)

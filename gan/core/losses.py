@@ -12,7 +12,7 @@ from contextlib import AbstractContextManager
 import torch
 import torch.nn.functional as F
 
-from gan.config import LossConfig
+from gan.core.config import LossConfig
 
 Augment = Callable[[torch.Tensor], torch.Tensor]
 

@@ -1,7 +1,7 @@
 """The search-space language: what a sweep varies, parsed and checked before any trial.
 
 A space maps ``SECTION.FIELD`` to a constant or ``{kind: [args]}`` (YAML/JSON files,
-``--space`` flags). Pure: no Ray, no torch; the Ray Tune adapter (gan/sweep.py) turns
+``--space`` flags). Pure: no Ray, no torch; the Ray Tune adapter (gan/sweeps/ray_tune.py) turns
 dimensions into Tune domains.
 """
 
@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gan.config import MUTABLE, Config, ConfigError, override
+from gan.core.config import MUTABLE, Config, ConfigError, override
 
 # Kinds of dimension and how many values each takes (None: one or more). A grid runs
 # every value for each of --trials samples of the rest of the space.

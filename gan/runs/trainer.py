@@ -2,7 +2,7 @@
 
 Framework-free: what differs between an in-process run and a Ray Train worker (DDP
 wrapping, gradient reduction, where checkpoints and metrics go) sits behind a
-``Session``. ``LocalSession`` is the single-process one; gan/distributed.py has Ray's.
+``Session``. ``LocalSession`` is the single-process one; gan/runs/distributed.py has Ray's.
 """
 
 from __future__ import annotations
@@ -17,15 +17,15 @@ import fsspec
 import torch
 import torch.nn as nn
 
-from gan import checkpoint
-from gan.config import MUTABLE, Config, TrainConfig, override
-from gan.data import Dataset, check_class_count, load_dataset
-from gan.loop import GANLoop, Nets, lr_scale, make_ema
-from gan.metrics import Evaluator, evaluator_uri
-from gan.models import build_models
-from gan.population import Exploit
-from gan.sampling import class_grid, png_bytes
-from gan.tracking import NullTracker, Tracker
+from gan.runs import checkpoint
+from gan.core.config import MUTABLE, Config, TrainConfig, override
+from gan.data.datasets import Dataset, check_class_count, load_dataset
+from gan.core.loop import GANLoop, Nets, lr_scale, make_ema
+from gan.evaluation.metrics import Evaluator, evaluator_uri
+from gan.core.models import build_models
+from gan.sweeps.population import Exploit
+from gan.core.sampling import class_grid, png_bytes
+from gan.registry.tracking import NullTracker, Tracker
 
 
 @dataclass

@@ -12,8 +12,8 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from gan.metrics import COPY_QUANTILE, FIDEstimate
-from gan.registry import (
+from gan.evaluation.metrics import COPY_QUANTILE, FIDEstimate
+from gan.registry.models import (
     CHAMPION,
     PREVIOUS,
     ROLLING_BACK,
@@ -27,7 +27,7 @@ from gan.registry import (
     set_aliases,
     version_by_alias,
 )
-from gan.tracking import LOCATION_TAG, RUN_NAME_TAG, filter_value, git_commit
+from gan.registry.tracking import LOCATION_TAG, RUN_NAME_TAG, filter_value, git_commit
 
 
 @dataclass(frozen=True)
@@ -154,8 +154,8 @@ class Scorer:
 
     def __call__(self, model_uri: str):
         """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model ``check`` loaded."""
-        from gan.data import load_dataset
-        from gan.metrics import Evaluator, fid_estimate
+        from gan.data.datasets import load_dataset
+        from gan.evaluation.metrics import Evaluator, fid_estimate
 
         G, cfg = self.models[model_uri]
         eval_cfg = self.eval_cfg

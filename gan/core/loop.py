@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gan.augment import DiffAugment
-from gan.config import Config
-from gan.data import Dataset, MappedDataset, class_shares
-from gan.losses import GANLoss
+from gan.core.augment import DiffAugment
+from gan.core.config import Config
+from gan.core.losses import GANLoss
+from gan.data.datasets import Dataset, MappedDataset, class_shares
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
 """All-gather over ranks: each rank's tensor, concatenated along dim 0 in rank order."""

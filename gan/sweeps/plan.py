@@ -10,8 +10,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from gan.config import Config, ConfigError, override
-from gan.space import Dimension, as_override
+from gan.core.config import Config, ConfigError, override
+from gan.sweeps.space import Dimension, as_override
 
 # The local budget rule: images one CPU worker trains per second (DCGAN at width 32-64,
 # one thread, this project's 2-core reference machine), and the share of a sweep's wall

@@ -53,7 +53,7 @@ from typing import TextIO
 
 import numpy as np
 
-from gan.data import (
+from gan.data.datasets import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
@@ -66,7 +66,7 @@ from gan.data import (
     read_manifest,
     to_uint8,
 )
-from gan.storage import url_to_fs
+from gan.data.storage import url_to_fs
 
 RESOLUTIONS = (28, 32, 64, 128)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -140,7 +140,7 @@ class PrepareConfig:
                 raise PrepareError(f"storage options are not valid JSON: {err}") from None
             if not isinstance(options, dict):
                 raise PrepareError("storage options must be a JSON object")
-        from gan.config import ConfigError, check_no_credentials
+        from gan.core.config import ConfigError, check_no_credentials
 
         try:  # the source URI is written into the manifest; every URI is printed in messages
             check_no_credentials("storage options", options=json.loads(self.storage_options or "{}"))

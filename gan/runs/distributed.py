@@ -20,14 +20,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gan import checkpoint
-from gan.config import Config, check_split
-from gan.loop import DivergenceError
-from gan.plan import Scaling
-from gan.population import Exploit
-from gan.storage import Storage
-from gan.tracking import TrackingTarget
-from gan.trainer import Snapshot, Trainer
+from gan.runs import checkpoint
+from gan.core.config import Config, check_split
+from gan.core.loop import DivergenceError
+from gan.sweeps.plan import Scaling
+from gan.sweeps.population import Exploit
+from gan.data.storage import Storage
+from gan.registry.tracking import TrackingTarget
+from gan.runs.trainer import Snapshot, Trainer
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -125,7 +125,7 @@ def all_gather(values: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Member:
-    """How a PBT trial's workers reach its population (gan/sweep.py hosts it in an actor)."""
+    """How a PBT trial's workers reach its population (gan/sweeps/ray_tune.py hosts it in an actor)."""
 
     actor: str
     """The population actor's name."""
@@ -270,7 +270,7 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
 
     Divergence is returned (its message), not raised: every rank meets it at the same
     step, and Ray would restart the workers from the last checkpoint only to diverge again."""
-    from gan.tracking import WORKER_WAIT_S, MLflowTracker, NullTracker
+    from gan.registry.tracking import WORKER_WAIT_S, MLflowTracker, NullTracker
 
     cfg = Config.from_json(loop_config["config"])
     if cfg.train.threads == 0 and "OMP_NUM_THREADS" in os.environ:  # the CPUs this worker reserved
@@ -441,7 +441,7 @@ def fit(
     from botocore.exceptions import BotoCoreError
 
     from gan.cli import USER_ERRORS
-    from gan.tracking import finish_run
+    from gan.registry.tracking import finish_run
 
     connect(storage)
     scaling = local_scaling(workers, use_gpu, cpus_per_worker)

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from fsspec.registry import known_implementations
 from torchmetrics.image.kid import poly_mmd
 
-from gan.config import USER_BACKBONES, ConfigError, DataConfig, EvalConfig
-from gan.data import MANIFEST, Dataset, class_shares, prepared_manifest
-from gan.sampling import latents, to_uint8
+from gan.core.config import USER_BACKBONES, ConfigError, DataConfig, EvalConfig
+from gan.core.sampling import latents, to_uint8
+from gan.data.datasets import MANIFEST, Dataset, class_shares, prepared_manifest
 
 DIGITS_EVALUATOR_FILE = "digits_evaluator.pt"
 DOMAIN_EVALUATOR_FILE = "evaluator.pt"  # beside a prepared dataset's manifest
@@ -194,7 +194,7 @@ class _OnnxFeatures(nn.Module):
 
 
 def evaluator_path() -> Path:
-    return Path(__file__).parent / "assets" / DIGITS_EVALUATOR_FILE
+    return Path(__file__).parents[1] / "assets" / DIGITS_EVALUATOR_FILE
 
 
 def load_digit_classifier() -> tuple[DigitClassifier, str]:

@@ -26,8 +26,8 @@ import fsspec
 import torch
 from fsspec.implementations.local import LocalFileSystem
 
-from gan.config import Config
-from gan.storage import folder_mode
+from gan.core.config import Config
+from gan.data.storage import folder_mode
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"

@@ -6,6 +6,6 @@
 
 import mlflow.models
 
-from gan.registry import GeneratorModel
+from gan.registry.models import GeneratorModel
 
 mlflow.models.set_model(GeneratorModel())

@@ -1,0 +1,1 @@
+"""Evaluation: feature networks, backbone loading and checks, statistics, the evaluator. No Ray, no MLflow."""

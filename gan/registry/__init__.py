@@ -1,0 +1,1 @@
+"""MLflow: run tracking, the generator as a registered model, promotion and its pyfunc entry."""
