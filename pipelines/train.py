@@ -17,7 +17,8 @@ import sys
 import time
 
 from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.core.config import Config, ConfigError, check_split, redact_uri
+from gan.core.config import Config, ConfigError, check_split
+from gan.core.redact import redact_uri
 from gan.core.sampling import generator_from_state, interpolation, png_bytes
 from gan.data.datasets import check_classes_before_loading
 from gan.data.storage import Storage

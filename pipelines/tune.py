@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storage) -> int:
-    from gan.core.config import redact_uri
+    from gan.core.redact import redact_uri
     from gan.registry.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
     from gan.runs.distributed import connect
     from gan.sweeps import ray_tune as sweep

@@ -2,16 +2,8 @@ import json
 
 import pytest
 
-from gan.core.config import (
-    PRESETS,
-    Config,
-    ConfigError,
-    credential_names,
-    describe_presets,
-    override,
-    preset,
-    redact_uri,
-)
+from gan.core.config import PRESETS, Config, ConfigError, describe_presets, override, preset
+from gan.core.redact import credential_names, redact_uri
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))

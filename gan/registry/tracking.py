@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from gan.core.config import redact_uri
+from gan.core.redact import redact_uri
 from gan.data.storage import check_outlives_job
 
 DEFAULT_URI = "sqlite:///mlflow.db"
