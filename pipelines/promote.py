@@ -19,7 +19,8 @@ import sys
 
 from gan.cli import USER_ERRORS, fail
 from gan.core.config import check_num_samples
-from gan.registry.tracking import check_names, check_reachable, resolve_uri
+from gan.registry.names import check_names
+from gan.registry.tracking import check_reachable, resolve_uri
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,7 +23,15 @@ from gan.core.sampling import generator_from_state, interpolation, png_bytes
 from gan.data.datasets import check_classes_before_loading
 from gan.data.storage import Storage
 from gan.evaluation.metrics import check_backbone
-from gan.registry.tracking import MLflowTracker, TrackingTarget, prepare, resolve_uri, run_id_of, source_tags, ui_link
+from gan.registry.tracking import (
+    MLflowTracker,
+    TrackingTarget,
+    prepare_experiment,
+    resolve_uri,
+    run_id_of,
+    source_tags,
+    ui_link,
+)
 from gan.runs import checkpoint
 
 
@@ -64,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         )
         if target is not None:
-            prepare(target)
+            prepare_experiment(target)
         if args.in_process:
             best_fid = train_in_process(cfg, storage, name, target, args.resume, args.gpu)
         else:

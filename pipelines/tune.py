@@ -25,7 +25,7 @@ from gan.core.config import override, preset
 from gan.data.datasets import check_classes_before_loading
 from gan.data.storage import Storage
 from gan.evaluation.metrics import check_backbone
-from gan.registry.tracking import check_names
+from gan.registry.names import check_names
 from gan.sweeps import plan as plans
 from gan.sweeps import space as spaces
 

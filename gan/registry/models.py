@@ -25,7 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 
 from gan.core.sampling import MAX_SEED
-from gan.registry.tracking import filter_value
+from gan.registry.names import filter_value
 
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}

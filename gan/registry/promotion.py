@@ -27,7 +27,8 @@ from gan.registry.models import (
     set_aliases,
     version_by_alias,
 )
-from gan.registry.tracking import LOCATION_TAG, RUN_NAME_TAG, filter_value, git_commit
+from gan.registry.names import filter_value
+from gan.registry.tracking import LOCATION_TAG, RUN_NAME_TAG, git_commit
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from typing import Any
 
 from gan.core.redact import redact_uri
 from gan.data.storage import check_outlives_job
+from gan.registry.names import filter_value
 
 DEFAULT_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -100,7 +101,7 @@ def resolve_uri(uri: str | None) -> str:
     return uri
 
 
-def prepare(target: TrackingTarget) -> None:
+def prepare_experiment(target: TrackingTarget) -> None:
     """On the driver, before any training: reachable, and the experiment exists (a
     local SQLite store keeps its artefacts in ./mlartifacts beside it)."""
     from mlflow.tracking import MlflowClient
@@ -234,7 +235,7 @@ class MLflowTracker(Tracker):
         self.refused = ""
         """Why the server refused this run's credentials (401/403): tracking has stopped."""
         self.dropped: list[str] = []
-        prepare(target)
+        prepare_experiment(target)
         self.client = MlflowClient(target.uri)
         try:
             experiment_id = self.client.get_experiment_by_name(target.experiment).experiment_id
@@ -430,22 +431,6 @@ def _log_bytes(client, run_id: str, data: bytes, name: str) -> None:
         path = Path(tmp) / name
         path.write_bytes(data)
         client.log_artifact(run_id, str(path))
-
-
-def filter_value(text: str) -> str:
-    """``text`` quoted for an MLflow filter string. MLflow takes either quote and has no
-    escapes, so a name may hold one kind of quote, not both."""
-    if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text:
-        return f'"{text}"'
-    raise TrackingError(f"name {text!r} holds both ' and \": MLflow cannot search for it; drop one kind of quote")
-
-
-def check_names(*names: str | None) -> None:
-    """Before any work: every given name is one MLflow can search for."""
-    for name in filter(None, names):
-        filter_value(name)
 
 
 def _find_run(client, experiment_id: str, target: TrackingTarget) -> list:
