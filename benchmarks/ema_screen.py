@@ -20,7 +20,8 @@ import tempfile
 
 from gan.core.config import override, preset
 from gan.core.loop import ema_beta, make_ema, update_ema
-from gan.runs.trainer import LocalSession, Trainer
+from gan.runs.session import LocalSession
+from gan.runs.trainer import Trainer
 
 SCORES = ("fid", "fid_floor", "precision", "recall", "class_accuracy")
 

@@ -380,7 +380,8 @@ def warmed_trainer(base, sets: list[str], folder: str, data, device: str = "cpu"
     """A Trainer built as a run builds it, after 5 steps (which compile G and D when asked to
     and let cuDNN choose its kernels); and the seconds that took."""
     from gan.core.config import override
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     started = time.monotonic()
     trainer = Trainer(override(base, sets), LocalSession(folder, device=device, quiet=True), data=data)
@@ -617,7 +618,8 @@ def streaming(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     hashed on this node, the data work a trial does before its first step."""
     from gan.core.config import override, preset
     from gan.data.datasets import CACHE_ENV, MappedDataset, load_dataset
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     cap, seconds = STREAM_CAP_MIB[quick], STREAM_SECONDS[quick]
     count = math.ceil(10.5 * cap * 2**20 / (28 * 28))

@@ -124,7 +124,8 @@ def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dic
     import time
 
     from gan.registry.tracking import MLflowTracker, TrackingTarget
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     tracker = None
     if tracking_uri:
@@ -138,7 +139,7 @@ def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dic
 def with_ray(cfg, workers: int, cpus: int, out: str) -> list[dict]:
     import ray
 
-    from gan.runs.distributed import Scaling, make_trainer
+    from gan.runs.ray_train import Scaling, make_trainer
 
     ray.init(num_cpus=max(2, workers * cpus), include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -154,7 +155,7 @@ def with_ray_defaults(cfg, out: str) -> list[dict]:
     """As `python pipelines/train.py` runs: local Ray on the whole machine, default scaling."""
     import ray
 
-    from gan.runs.distributed import local_scaling, make_trainer
+    from gan.runs.ray_train import local_scaling, make_trainer
 
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:

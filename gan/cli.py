@@ -6,12 +6,6 @@ import argparse
 import sys
 
 from gan.core.config import ConfigError, describe_presets, override, preset
-from gan.core.loop import DivergenceError
-from gan.registry.tracking import TrackingError
-
-# What a run can fail with that the user can act on: printed as one line, no traceback.
-# DataError and CheckpointError are ValueErrors.
-USER_ERRORS = (DivergenceError, TrackingError, ValueError)
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "dcgan") -> None:

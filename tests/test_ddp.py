@@ -21,8 +21,8 @@ from gan.core.config import override, preset
 from gan.core.loop import GANLoop, Nets, make_ema
 from gan.core.models import build_models
 from gan.data.datasets import load_dataset
-from gan.evaluation.metrics import Evaluator
-from gan.runs.distributed import all_gather, ddp_wrap
+from gan.evaluation.evaluator import Evaluator
+from gan.runs.ddp import all_gather, ddp_wrap
 
 # No batch norm, so per-rank statistics cannot differ from single-process ones.
 NO_BN = (

@@ -23,7 +23,8 @@ from torch.overrides import TorchFunctionMode
 from gan.core.config import override
 from gan.core.sampling import class_grid, interpolation, sample
 from gan.runs import checkpoint
-from gan.runs.trainer import LocalSession, Trainer
+from gan.runs.session import LocalSession
+from gan.runs.trainer import Trainer
 
 FACTORIES = {
     torch.randn, torch.rand, torch.randint, torch.randperm, torch.zeros, torch.ones, torch.empty, torch.full,

@@ -36,7 +36,8 @@ def test_trainer_on_cuda_keeps_every_tensor_on_the_device(tiny_cfg, digits, tmp_
 
     from gan.core.config import override
     from gan.core.sampling import class_grid, interpolation, sample
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     cfg = override(tiny_cfg, ["train.total_kimg=0.32", "eval.every_kimg=0.16", "loss.augment=translation,cutout"])
     with DeviceTrap():

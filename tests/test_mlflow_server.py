@@ -184,7 +184,8 @@ def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, 
 
     from gan.core.config import override, preset
     from gan.registry.tracking import MLflowTracker, TrackingTarget
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     name, _ = bucket
     env = server_env(postgres, name, s3_server, free_port())

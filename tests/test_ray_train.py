@@ -35,7 +35,7 @@ def ray_cluster():
 
 
 def fit(cfg, tmp_path, name, workers, tracking=None):
-    from gan.runs.distributed import Scaling, make_trainer
+    from gan.runs.ray_train import Scaling, make_trainer
 
     trainer = make_trainer(cfg, Scaling(workers=workers), name=name, storage_path=str(tmp_path), max_failures=2,
                            tracking=tracking)  # fmt: skip

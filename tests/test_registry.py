@@ -24,7 +24,8 @@ NAME = "digits"
 def train_run(url: str, run_name: str, kimg: float, tmp_path, overrides: tuple[str, ...] = ()) -> str:
     """A real (tiny) training run tracked on the server; returns its run id."""
     from gan.registry.tracking import MLflowTracker, TrackingTarget
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     cfg = override(
         preset("debug"), [f"train.total_kimg={kimg}", f"eval.every_kimg={kimg}", "eval.num_samples=300", *overrides]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gan.runs.distributed import Scaling, default_scaling
+from gan.runs.ray_train import Scaling, default_scaling
 
 LAPTOP = [{"CPU": 2.0, "memory": 1e10}]
 GPU_BOX = [{"CPU": 16.0, "GPU": 4.0}]

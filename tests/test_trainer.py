@@ -11,7 +11,8 @@ import torch
 from gan.core.config import override
 from gan.core.loop import ema_beta, lr_scale
 from gan.runs import checkpoint
-from gan.runs.trainer import LocalSession, StallWatch, Trainer
+from gan.runs.session import LocalSession
+from gan.runs.trainer import StallWatch, Trainer
 from gan.sweeps.population import Exploit
 
 # Every speed option that runs on a CPU (tf32 and cudnn_benchmark act on CUDA only).

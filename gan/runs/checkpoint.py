@@ -202,9 +202,13 @@ class Found:
     """All of them, lowest FID first."""
 
 
-def find(run_uri: str, storage_options: dict | None = None) -> Found:
-    """The latest (most images seen) and best (lowest FID) whole checkpoints under ``run_uri``."""
-    fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+def find(run_uri: str, storage_options: dict | None = None, fs: fsspec.AbstractFileSystem | None = None) -> Found:
+    """The latest (most images seen) and best (lowest FID) whole checkpoints under ``run_uri``
+    (through ``fs`` when given: the filesystem a Ray Train worker writes through)."""
+    if fs is None:
+        fs, root = fsspec.core.url_to_fs(run_uri, **(storage_options or {}))
+    else:
+        root = run_uri.split("://", 1)[-1]
     scheme = run_uri.split("://", 1)[0] + "://" if "://" in run_uri else ""
     fs.invalidate_cache(root)  # s3fs keeps listings: one made before a run would hide what it wrote and deleted
     try:

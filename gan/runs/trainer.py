@@ -2,59 +2,29 @@
 
 Framework-free: what differs between an in-process run and a Ray Train worker (DDP
 wrapping, gradient reduction, where checkpoints and metrics go) sits behind a
-``Session``. ``LocalSession`` is the single-process one; gan/runs/distributed.py has Ray's.
+``Session`` (gan/runs/session.py): in-process, or a Ray Train worker.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-import fsspec
 import torch
-import torch.nn as nn
 
-from gan.runs import checkpoint
 from gan.core.config import MUTABLE, Config, TrainConfig, override
-from gan.data.datasets import Dataset, check_class_count, load_dataset
 from gan.core.loop import GANLoop, Nets, lr_scale, make_ema
-from gan.evaluation.metrics import Evaluator, evaluator_uri
 from gan.core.models import build_models
-from gan.sweeps.population import Exploit
 from gan.core.sampling import class_grid, png_bytes
+from gan.data.datasets import Dataset, check_class_count, load_dataset
+from gan.evaluation.backbone import evaluator_uri
+from gan.evaluation.evaluator import Evaluator
 from gan.registry.tracking import NullTracker, Tracker
-
-
-@dataclass
-class Snapshot:
-    """What a report carries besides metrics: the full state and a sample grid."""
-
-    state: dict[str, Any]
-    meta: dict[str, Any]
-    grid_png: bytes
-    is_best: bool
-
-
-class Session(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-    in_population: bool
-    quiet: bool
-    """No progress, stall or evaluation lines (rank 0 prints them otherwise)."""
-
-    def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module: ...
-    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor: ...
-    def all_gather(self, values: torch.Tensor) -> torch.Tensor: ...
-    def restore(self) -> tuple[dict[str, Any], str] | None:
-        """The state of the run's checkpoint to continue from, and where it was found."""
-
-    def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None: ...
-    def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> tuple[Exploit, dict] | None:
-        """After a round's report: in a PBT population, another trial's state to continue from."""
+from gan.runs import checkpoint
+from gan.runs.session import Session, Snapshot
+from gan.sweeps.population import Exploit
 
 
 def configure_backends(train: TrainConfig, device: torch.device) -> None:
@@ -340,6 +310,8 @@ class Trainer:
         meta |= {"dataset_fingerprint": self.data.fingerprint, "evaluator_sha256": self.evaluator.sha256}
         snapshot = Snapshot(self.state_dict(), meta, png_bytes(images, columns), improved)
         self.session.report(metrics, snapshot)
+        if self.session.rank == 0 and not self.session.quiet:
+            print(evaluation_line(metrics, improved), flush=True)
         # After the checkpoint: a crash in between loses a log line, never duplicates one.
         self.tracker.log_metrics(metrics, step=self.loop.images_seen)
         self.tracker.log_image(snapshot.grid_png, key="samples", step=self.loop.images_seen)
@@ -348,19 +320,12 @@ class Trainer:
 
     def train(self) -> Result:
         """Train to the budget; the tracked run ends FINISHED, FAILED or KILLED."""
-        try:
+        with self.tracker:
             result = self._train()
-        except KeyboardInterrupt:
-            self.tracker.close("KILLED")
-            raise
-        except BaseException:
-            self.tracker.close("FAILED")
-            raise
-        # Models are logged before the run is closed FINISHED, so a finished run always has them.
-        self.tracker.log_generator(self.nets.G_ema.state_dict(), self.cfg.to_json(), "generator")
-        if self.best_G_ema is not None:
-            self.tracker.log_generator(self.best_G_ema, self.cfg.to_json(), "generator_best")
-        self.tracker.close("FINISHED")
+            # Models are logged before the run is closed FINISHED, so a finished run always has them.
+            self.tracker.log_generator(self.nets.G_ema.state_dict(), self.cfg.to_json(), "generator")
+            if self.best_G_ema is not None:
+                self.tracker.log_generator(self.best_G_ema, self.cfg.to_json(), "generator_best")
         return result
 
     def _train(self) -> Result:
@@ -446,72 +411,15 @@ class Trainer:
             print(warning, flush=True)
 
 
-class LocalSession:
-    """One process, no Ray: checkpoints go to ``run_uri`` (local or fsspec URI) in the
-    layout Ray Train uses, keeping the latest and the best, as Ray does."""
-
-    rank = 0
-    world_size = 1
-    in_population = False
-
-    def __init__(
-        self,
-        run_uri: str,
-        resume: bool = False,
-        device: str = "cpu",
-        quiet: bool = False,
-        storage_options: dict | None = None,
-    ) -> None:
-        self.run_uri = run_uri.rstrip("/")
-        self.device = torch.device(device)
-        self.resume = resume
-        self.quiet = quiet
-        self.options = storage_options or {}
-
-    def found(self) -> checkpoint.Found:
-        return checkpoint.find(self.run_uri, self.options)
-
-    def wrap(self, module: nn.Module, *, sync_batchnorm: bool = False) -> nn.Module:
-        return module
-
-    def reduce_mean(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def all_gather(self, values: torch.Tensor) -> torch.Tensor:
-        return values
-
-    def restore(self) -> tuple[dict[str, Any], str] | None:
-        if not self.resume:
-            return None
-        state, latest = checkpoint.load_latest(self.run_uri, self.options)
-        if state is None:
-            print(f"{self.run_uri} holds no checkpoint yet: starting from scratch", flush=True)
-            return None
-        return state, latest
-
-    def exploit(self, round_: int, metrics: dict[str, float], params: dict[str, Any]) -> None:
-        return None
-
-    def report(self, metrics: dict[str, float], snapshot: Snapshot | None) -> None:
-        if snapshot is None:
-            return
-        uri = f"{self.run_uri}/{checkpoint.dir_name(int(metrics['step']))}"
-        checkpoint.save(uri, snapshot.state, snapshot.meta, self.options, grid_png=snapshot.grid_png)
-        found = self.found()
-        fs = fsspec.core.url_to_fs(self.run_uri, **self.options)[0]
-        for old in set(found.all) - {found.latest, found.best}:
-            fs.rm(old, recursive=True)
-        if not self.quiet:
-            marker = "  * new best" if snapshot.is_best else ""
-            classes = "".join(
-                f"{label} {metrics[key]:.2f}  "
-                for key, label in (("class_accuracy", "class accuracy"), ("class_variety", "variety within classes"))
-                if key in metrics
-            )
-            print(
-                f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
-                f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  {classes}"
-                f"(floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s{marker}",
-                file=sys.stdout,
-                flush=True,
-            )
+def evaluation_line(metrics: dict[str, float], is_best: bool) -> str:
+    """What rank 0 prints after each evaluation, in-process and under Ray alike."""
+    classes = "".join(
+        f"{label} {metrics[key]:.2f}  "
+        for key, label in (("class_accuracy", "class accuracy"), ("class_variety", "variety within classes"))
+        if key in metrics
+    )
+    return (
+        f"  eval at kimg {metrics['kimg']:.1f}: fid {metrics['fid']:.2f}  kid {metrics['kid']:.4f}  "
+        f"precision {metrics['precision']:.2f}  recall {metrics['recall']:.2f}  {classes}"
+        f"(floor {metrics['fid_floor']:.2f})  eval {metrics['time/eval_s']:.1f}s" + ("  * new best" if is_best else "")
+    )

@@ -1,0 +1,1 @@
+"""Training runs: the trainer, its sessions (in-process and Ray Train workers), checkpoints."""
