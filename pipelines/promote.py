@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gan.cli import USER_ERRORS, fail
+from gan.cli import fail
 from gan.core.config import check_num_samples
-from gan.registry.names import check_names
+from gan.errors import USER_ERRORS
+from gan.preflight import preflight
 from gan.registry.tracking import check_reachable, resolve_uri
 
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.num_samples is not None:
             check_num_samples("--num-samples", args.num_samples)
-        check_names(args.model_name, args.sweep)
+        preflight(names=(args.model_name, args.sweep))
     except USER_ERRORS as err:
         return fail(str(err))
 

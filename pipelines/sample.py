@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import fsspec
@@ -24,6 +23,7 @@ from gan.core.sampling import (
     png_bytes,
     sample,
 )
+from gan.preflight import preflight
 from gan.registry.tracking import TrackingError, check_reachable, resolve_uri
 from gan.runs import checkpoint
 
@@ -50,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"--n {args.n}: must be at least 1")
     try:
         check_request(args.seed, args.truncation)
-        for flag, path in (("--out", args.out), ("--grid", args.grid), ("--interp", args.interp)):
-            check_writable(flag, path)
+        preflight(outputs=(("--out", args.out), ("--grid", args.grid), ("--interp", args.interp)))
     except ValueError as err:
         return fail(str(err))
 
@@ -77,17 +76,6 @@ def main(argv: list[str] | None = None) -> int:
             handle.write(payload)
         print(f"wrote {path}")
     return 0
-
-
-def check_writable(flag: str, path: str | None) -> None:
-    """An output goes into a folder that exists: a typo must not cost the sampling, nor make folders."""
-    if not path or "://" in path:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise ValueError(f"{flag} {path}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise ValueError(f"{flag} {path}: folder {folder} is not writable")
 
 
 def load(args: argparse.Namespace):

@@ -16,13 +16,13 @@ import hashlib
 import sys
 import time
 
-from gan.cli import USER_ERRORS, add_config_args, add_run_args, fail, parse_config
-from gan.core.config import Config, ConfigError, check_split
+from gan.cli import add_config_args, add_run_args, fail, parse_config
+from gan.core.config import Config, ConfigError
 from gan.core.redact import redact_uri
 from gan.core.sampling import generator_from_state, interpolation, png_bytes
-from gan.data.datasets import check_classes_before_loading
 from gan.data.storage import Storage
-from gan.evaluation.metrics import check_backbone
+from gan.errors import USER_ERRORS
+from gan.preflight import preflight
 from gan.registry.tracking import (
     MLflowTracker,
     TrackingTarget,
@@ -54,15 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
-        if args.workers is not None and not args.in_process:
-            check_split(cfg.train, args.workers)
-        check_backbone(cfg.eval, cfg.data)
-        check_classes_before_loading(cfg.model.num_classes, cfg.data)
         storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
-        storage.claim(name, args.resume)
-        resume_from = None
-        if args.resume:  # refused before its MLflow run is reopened or Ray starts
-            resume_from = checkpoint.check_resume(storage.join(name), cfg, storage.options)
+        # A resumed run's checkpoint is checked before its MLflow run is reopened or Ray starts.
+        resume_from = preflight(
+            cfg, workers=None if args.in_process else args.workers, names=() if args.no_tracking else (name,),
+            storage=storage, claim=name, resume=args.resume,
+        )  # fmt: skip
         source = source_tags("pipelines/train.py")
         target = (
             None
@@ -76,9 +73,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.in_process:
             best_fid = train_in_process(cfg, storage, name, target, args.resume, args.gpu)
         else:
-            from gan.runs.distributed import fit
+            from gan.runs.ray_train import train_on_ray
 
-            best_fid = fit(cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker, resume_from)
+            best_fid = train_on_ray(
+                cfg, storage, name, target, args.workers, args.gpu, args.cpus_per_worker, resume_from
+            )
         found = checkpoint.find(storage.join(name), storage.options)
         state, best = checkpoint.load_best(storage.join(name), storage.options)
     except USER_ERRORS as err:
@@ -116,7 +115,8 @@ def train_in_process(
     cfg: Config, storage: Storage, name: str, target: TrackingTarget | None, resume: bool, gpu: bool
 ) -> float:
     from gan.data.datasets import MappedDataset
-    from gan.runs.trainer import LocalSession, Trainer
+    from gan.runs.session import LocalSession
+    from gan.runs.trainer import Trainer
 
     session = LocalSession(
         storage.join(name), resume=resume, device="cuda" if gpu else "cpu", storage_options=storage.options

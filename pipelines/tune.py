@@ -20,12 +20,11 @@ import sys
 import time
 import traceback
 
-from gan.cli import USER_ERRORS, add_config_args, add_run_args, add_sweep_args, fail
+from gan.cli import add_config_args, add_run_args, add_sweep_args, fail
 from gan.core.config import override, preset
-from gan.data.datasets import check_classes_before_loading
 from gan.data.storage import Storage
-from gan.evaluation.metrics import check_backbone
-from gan.registry.names import check_names
+from gan.errors import USER_ERRORS
+from gan.preflight import preflight
 from gan.sweeps import plan as plans
 from gan.sweeps import space as spaces
 
@@ -54,11 +53,8 @@ def main(argv: list[str] | None = None) -> int:
             perturbation_rounds=args.perturbation_rounds,
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
-        check_backbone(base.eval, base.data)
-        if not any(key == "model.num_classes" or key.startswith("data.") for key in space):  # else per trial
-            check_classes_before_loading(base.model.num_classes, base.data)
-        if not args.no_tracking:
-            check_names(args.name, args.model_name)
+        classes_vary = any(key == "model.num_classes" or key.startswith("data.") for key in space)
+        preflight(base, classes_vary=classes_vary, names=() if args.no_tracking else (args.name, args.model_name))
     except USER_ERRORS as err:
         return fail(str(err))
     if args.dry_run:
@@ -72,16 +68,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storage) -> int:
     from gan.core.redact import redact_uri
-    from gan.registry.tracking import MLflowTracker, TrackingTarget, resolve_uri, source_tags, ui_link
-    from gan.runs.distributed import connect
-    from gan.sweeps import ray_tune as sweep
-    from gan.sweeps.report import report
+    from gan.registry.tracking import MLflowTracker, Tracker, TrackingTarget, resolve_uri, source_tags, ui_link
+    from gan.runs.ray_train import connect
+    from gan.sweeps import ray_tune
+    from gan.sweeps import report as reports
 
     storage.check()
     if args.name:  # refused before Ray starts; a derived name waits for the cluster's round length
         storage.claim(args.name, args.resume, "sweep")
     connect(storage)
-    max_concurrent = sweep.concurrency(plan, args.max_concurrent)
+    max_concurrent = ray_tune.concurrency(plan, args.max_concurrent)
     if not args.kimg_per_round:
         plan = dataclasses.replace(plan, kimg_per_round=plans.kimg_per_round(plan, args.budget_minutes, max_concurrent))
     name = args.name or plans.sweep_name(base, space, plan)
@@ -95,7 +91,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         parent.log_params({**plans.plan_params(plan), **{f"base.{k}": v for k, v in base.flat().items()}})
         parent.log_dict(spaces.space_as_dict(space), "search_space.json")
     tracking = dataclasses.replace(parent.target, parent_run_id=parent.run_id) if parent else None
-    setup = sweep.TrialSetup(base.to_json(), plan, name, storage, tracking, spaces.searched(space))
+    setup = ray_tune.TrialSetup(base.to_json(), plan, name, storage, tracking, spaces.searched(space))
     print(
         f"{'resuming' if args.resume else 'starting'} sweep {name!r}: {plan.trials} trials x up to {plan.rounds} "
         f"rounds of {plan.kimg_per_round:g} kimg, {plans.describe_scheduler(plan)} on FID, {plan.search} search, "
@@ -104,47 +100,47 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         flush=True,
     )
     started = time.monotonic()
-    try:
-        rows = sweep.summarize(sweep.fit(setup, space, max_concurrent, args.resume), plan, storage)
+    with parent or Tracker() as run:  # ends the parent run FINISHED, FAILED or KILLED
+        rows = ray_tune.trial_rows(ray_tune.run_trials(setup, space, max_concurrent, args.resume), plan, storage)
         if parent:
-            sweep.close_stopped_runs(rows, setup)
+            ray_tune.close_stopped_runs(rows, setup)
         print(f"\nsweep {name!r} done in {time.monotonic() - started:.0f}s", flush=True)
-    except BaseException as err:
-        if parent:
-            parent.close("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
-        raise
-    try:
-        best = report(rows, space, plan, storage, name, parent, None if args.no_register else args.model_name)
-    except KeyboardInterrupt:
-        if parent:
-            parent.close("KILLED")
-        raise
-    except Exception as err:  # the trials are safe: say how to report them again
-        if parent:
-            parent.close("FAILED")
-        traceback.print_exc()
-        return fail(
-            f"the trials finished but the sweep's report failed ({type(err).__name__}: {err}); they are kept in "
-            f"{storage.join(name)}: run the same command with --resume to report them without training again",
-            code=1,
+        summary = reports.summarize(rows, space, plan)
+        print(f"{summary.text}\n{len(rows)} trials, {summary.worker_s:.0f} worker-seconds", flush=True)
+        try:
+            rendered = reports.render(summary, storage, name)
+            published = None
+            if parent:
+                from gan.registry.publish import publish
+
+                published = publish(
+                    summary, rendered, plan, name, parent, None if args.no_register else args.model_name
+                )
+        except Exception as err:  # the trials are safe: say how to report them again
+            run.status = "FAILED"
+            traceback.print_exc()
+            return fail(
+                f"the trials finished but the sweep's report failed ({type(err).__name__}: {err}); they are kept in "
+                f"{storage.join(name)}: run the same command with --resume to report them without training again",
+                code=1,
+            )
+        best = summary.best
+        if best is None:
+            run.status = "FAILED"
+            return fail("no trial finished an evaluation; see the errors above", code=1)
+        meta = rendered.best_meta
+        print(
+            f"\nbest: trial {best.trial_id}, FID {best.best_fid:.2f} (floor {meta.get('fid_floor', 0):.2f}) "
+            f"at kimg {meta.get('images_seen', 0) / 1000:.1f}\n  checkpoint {best.best_checkpoint}\n  config "
+            + " ".join(f"{k}={v}" for k, v in best.params.items())
+            + f"\n  summary, FID plot and samples in {storage.join(name)}/",
+            flush=True,
         )
-    if best is None:
-        if parent:
-            parent.close("FAILED")
-        return fail("no trial finished an evaluation; see the errors above", code=1)
-    print(
-        f"\nbest: trial {best.row.trial_id}, FID {best.row.best_fid:.2f} (floor {best.meta.get('fid_floor', 0):.2f}) "
-        f"at kimg {best.meta.get('images_seen', 0) / 1000:.1f}\n  checkpoint {best.checkpoint}\n  config "
-        + " ".join(f"{k}={v}" for k, v in best.row.params.items())
-        + f"\n  summary, FID plot and samples in {storage.join(name)}/",
-        flush=True,
-    )
     if parent is None:
         return 0
-    parent.close("FINISHED")
     uri, model = redact_uri(parent.target.uri), args.model_name  # printed: no password
-    if best.registered:
-        print(f"registered models:/{best.registered} (run {best.run_id})")
+    if published.registered:
+        print(f"registered models:/{published.registered} (run {published.run_id})")
     print(
         f"MLflow: experiment {args.experiment!r} at {uri}, parent run {name!r}\n"
         f"  review: {redact_uri(ui_link(parent.target, parent.run_id))}\nnext:\n"

@@ -11,8 +11,9 @@ from gan.core.config import override, preset
 from gan.core.models import build_models
 from gan.registry import models as registry
 from gan.registry import promotion
+from gan.registry.publish import register_best
 from gan.registry.tracking import MLflowTracker, TrackingTarget, finish_run, run_id_of
-from gan.sweeps.report import TrialSummary, register_best
+from gan.sweeps.report import TrialSummary
 
 pytestmark = pytest.mark.integration
 DEBUG = preset("debug")

@@ -84,6 +84,21 @@ class Tracker:
     def log_generator(self, G_ema_state: dict, config_json: str, name: str) -> None: ...
     def close(self, status: str) -> None: ...
 
+    status = "FINISHED"
+    """How the run ends when its ``with`` block ends normally; a block that handled its own
+    failure sets FAILED."""
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, kind, err, traceback) -> None:
+        """The one place a run's end is decided: KILLED on Ctrl-C, FAILED on any other
+        exception, else ``status``."""
+        if kind is None:
+            self.close(self.status)
+        else:
+            self.close("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
 
 NullTracker = Tracker
 

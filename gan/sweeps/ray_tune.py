@@ -68,7 +68,8 @@ def run_trial(params: dict[str, Any], setup: TrialSetup) -> None:
     resumed sweep) find their Train run by name and continue from its checkpoint."""
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from gan.runs.distributed import Member, fit_trainer, make_trainer
+    from gan.runs.ray_train import fit_trainer, make_trainer
+    from gan.runs.session import Member
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(Config.from_json(setup.base_config), params, setup.plan)
@@ -133,7 +134,7 @@ def concurrency(plan: Plan, max_concurrent: int | None) -> int:
     return fits
 
 
-def fit(setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
+def run_trials(setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
     """Run (or with ``resume`` continue) the sweep; returns Tune's ResultGrid. A PBT sweep's
     population lives in an actor for as long as the sweep runs."""
     import ray
@@ -144,13 +145,14 @@ def fit(setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, res
         actor = ray.remote(num_cpus=0, max_restarts=-1)(PopulationHost)
         population = actor.options(name=population_name(setup.sweep)).remote(setup, space)
     try:
-        return _fit(trainable, setup, space, max_concurrent, resume)
+        return make_tuner(trainable, setup, space, max_concurrent, resume).fit()
     finally:
         if population is not None:
             ray.kill(population)
 
 
-def _fit(trainable, setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
+def make_tuner(trainable, setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
+    """A new Tuner for the sweep, or the interrupted one restored from its storage."""
     storage_path, filesystem = setup.storage.ray_args()
     if resume:
         tuner = tune.Tuner.restore(
@@ -172,7 +174,7 @@ def _fit(trainable, setup: TrialSetup, space: dict[str, Dimension], max_concurre
                 callbacks=[TrialRuns(setup)],
             ),
         )  # fmt: skip
-    return tuner.fit()
+    return tuner
 
 
 def make_search(plan: Plan, max_concurrent: int):
@@ -259,7 +261,7 @@ def close_stopped_runs(rows: list[TrialSummary], setup: TrialSetup) -> None:
             close_trial_run(setup, row.trial_id, row.rounds, row.kimg, row.fid)
 
 
-def summarize(grid, plan: Plan, storage: Storage) -> list[TrialSummary]:
+def trial_rows(grid, plan: Plan, storage: Storage) -> list[TrialSummary]:
     """One row per trial from Tune's ResultGrid, best first."""
     rows = []
     for result in grid:

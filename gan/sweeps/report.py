@@ -1,6 +1,8 @@
-"""The sweep's report: a table of trials, FID against images, the best trial's samples,
-its numbers on the parent MLflow run, and its generator registered with the evidence.
-No Ray: the Tune adapter (gan/sweeps/ray_tune.py) turns Tune's results into ``TrialSummary`` rows."""
+"""The sweep's report, in two steps without Ray or MLflow: ``summarize`` (pure: the table,
+the best trial, the worker time) and ``render`` (the FID plot and the best trial's samples,
+written beside the trials). Publishing it on the parent MLflow run and registering the best
+generator is gan/registry/publish.py's. The Tune adapter (gan/sweeps/ray_tune.py) turns
+Tune's results into ``TrialSummary`` rows."""
 
 from __future__ import annotations
 
@@ -10,9 +12,8 @@ from typing import Any
 
 from gan.core.sampling import class_grid, generator_from_state, png_bytes
 from gan.data.storage import Storage
-from gan.registry.tracking import MLflowTracker, git_commit, run_id_of
 from gan.runs import checkpoint
-from gan.sweeps.plan import Plan, child_run_name, trial_label
+from gan.sweeps.plan import Plan, trial_label
 from gan.sweeps.space import Dimension, searched
 
 
@@ -105,104 +106,67 @@ def plot_fid(rows: list[TrialSummary], floor: float | None = None) -> bytes:
 
 
 @dataclass(frozen=True)
-class Best:
-    """The sweep's best trial and its best checkpoint."""
+class SweepSummary:
+    rows: list[TrialSummary]
+    """Every trial, best first."""
+    text: str
+    """The table of trials."""
+    worker_s: float
+    best: TrialSummary | None
+    """The best trial that finished an evaluation and kept a checkpoint; None when none did."""
+    floor: float | None
+    searched: tuple[str, ...]
 
-    row: TrialSummary
-    checkpoint: str
-    meta: dict[str, Any]
-    run_id: str | None
-    registered: str | None
-    """``name/version`` when its generator was registered."""
 
-
-def report(
-    rows: list[TrialSummary],
-    space: dict[str, Dimension],
-    plan: Plan,
-    storage: Storage,
-    sweep: str,
-    parent: MLflowTracker | None,
-    model_name: str | None,
-) -> Best | None:
-    """Write summary.txt, fid_vs_kimg.png and best_samples.png beside the sweep's trials,
-    log them on the parent run and register the best generator as ``model_name`` (None:
-    do not register). Returns None when no trial finished an evaluation."""
-    summary = table(rows, space, plan)
-    worker_s = sum(r.time_s for r in rows) * plan.scaling.workers
-    print(f"{summary}\n{len(rows)} trials, {worker_s:.0f} worker-seconds", flush=True)
+def summarize(rows: list[TrialSummary], space: dict[str, Dimension], plan: Plan) -> SweepSummary:
     ok = [row for row in rows if row.outcome != "error" and row.history and row.best_checkpoint]
-    plot = plot_fid(rows, next((r.floor for r in rows if math.isfinite(r.floor)), None))
-    storage.write(storage.join(sweep, "summary.txt"), summary.encode())
-    storage.write(storage.join(sweep, "fid_vs_kimg.png"), plot)
-    if parent:
-        parent.log_artifact(summary.encode(), "summary.txt")
-        parent.log_artifact(plot, "fid_vs_kimg.png")
-    if not ok:
-        return None
-    row = ok[0]
-    state, meta = checkpoint.load(row.best_checkpoint, storage.options)
-    G, cfg = generator_from_state(state)
-    samples = png_bytes(*class_grid(G, per_class=10))
-    storage.write(storage.join(sweep, "best_samples.png"), samples)
-    if parent is None:
-        return Best(row, row.best_checkpoint, meta, None, None)
-    parent.log_artifact(samples, "best_samples.png")
-    parent.log_metrics({"best_fid": row.best_fid, "worker_seconds": worker_s, "trials": len(rows)}, step=0)
-    run_id = run_id_of(parent.target.child(child_run_name(sweep, row.trial_id), parent.run_id))
-    registered = None
-    if model_name and run_id:
-        version = register_best(parent.target.uri, model_name, run_id, state, meta, sweep, row)
-        registered = f"{model_name}/{version.version}"
-    tags = {"best_trial": row.trial_id, "best_run_id": run_id or "", "best_checkpoint": row.best_checkpoint}
-    parent.set_tags(tags | ({"registered_model": registered} if registered else {}))
-    parent.describe(sweep_description(rows, plan, row, worker_s, registered, searched(space)))
-    return Best(row, row.best_checkpoint, meta, run_id, registered)
+    return SweepSummary(
+        rows=rows,
+        text=table(rows, space, plan),
+        worker_s=sum(r.time_s for r in rows) * plan.scaling.workers,
+        best=ok[0] if ok else None,
+        floor=next((r.floor for r in rows if math.isfinite(r.floor)), None),
+        searched=searched(space),
+    )
 
 
-def sweep_description(
-    rows: list[TrialSummary], plan: Plan, best: TrialSummary, worker_s: float, registered, fields: tuple[str, ...]
-) -> str:
+@dataclass(frozen=True)
+class Rendered:
+    """The report's files, as written beside the sweep's trials."""
+
+    files: dict[str, bytes]
+    """summary.txt, fid_vs_kimg.png and, with a best trial, best_samples.png."""
+    best_meta: dict[str, Any]
+    best_state: dict[str, Any] | None
+
+
+def render(summary: SweepSummary, storage: Storage, sweep: str) -> Rendered:
+    """The plot and the best trial's samples (its best checkpoint loaded), written with the
+    table into the sweep's folder."""
+    files = {"summary.txt": summary.text.encode(), "fid_vs_kimg.png": plot_fid(summary.rows, summary.floor)}
+    state, meta = None, {}
+    if summary.best is not None:
+        state, meta = checkpoint.load(summary.best.best_checkpoint, storage.options)
+        G, _ = generator_from_state(state)
+        files["best_samples.png"] = png_bytes(*class_grid(G, per_class=10))
+    for name, data in files.items():
+        storage.write(storage.join(sweep, name), data)
+    return Rendered(files, meta, state)
+
+
+def sweep_description(summary: SweepSummary, plan: Plan, registered: str | None) -> str:
     """The parent run's paragraph (markdown): the search, its outcome, the best trial and
     a link to its registered version."""
+    rows, best = summary.rows, summary.best
     outcomes = {kind: sum(r.outcome == kind for r in rows) for kind in ("completed", "stopped", "error")}
     text = (
         f"Sweep of {len(rows)} trials, up to {plan.rounds} rounds of {plan.kimg_per_round:g} kimg each, "
         f"{plan.search} search with ASHA on FID: {outcomes['completed']} completed, {outcomes['stopped']} stopped "
-        f"early, {outcomes['error']} failed; {worker_s:.0f} worker-seconds. "
-        f"Best: **{trial_label(best.trial_id, best.params, fields)}**, FID {best.best_fid:.2f} (floor {best.floor:.2f}) "
-        f"within {best.kimg:.1f} kimg."
+        f"early, {outcomes['error']} failed; {summary.worker_s:.0f} worker-seconds. "
+        f"Best: **{trial_label(best.trial_id, best.params, summary.searched)}**, FID {best.best_fid:.2f} "
+        f"(floor {best.floor:.2f}) within {best.kimg:.1f} kimg."
     )
     if registered:
         name, version = registered.rsplit("/", 1)
         text += f" Registered as [{name} version {version}](#/models/{name}/versions/{version})."
     return text
-
-
-def register_best(tracking_uri: str, model_name: str, run_id: str, state, meta, sweep: str, row: TrialSummary):
-    """The best trial's best generator as a new registered version, with its evidence."""
-    from mlflow.tracking import MlflowClient
-
-    from gan.core.config import Config
-    from gan.registry import models as registry
-
-    client = MlflowClient(tracking_uri)
-    done = registry.latest_version_of_run(client, model_name, run_id)
-    if done is not None:  # a resumed sweep that registered its best before
-        return done
-    run = client.get_run(run_id)
-    # A completed trial logged generator_best before closing its run FINISHED; a stopped
-    # one never got there, so its best checkpoint's G_ema is logged now.
-    model_uri = None
-    if run.info.status == "FINISHED":
-        model_uri = registry.logged_model_uri(tracking_uri, run, "generator_best")
-    if model_uri is None:
-        model_uri = registry.log_generator(
-            tracking_uri, run_id, "generator_best", state["loop"]["G_ema"], state["config"]
-        )
-    tags = {
-        "fid": f"{row.best_fid:.4f}", "fid_floor": meta.get("fid_floor", ""), "kid": meta.get("kid", ""),
-        "dataset_fingerprint": meta.get("dataset_fingerprint", ""), "evaluator_sha256": meta.get("evaluator_sha256", ""),
-        "git_commit": git_commit(), "source_run": run_id, "sweep": sweep, "trial": row.trial_id,
-    }  # fmt: skip
-    return registry.register(tracking_uri, model_uri, model_name, Config.from_json(state["config"]), tags)
