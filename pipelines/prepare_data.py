@@ -1,7 +1,10 @@
 """Prepare a dataset once: uint8 shards at one resolution, labels and a sha256 manifest.
 
 Training then reads it by URI (--set data.uri=DEST) with its manifest's sha256 as the
-dataset fingerprint; a remote one is fetched once per node into a local cache.
+dataset fingerprint; a remote one is fetched once per node into a local cache. Training
+given the raw source itself prepares it with this same code into that cache (one process
+per node, one worker): the same pixels and fingerprint, but a large set of photos is
+faster prepared here once, with --workers.
 
     python pipelines/prepare_data.py photos/ prepared/photos64 --resolution 64 --workers 8
     python pipelines/prepare_data.py photos.zip s3://bucket/data/photos64 --labels labels.csv
@@ -24,7 +27,8 @@ import os
 import sys
 
 from gan.cli import fail
-from gan.data.prepare import RESOLUTIONS, PrepareConfig, PrepareError, prepare
+from gan.core.config import RESOLUTIONS
+from gan.data.prepare import PrepareConfig, prepare
 from gan.data.storage import s3_options
 
 
@@ -62,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             workers=args.workers,
         )
         manifest = prepare(cfg)
-    except (PrepareError, ValueError) as err:  # DataError from decoding whole files is a ValueError
+    except ValueError as err:  # PrepareError and the sources' DataError, each naming its input
         return fail(str(err))
     except KeyboardInterrupt:
         return fail(f"interrupted: no dataset was published at {args.dest}", code=130)

@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from gan.core.config import DataConfig
+from gan.core.config import RESOLUTIONS, ConfigError, DataConfig, ModelConfig
+from gan.core.models import build_models
 from gan.data import datasets as data_mod
 from gan.data import prepare as prepare_mod
 from gan.data.datasets import MANIFEST, DataError, load_dataset
@@ -85,7 +86,7 @@ def test_folder_with_subfolder_labels_round_trips_with_the_manifest_fingerprint(
     assert manifest["count"] == 5 and manifest["shape"] == [3, 32, 32] and manifest["class_names"] == ["cat", "dog"]
     assert len(manifest["shards"]) == 3 and manifest["skipped"] == 0 and manifest["source"] == str(animals)
     on_disk = json.loads((tmp_path / "out" / MANIFEST).read_text())
-    assert on_disk["sha256"] == manifest["sha256"] == data_mod.manifest_sha256(on_disk)
+    assert on_disk["sha256"] == manifest["sha256"] == prepare_mod.manifest_sha256(on_disk)
     shard = np.load(tmp_path / "out" / manifest["shards"][0]["images"], allow_pickle=False)
     assert shard.dtype == np.uint8 and shard.shape == (2, 3, 32, 32)
 
@@ -225,7 +226,7 @@ def test_bad_files_are_named_and_counted(tmp_path):
 
 def test_nothing_readable_is_an_error_and_writes_nothing(tmp_path):
     src = write_tree(tmp_path / "src", {"a.png": b"junk", "b.jpg": b"junk"})
-    with pytest.raises(PrepareError, match=r"nothing readable \(2 files skipped\)"):
+    with pytest.raises(PrepareError, match=r"nothing readable \(2 files skipped; .*/a.png: not a readable image"):
         run(src, tmp_path / "out", log=io.StringIO())
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
@@ -258,7 +259,7 @@ def test_bad_requests_fail_before_any_image_is_read(tmp_path, animals, monkeypat
         "not-a-dataset": {"dest": str(tmp_path / "busy")},
         "labels": {"labels": str(tmp_path / "typo.csv")},
     }.get(case, {})
-    with pytest.raises(PrepareError, match=fragment):
+    with pytest.raises(DataError, match=fragment):  # PrepareError for the request, DataError for the source
         prepare(PrepareConfig(**({"source": str(animals), "dest": str(dest), "resolution": 28} | kw)))
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
 
@@ -416,11 +417,22 @@ def test_cli_help_and_a_run(tmp_path, animals):
     assert tool_mod.main([str(animals), str(tmp_path / "new"), "--background", "blurple"]) == 2
 
 
-def test_128_px_is_written_and_refused_by_training_clearly(tmp_path):
+def test_one_list_of_resolutions_for_the_tool_and_training(tmp_path):
     write_tree(tmp_path / "src", {"a.png": png(RED, (200, 150))})
     assert run(tmp_path / "src", tmp_path / "out", resolution=128)["shape"] == [3, 128, 128]
-    with pytest.raises(DataError, match="prepared at 128 px; training takes 28, 32, 64 px"):
+    assert load(tmp_path / "out", resolution=128).images.shape == (1, 3, 128, 128)
+    with pytest.raises(DataError, match="prepared at 128 px RGB, but data.resolution=64"):
         load(tmp_path / "out", resolution=64)
+    allowed = ", ".join(map(str, RESOLUTIONS))
+    with pytest.raises(PrepareError, match=f"^resolution 48 is not one of {allowed}$"):
+        run(tmp_path / "src", tmp_path / "out48", resolution=48)
+    with pytest.raises(ConfigError, match=f"choose one of {allowed}$"):
+        DataConfig(resolution=48)
+    for family in ("mlp", "dcgan", "resnet"):  # every family builds at every listed size
+        for resolution in RESOLUTIONS:
+            G, D = build_models(ModelConfig(family=family, width=4, z_dim=8), resolution, 3)
+            fakes = G(torch.randn(2, 8))
+            assert fakes.shape == (2, 3, resolution, resolution) and D(fakes).shape == (2,)
 
 
 def test_worker_processes_write_the_same_dataset(animals, tmp_path):

@@ -126,13 +126,18 @@ def test_a_remote_dataset_streams_from_the_node_copy_hashed_on_download(small, c
     assert torch.equal(streamed.rows(torch.arange(100)), load(small).images)
 
 
-def test_streaming_never_converts_a_mismatched_resolution_or_other_formats(small, tmp_path):
+def test_streaming_never_converts_a_mismatched_resolution_and_raw_sources_stream_too(small, tmp_path):
     with pytest.raises(DataError, match="prepared at 28 px grayscale, but data.resolution=32") as err:
         load_dataset(DataConfig(uri=str(small), resolution=32, memory_budget_mb=0.05))
     assert "\n" not in str(err.value)
-    np.savez(tmp_path / "plain.npz", images=np.zeros((100, 28, 28), np.uint8))
-    with pytest.warns(UserWarning, match="over data.memory_budget_mb=0.05; only prepared datasets stream"):
-        assert isinstance(load(tmp_path / "plain.npz", budget_mb=0.05), ImageDataset)
+    images = np.random.default_rng(2).integers(0, 256, (100, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "plain.npz", images=images)  # prepared into the node cache, then read as any prepared set
+    streamed = load(tmp_path / "plain.npz", budget_mb=0.05)
+    assert isinstance(streamed, MappedDataset) and streamed.labels is None
+    assert torch.equal(streamed.rows(torch.arange(100))[:, 0], torch.from_numpy(images))
+    assert streamed.fingerprint == load(tmp_path / "plain.npz").fingerprint
+    with pytest.warns(UserWarning, match="over data.memory_budget_mb=0.05; the embedded digits are always held whole"):
+        assert isinstance(load("embedded:mnist5k", budget_mb=0.05), ImageDataset)
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan", "inf", "lots"])

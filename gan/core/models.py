@@ -15,15 +15,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan.core.config import ModelConfig
+from gan.core.config import RESOLUTIONS, ModelConfig
 
 
 def stages(resolution: int) -> tuple[int, int]:
-    """(base side, number of 2x stages): 28 -> (7, 2), 32 -> (4, 3), 64 -> (4, 4)."""
+    """(base side, number of 2x stages): 28 -> (7, 2), 32 -> (4, 3), 64 -> (4, 4), 128 -> (4, 5)."""
     k = 2 if resolution % 7 == 0 else int(math.log2(resolution // 4))
     base = resolution >> k
     if base << k != resolution or base < 4:
-        raise ValueError(f"resolution {resolution} is not supported; use 28, 32 or 64")
+        raise ValueError(f"resolution {resolution} is not supported; use one of {', '.join(map(str, RESOLUTIONS))}")
     return base, k
 
 

@@ -1,24 +1,31 @@
-"""Image datasets from the embedded digits or any fsspec URI, held as uint8 tensors.
+"""Datasets as training reads them: uint8 images (and labels) from the embedded digits or any
+fsspec URI, the node cache, and ``load_dataset``.
 
-Formats: MNIST IDX (optionally gzip), .npz (key 'images' or 'x', optional 'labels'/'y'),
-folders of PNG/JPEG images (one sub-folder per class gives labels), and prepared datasets
-(a folder or prefix with ``manifest.json``, written by ``pipelines/prepare_data.py``).
-Everything is resized and converted once at load, so the training hot path only indexes
-a tensor.
+Every URI is read as a prepared dataset (a folder or prefix with ``manifest.json``, written
+by the dataset tool, ``gan.data.prepare``). A raw source (folder or archive of images, IDX,
+.npz) is first prepared by that same tool into the node cache, so a folder trains on the
+same pixels, labels and fingerprint whether it was prepared by hand
+(``pipelines/prepare_data.py``) or given to training as it is. Only the embedded digits,
+5,000 uint8 28 x 28 images, are read directly; at another resolution or in RGB they are
+converted image by image with the tool's code.
+
+The node cache (``$GAN_DATA_CACHE``, default ``<tmp>/gan-data-cache``) holds, each written
+by the first process on a node that wants it under a file lock into a temporary folder
+renamed into place, and read by every later load on that node, from any worker or trial:
+
+- ``<sha256>/``: the copy of a remote prepared dataset, named by its manifest's sha256;
+- ``converted/<key>/``: a raw source prepared by the tool, keyed by its URI, its labels
+  URI, what its listing says (names, sizes, modification times or ETags), the resolution,
+  the channels and the tool's version: a changed file or setting is prepared again.
 
 A prepared dataset is read shard by shard, each shard checked against the sha256 its
-manifest records, and its fingerprint is the manifest's sha256. A remote one (s3://,
-https://, ...) is first copied into a node-local cache keyed by that sha256
-(``$GAN_DATA_CACHE``, default ``<tmp>/gan-data-cache``): the first process on a node to
-want it downloads it under a file lock into a temporary folder renamed into place, and
-every later load on that node, from any worker or trial, reads the local copy.
-
-A prepared dataset larger than ``data.memory_budget_mb`` is streamed instead of loaded: a
-``MappedDataset`` memory-maps the shards of the local copy and each step reads only the
-rows it needs, so the kernel's page cache (one per node, reclaimable) holds the data for
-every worker and trial there rather than each process's own memory. Its shards are hashed
-in chunks once per node (a stamp in the cache records each file's size, mtime and inode;
-a changed file is hashed again), not at every load; a loaded one is hashed as it is read.
+manifest records, and its fingerprint is the manifest's sha256. One larger than
+``data.memory_budget_mb`` is streamed instead of loaded: a ``MappedDataset`` memory-maps
+the shards of the local copy and each step reads only the rows it needs, so the kernel's
+page cache (one per node, reclaimable) holds the data for every worker and trial there
+rather than each process's own memory. Its shards are hashed in chunks once per node (a
+stamp in the cache records each file's size, mtime and inode; a changed file is hashed
+again), not at every load; a loaded one is hashed as it is read.
 """
 
 from __future__ import annotations
@@ -31,45 +38,25 @@ import math
 import os
 import posixpath
 import shutil
-import struct
 import tempfile
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from gan.core.config import RESOLUTIONS, DataConfig
+from gan.data.prepare import MANIFEST, PrepareConfig, convert_pixels, prepare, read_manifest, tool_version
+from gan.data.sources import DataError, Source, fetch, source_identity
 from gan.data.storage import folder_mode, url_to_fs
 
-if TYPE_CHECKING:
-    from PIL.Image import Image as PILImage
-
 EMBEDDED = "embedded:mnist5k"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-MANIFEST = "manifest.json"
-FORMAT = "gan-prepared-dataset"
-FORMAT_VERSION = 1
 CACHE_ENV = "GAN_DATA_CACHE"
 STAMPS = "verified"  # the cache's folder of stamps, beside the copies (named by 64 hex digits)
+CONVERTED = "converted"  # the cache's folder of raw sources prepared by the dataset tool
 MIB = 2**20
 CHUNK_BYTES = MIB  # shards are hashed and copied in pieces this big, never whole
-# What decides the bytes training reads; provenance (source URI, tool version, skipped
-# files) stays out, so the same data prepared from a moved copy has the same fingerprint.
-IDENTITY_FIELDS = ("format", "format_version", "count", "shape", "dtype", "class_names", "shards")
-MAX_GUNZIPPED_BYTES = 16 << 30
-"""Most bytes one gzip file may expand to (16 GiB; IDX files: what their header states)."""
-_GUNZIP_STEP = 64 << 20
-_IDX_HEADER_MAX = 4 + 4 * 255  # magic and up to 255 dimensions
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -162,37 +149,19 @@ Dataset = ImageDataset | MappedDataset
 
 
 def load_dataset(cfg: DataConfig) -> Dataset:
-    """Load, convert and fingerprint the dataset ``cfg`` names; a prepared one larger than
+    """The dataset ``cfg`` names at its resolution and channels, fingerprinted. A raw source
+    is prepared into the node cache first; a prepared dataset larger than
     ``cfg.memory_budget_mb`` is memory-mapped instead of loaded."""
-    storage_options = cfg.fsspec_options()
-    if cfg.uri == EMBEDDED:
-        images, labels = _embedded_mnist()
-    elif cfg.uri.startswith("embedded:"):
-        raise DataError(f"unknown embedded dataset {cfg.uri!r}; the only one is {EMBEDDED!r}")
-    else:
-        fs, path = url_to_fs(cfg.uri, storage_options, DataError)
-        if _is_prepared(fs, path, cfg.uri):
-            if cfg.labels_uri:
-                raise DataError(f"{cfg.labels_uri}: a prepared dataset carries its own labels")
-            return _load_prepared(fs, path.removesuffix(MANIFEST).rstrip("/"), cfg)
-        images, labels = _read_uri(fs, path, cfg.uri, cfg.labels_uri, storage_options)
-    if images.shape[0] == 0:
-        raise DataError(f"{cfg.uri}: the dataset holds no images")
-    if labels is not None and labels.shape[0] != images.shape[0]:
-        raise DataError(f"{cfg.labels_uri or cfg.uri}: {labels.shape[0]} labels for {images.shape[0]} images")
-    # IDX bytes parse to a read-only view; torch must own writable memory.
-    tensor = _convert(torch.from_numpy(np.require(images, requirements=("C", "W"))), cfg.channels, cfg.resolution)
-    label_tensor = None if labels is None else torch.from_numpy(labels.astype(np.int64))
-    if label_tensor is not None and int(label_tensor.min()) < 0:
-        raise DataError(f"{cfg.labels_uri or cfg.uri}: negative class labels")
-    dataset = ImageDataset(tensor, label_tensor, fingerprint(tensor, label_tensor), cfg.uri)
-    if dataset.nbytes > cfg.memory_budget_mb * MIB:
-        warnings.warn(
-            f"{cfg.uri}: {dataset.nbytes / MIB:.0f} MiB in memory, over data.memory_budget_mb="
-            f"{cfg.memory_budget_mb:g}; only prepared datasets stream (pipelines/prepare_data.py)",
-            stacklevel=2,
-        )
-    return dataset
+    from fsspec.implementations.local import LocalFileSystem
+
+    if cfg.uri.startswith("embedded:"):
+        return _load_embedded(cfg)
+    fs, path = url_to_fs(cfg.uri, cfg.fsspec_options(), DataError)
+    if _is_prepared(fs, path, cfg.uri):
+        if cfg.labels_uri:
+            raise DataError(f"{cfg.labels_uri}: a prepared dataset carries its own labels")
+        return _load_prepared(fs, path.removesuffix(MANIFEST).rstrip("/"), cfg)
+    return _load_prepared(LocalFileSystem(), str(_converted_copy(cfg)), cfg)
 
 
 def check_class_count(num_classes: int, source: str, data_classes: int) -> None:
@@ -262,256 +231,29 @@ def _embedded_mnist() -> tuple[np.ndarray, np.ndarray]:
     return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64)
 
 
-def _read_uri(fs, path: str, uri: str, labels_uri: str, storage_options: dict) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        is_dir = fs.isdir(path)
-        exists = is_dir or fs.exists(path)
-    except Exception as err:  # network and permission errors differ per backend
-        raise DataError(f"{uri}: cannot reach it ({type(err).__name__}: {err})") from None
-    if not exists:
-        raise DataError(f"{uri}: no such file or folder (check the spelling and the bucket)")
-    if is_dir:
-        if labels_uri:
-            raise DataError(f"{labels_uri}: labels files go with IDX images, not image folders")
-        return _read_folder(fs, path, uri)
-    raw = read_bytes(fs, path, uri)
-    name = posixpath.basename(path).lower()
-    if name.endswith(".npz"):
-        if labels_uri:
-            raise DataError(f"{labels_uri}: an .npz file carries its own labels (key 'labels')")
-        return parse_npz(raw, uri)
-    images = parse_idx(raw, uri)
-    if images.ndim != 3:
-        raise DataError(f"{uri}: an IDX images file must be 3-D (N x H x W), found shape {images.shape}")
-    labels = None
-    if labels_uri:
-        lfs, lpath = url_to_fs(labels_uri, storage_options, DataError)
-        if not lfs.exists(lpath):
-            raise DataError(f"{labels_uri}: no such labels file")
-        labels = parse_idx(read_bytes(lfs, lpath, labels_uri), labels_uri)
-        if labels.ndim != 1:
-            raise DataError(f"{labels_uri}: an IDX labels file must be 1-D, found shape {labels.shape}")
-    return to_uint8(images, uri), labels
-
-
-def read_bytes(fs, path: str, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
-    """The bytes of one file, gunzipped if they are gzip; DataError names the URI."""
-    raw = _fetch(fs, path, uri)
-    return gunzip(raw, uri, max_bytes) if raw[:2] == b"\x1f\x8b" else raw
-
-
-def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
-    """Decompress gzip data in steps, never past the limit: ``max_bytes``, or for an IDX file
-    the size its header states. A few kilobytes that expand to gigabytes (a gzip bomb) fail
-    at the limit, not when memory runs out."""
-    out = bytearray()
-    limit, header_read = max_bytes, False
-    stream, pending = zlib.decompressobj(wbits=31), raw
-    try:
-        while True:
-            room = min(limit + 1 - len(out), _GUNZIP_STEP)
-            piece = stream.decompress(pending, room)
-            out += piece
-            pending = stream.unconsumed_tail
-            if not header_read and (len(out) >= _IDX_HEADER_MAX or stream.eof):
-                header_read, stated = True, _idx_size(bytes(out[:_IDX_HEADER_MAX]))
-                if stated is not None and stated > max_bytes:
-                    raise DataError(f"{uri}: its IDX header states {stated:,} bytes, over the limit of {max_bytes:,}")
-                limit = limit if stated is None else stated
-            if len(out) > limit:
-                what = "the size its IDX header states" if limit < max_bytes else "the limit"
-                raise DataError(
-                    f"{uri}: gzip data expands beyond {limit:,} bytes ({what}): a gzip bomb or a corrupt file"
-                )
-            if stream.eof:  # gzip files may hold several members, one after another
-                if stream.unused_data[:2] != b"\x1f\x8b":
-                    break
-                stream, pending = zlib.decompressobj(wbits=31), stream.unused_data
-            elif not pending and len(piece) < room:
-                raise DataError(f"{uri}: corrupt gzip data (truncated)")
-    except zlib.error as err:
-        raise DataError(f"{uri}: corrupt gzip data ({err})") from None
-    return bytes(out)
-
-
-def _idx_size(head: bytes) -> int | None:
-    """Total bytes an IDX file's header states (header included), or None when it is not IDX."""
-    if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES or len(head) < 4 + 4 * head[3]:
-        return None
-    shape = struct.unpack(f">{head[3]}I", head[4 : 4 + 4 * head[3]])
-    return 4 + 4 * head[3] + math.prod(shape) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
-
-
-def parse_idx(raw: bytes, uri: str) -> np.ndarray:
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
-        raise DataError(
-            f"{uri}: not an IDX file (bad magic number {raw[:4].hex() or 'empty file'}); "
-            "expected MNIST IDX, .npz, or a folder of PNG/JPEG images"
+def _load_embedded(cfg: DataConfig) -> ImageDataset:
+    if cfg.uri != EMBEDDED:
+        raise DataError(f"unknown embedded dataset {cfg.uri!r}; the only one is {EMBEDDED!r}")
+    if cfg.labels_uri:
+        raise DataError(f"{cfg.labels_uri}: the embedded digits carry their own labels")
+    images, labels = _embedded_mnist()
+    if (cfg.channels, cfg.resolution) == (1, 28):
+        images = images[:, None]  # as they ship: no conversion, so no pixel changes
+    else:
+        images = np.stack([convert_pixels(image, cfg.resolution, cfg.channels) for image in images])
+    tensor, label_tensor = torch.from_numpy(np.ascontiguousarray(images)), torch.from_numpy(labels)
+    dataset = ImageDataset(tensor, label_tensor, fingerprint(tensor, label_tensor), cfg.uri)
+    if dataset.nbytes > cfg.memory_budget_mb * MIB:
+        warnings.warn(
+            f"{cfg.uri}: {dataset.nbytes / MIB:.0f} MiB in memory, over data.memory_budget_mb="
+            f"{cfg.memory_budget_mb:g}; the embedded digits are always held whole",
+            stacklevel=3,
         )
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise DataError(f"{uri}: truncated IDX header")
-    shape = struct.unpack(f">{ndim}I", raw[4:header])
-    if ndim > 1 and 0 in shape[1:]:
-        raise DataError(f"{uri}: IDX header says shape {shape}: items of no size (a corrupt header)")
-    dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(raw) - header != expected:
-        raise DataError(
-            f"{uri}: IDX header says shape {shape} ({expected} bytes) but the file holds "
-            f"{len(raw) - header} bytes of data (truncated or corrupt)"
-        )
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
-
-
-def parse_npz(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-    try:
-        archive = np.load(io.BytesIO(raw), allow_pickle=False)
-        keys = set(archive.files)
-    except Exception as err:
-        raise DataError(f"{uri}: not a readable .npz file ({type(err).__name__}: {err})") from None
-    key = next((k for k in ("images", "x", "x_train") if k in keys), None)
-    if key is None:
-        raise DataError(f"{uri}: no image array; expected key 'images' (found {sorted(keys)})")
-    images = archive[key]
-    if images.ndim == 4 and images.shape[-1] in (1, 3):
-        images = np.moveaxis(images, -1, 1)  # NHWC -> NCHW
-    elif images.ndim != 3 and not (images.ndim == 4 and images.shape[1] in (1, 3)):
-        raise DataError(f"{uri}: '{key}' has shape {images.shape}; expected N x H x W or N x H x W x C")
-    label_key = next((k for k in ("labels", "y", "y_train") if k in keys), None)
-    labels = archive[label_key].reshape(-1) if label_key else None
-    return to_uint8(images, uri), labels
-
-
-def decode_image(raw: bytes, name: str, *, max_pixels: int | None = None, draft_size: int = 0) -> PILImage:
-    """One encoded image, fully decoded (a PIL image); DataError names the file otherwise.
-
-    ``max_pixels`` (default Pillow's own limit) is checked on the header, before any pixel
-    is decoded: a small file that claims a huge canvas is a decompression bomb.
-    ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at least
-    that many pixels: a 12-megapixel photo meant for 64 px then decodes several times faster.
-    """
-    from PIL import Image
-
-    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
-            img = Image.open(io.BytesIO(raw))
-            width, height = img.size
-            if limit and width * height > limit:
-                too_big = f"{width}x{height} pixels is over the limit of {limit:,} (a decompression bomb?)"
-            else:
-                too_big = ""
-                if draft_size:
-                    img.draft(None, (draft_size, draft_size))
-                img.load()
-    except Image.UnidentifiedImageError:
-        raise DataError(f"{name}: not a readable image (a format Pillow does not know, or corrupt)") from None
-    except Exception as err:  # Pillow raises many types for bad data; the message says which
-        raise DataError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
-    if too_big:
-        raise DataError(f"{name}: {too_big}")
-    return img
-
-
-def _read_folder(fs, path: str, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-    files = sorted(p for p in fs.find(path) if p.lower().endswith(IMAGE_SUFFIXES))
-    if not files:
-        raise DataError(f"{uri}: the folder holds no .png/.jpg/.jpeg images")
-    root = path.rstrip("/") + "/"
-    parents = [posixpath.dirname(p[len(root) :]) if p.startswith(root) else "" for p in files]
-    classes = sorted(set(parents))
-    labelled = "" not in classes and all("/" not in c for c in classes)
-    arrays = []
-    for file in files:
-        try:
-            with fs.open(file, "rb") as handle:
-                raw = handle.read()
-        except OSError as err:
-            raise DataError(f"{file}: cannot read it ({err})") from None
-        arrays.append(np.asarray(decode_image(raw, file).convert("RGB")))
-    sizes = {a.shape for a in arrays}
-    if len(sizes) > 1:
-        raise DataError(f"{uri}: images differ in size ({sorted(sizes)[:3]}...); resize them to one size first")
-    images = np.moveaxis(np.stack(arrays), -1, 1)
-    labels = np.array([classes.index(p) for p in parents], dtype=np.int64) if labelled else None
-    return images, labels
-
-
-def to_uint8(images: np.ndarray, uri: str) -> np.ndarray:
-    if images.dtype == np.uint8:
-        return images
-    if not np.issubdtype(images.dtype, np.number):
-        raise DataError(f"{uri}: image array has dtype {images.dtype}; expected numbers")
-    lo, hi = float(images.min()), float(images.max())
-    if not np.isfinite([lo, hi]).all():
-        raise DataError(f"{uri}: image array holds NaN or Inf")
-    if lo >= 0 and hi <= 1:
-        images = images * 255.0
-    elif lo < 0 or hi > 255:
-        raise DataError(f"{uri}: pixel values span [{lo}, {hi}]; expected [0, 1] or [0, 255]")
-    return np.rint(images).astype(np.uint8)
-
-
-def _convert(images: torch.Tensor, channels: int, resolution: int) -> torch.Tensor:
-    """uint8 N[xC]xHxW -> uint8 N x channels x resolution x resolution."""
-    if images.ndim == 3:
-        images = images.unsqueeze(1)
-    if images.shape[1] != channels:
-        if channels == 1:
-            weights = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-            images = (images.float() * weights).sum(1, keepdim=True).round().to(torch.uint8)
-        else:
-            images = images.expand(-1, 3, -1, -1)
-    if images.shape[-2:] != (resolution, resolution):
-        x = images.float()
-        shrink = images.shape[-1] > resolution
-        x = F.interpolate(
-            x,
-            size=(resolution, resolution),
-            mode="area" if shrink else "bilinear",
-            align_corners=None if shrink else False,
-        )
-        images = x.round().clamp_(0, 255).to(torch.uint8)
-    return images.contiguous()
-
-
-def manifest_sha256(manifest: dict) -> str:
-    """A prepared dataset's identity: sha256 of its identity fields in canonical JSON.
-    The shard hashes are among them, so this one hash stands for every byte training reads."""
-    try:
-        content = {key: manifest[key] for key in IDENTITY_FIELDS}
-    except KeyError as err:
-        raise DataError(f"manifest has no {err.args[0]!r} field") from None
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
-
-
-def read_manifest(raw: bytes, uri: str) -> dict:
-    """Parse and check a manifest.json: format, version and its own sha256."""
-    try:
-        manifest = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DataError(f"{uri}: {MANIFEST} is not valid JSON ({err})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise DataError(f"{uri}: {MANIFEST} is not a prepared dataset's manifest (no format {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(
-            f"{uri}: prepared with format version {manifest.get('format_version')}; this code reads "
-            f"{FORMAT_VERSION}: prepare it again with this version's pipelines/prepare_data.py"
-        )
-    try:
-        digest = manifest_sha256(manifest)
-    except DataError as err:
-        raise DataError(f"{uri}: {err}") from None
-    if digest != manifest.get("sha256"):
-        raise DataError(f"{uri}: {MANIFEST} was changed after it was written (its sha256 does not match)")
-    return manifest
+    return dataset
 
 
 def cache_root() -> Path:
-    """The node-local cache of remote prepared datasets."""
+    """The node-local cache: copies of remote prepared datasets, raw sources prepared, stamps."""
     return Path(os.environ.get(CACHE_ENV) or Path(tempfile.gettempdir()) / "gan-data-cache")
 
 
@@ -521,7 +263,7 @@ def prepared_manifest(uri: str, storage_options: dict | None = None) -> dict | N
     if not _is_prepared(fs, path, uri):
         return None
     path = path.removesuffix(MANIFEST).rstrip("/")
-    return read_manifest(_fetch(fs, f"{path}/{MANIFEST}", uri), uri)
+    return read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri), uri)
 
 
 def _is_prepared(fs, path: str, uri: str) -> bool:
@@ -551,7 +293,7 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> Dataset:
     from fsspec.implementations.local import LocalFileSystem
 
     uri = cfg.uri
-    manifest = read_manifest(_fetch(fs, f"{path}/{MANIFEST}", uri), uri)
+    manifest = read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri), uri)
     channels, height, width = manifest["shape"]
     if height not in RESOLUTIONS:
         raise DataError(
@@ -752,6 +494,47 @@ def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
     return final
 
 
+def _converted_copy(cfg: DataConfig) -> Path:
+    """The node-local prepared copy of the raw source ``cfg.uri``, written by the dataset tool
+    in the first process on the node that wants it."""
+    options = cfg.fsspec_options()
+    Source(cfg.uri, labels_uri=cfg.labels_uri, options=options)  # what it is and its labels, or one clear error
+    request = {
+        "source": cfg.uri,
+        "labels": cfg.labels_uri,
+        "listing": source_identity(cfg.uri, cfg.labels_uri, options),
+        "resolution": cfg.resolution,
+        "channels": cfg.channels,
+        "tool": tool_version(),
+    }
+    key = hashlib.sha256(json.dumps(request, sort_keys=True).encode()).hexdigest()
+    root = _cache_dir(cfg.uri, CONVERTED)
+    final = root / key
+    if (final / MANIFEST).is_file():
+        return final
+    # One conversion per node: the others wait on the lock, then find the copy complete.
+    with open(root / f"{key}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (final / MANIFEST).is_file():
+            return final
+        if final.exists():  # left without its manifest by hand: replace it
+            shutil.rmtree(final)
+        log = io.StringIO()
+        tool = PrepareConfig(source=cfg.uri, dest=str(final), labels=cfg.labels_uri, resolution=cfg.resolution,
+                             channels=cfg.channels, storage_options=cfg.storage_options, progress_every_s=math.inf)  # fmt: skip
+        manifest = prepare(tool, log=log)
+        # Every shard was hashed as it was written: streaming from this copy need not hash it again.
+        _write_stamp(_stamp_path(final), _file_identities(str(final), manifest))
+    if manifest["skipped"]:
+        first = next(line for line in log.getvalue().splitlines() if line.startswith("skipped "))
+        warnings.warn(
+            f"{cfg.uri}: {manifest['skipped']} files left out ({first.removeprefix('skipped ')}); "
+            "pipelines/prepare_data.py names each",
+            stacklevel=3,
+        )
+    return final
+
+
 def _cache_dir(uri: str, *sub: str) -> Path:
     root = cache_root().joinpath(*sub)
     try:
@@ -773,11 +556,3 @@ def _download(fs, path: str, uri: str, dest: Path, sha256: str) -> None:
         raise DataError(f"{uri}: cannot copy it into the node cache ({type(err).__name__}: {err})") from None
     if digest.hexdigest() != sha256:
         raise DataError(f"{uri}: shard sha256 does not match the manifest")
-
-
-def _fetch(fs, path: str, uri: str) -> bytes:
-    try:
-        with fs.open(path, "rb") as handle:
-            return handle.read()
-    except Exception as err:
-        raise DataError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None

@@ -1,0 +1,521 @@
+"""Raw sources: what a user hands over, read into images and the keys their labels come from.
+
+A source is a folder of images, a .zip or .tar[.gz|.bz2|.xz] of images, an MNIST IDX file
+(optionally gzip) or an .npz, at a local path or any fsspec URI. ``Source`` checks one
+before any image is read (it exists, its kind, its labels file) and then yields its
+images in a fixed order: encoded bytes for files, uint8 arrays for IDX and .npz.
+
+Label rules, the only ones in the project:
+
+- folders and archives: one sub-folder per class (the folders every image shares, such
+  as an archive's top folder, are dropped first), or a CSV of ``path,label`` rows;
+- IDX: an IDX labels file beside the images;
+- .npz: key 'labels' (or 'y', 'y_train') in the same file.
+
+Everything that reads untrusted bytes is bounded: gzip stops at what an IDX header states
+or ``MAX_GUNZIPPED_BYTES``, an image's header is checked against a pixel limit before it
+is decoded, and archive members over a size limit are skipped unread.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import posixpath
+import struct
+import tarfile
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TextIO
+
+import numpy as np
+
+from gan.data.storage import url_to_fs
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+MAX_GUNZIPPED_BYTES = 16 << 30
+"""Most bytes one gzip file may expand to (16 GiB; IDX files: what their header states)."""
+MAX_MEMBER_BYTES = 256 << 20
+"""Archive members larger than this (uncompressed) are skipped unread."""
+_GUNZIP_STEP = 64 << 20
+_IDX_HEADER_MAX = 4 + 4 * 255  # magic and up to 255 dimensions
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_FETCH_BATCH = 32
+_HEAD_BYTES = 4096  # what telling a file's format reads of it
+# What fsspec backends report that changes when a file does: a listing with these stands
+# for the source's content without reading it (local, memory, S3, GCS, HTTP).
+_CHANGE_FIELDS = ("size", "mtime", "created", "ETag", "etag", "LastModified", "last_modified", "VersionId",
+                  "generation", "md5Hash")  # fmt: skip
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Item:
+    name: str
+    """Shown in messages: the file's URI, archive!member, or source[index]."""
+    data: bytes | np.ndarray
+    """Encoded image bytes, or decoded pixels (H x W or C x H x W, uint8)."""
+    key: str | int | None = None
+    """What the label comes from: a relative path (folders, archives) or an int (arrays)."""
+
+
+class Skips:
+    """Inputs left out, each named on ``log`` as it is skipped."""
+
+    def __init__(self, log: TextIO) -> None:
+        self.names: list[str] = []
+        self.first = ""
+        """'name: reason' of the first one, for a message that cannot list them all."""
+        self.log = log
+
+    def add(self, name: str, reason: str) -> None:
+        self.first = self.first or f"{name}: {reason}"
+        self.names.append(name)
+        print(f"skipped {name}: {reason}", file=self.log, flush=True)
+
+
+class Source:
+    """A raw source, checked before any image is read: it exists, what kind it is, and its
+    labels file if one is given. DataError names the URI otherwise."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        labels_uri: str = "",
+        infer_labels: bool = True,
+        options: dict | None = None,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+    ) -> None:
+        self.uri, self.labels_uri, self.infer_labels = uri, labels_uri, infer_labels
+        self.max_member_bytes = max_member_bytes
+        self.options = options or {}
+        self.fs, self.path = url_to_fs(uri, self.options, DataError)
+        self.kind = _detect(self.fs, self.path, uri)
+        """'folder', 'zip', 'tar', 'npz' or 'idx'."""
+        self.csv_labels, self.idx_labels = self._read_labels()
+
+    def items(self, skips: Skips) -> tuple[Iterator[Item], int | None]:
+        """(the images in a fixed order, their count or None when only reading tells)."""
+        if self.kind in ("npz", "idx"):
+            images, labels = self._read_arrays()
+            if not self.infer_labels and self.idx_labels is None:
+                labels = None  # an explicit labels file is used even then; the .npz's own are not
+            keys = (None for _ in images) if labels is None else (int(k) for k in labels)
+            items = (Item(f"{self.uri}[{i}]", x, k) for i, (x, k) in enumerate(zip(images, keys, strict=True)))
+            return items, len(images)
+        if self.kind == "folder":
+            files = sorted(self.fs.find(self.path))
+            label_file = self.fs._strip_protocol(self.labels_uri) if self.labels_uri else None
+            files = [f for f in files if f != label_file]
+            return self._folder_items(files, skips), len(files)
+        return self._archive_items(skips), None
+
+    def class_labels(self, keys: list, log: TextIO) -> tuple[list[str], list[int]]:
+        """(class names, a label per image) from the images' keys; ([], []) when unlabelled."""
+        if self.kind in ("npz", "idx"):
+            if keys[0] is None:
+                return [], []
+            return [str(i) for i in range(int(max(keys)) + 1)], keys
+        if self.csv_labels is None:
+            if not self.infer_labels:
+                return [], []
+            # Sub-folder labels: drop the folders every image shares (an archive's top folder),
+            # then each image must sit in exactly one more.
+            split = [k.split("/") if k else [] for k in keys]
+            common = 0
+            while all(len(s) > common for s in split) and len({s[common] for s in split}) == 1:
+                common += 1
+            keys = ["/".join(s[common:]) for s in split]
+            if "" in keys or any("/" in k for k in keys):
+                if len(set(keys)) > 1:
+                    print("note: the images are not all one sub-folder deep: the dataset is unlabelled", file=log)
+                return [], []
+        names = sorted(set(keys))
+        index = {name: i for i, name in enumerate(names)}
+        return names, [index[k] for k in keys]
+
+    # --- labels files ----------------------------------------------------------------
+
+    def _read_labels(self) -> tuple[dict | None, np.ndarray | None]:
+        """(CSV labels by relative path, IDX labels); at most one is not None."""
+        uri = self.labels_uri
+        if not uri:
+            return None, None
+        if self.kind == "npz":
+            raise DataError(f"{uri}: an .npz file carries its own labels (key 'labels')")
+        fs, path = url_to_fs(uri, self.options, DataError)
+        try:
+            found = fs.isfile(path)
+        except Exception as err:  # network and permission errors differ per backend
+            raise DataError(f"{uri}: cannot reach it ({type(err).__name__}: {err})") from None
+        if not found:
+            raise DataError(f"{uri}: no such labels file")
+        if self.kind == "idx":
+            labels = parse_idx(read_bytes(fs, path, uri), uri)
+            if labels.ndim != 1:
+                raise DataError(f"{uri}: an IDX labels file must be 1-D, found shape {labels.shape}")
+            return None, labels
+        text = fetch(fs, path, uri).decode("utf-8-sig", errors="replace")
+        rows = [row for row in csv.reader(io.StringIO(text)) if row and any(cell.strip() for cell in row)]
+        if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
+            rows = rows[1:]  # a header row
+        labels = {}
+        for number, row in enumerate(rows, 1):
+            if len(row) < 2 or not row[1].strip():
+                raise DataError(f"{uri}: row {number} is {row!r}; expected path,label")
+            labels[row[0].strip().lstrip("/")] = row[1].strip()
+        if not labels:
+            raise DataError(f"{uri}: no path,label rows")
+        return labels, None
+
+    # --- arrays ----------------------------------------------------------------------
+
+    def _read_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
+        raw = read_bytes(self.fs, self.path, self.uri)
+        if self.kind == "npz":
+            images, labels = parse_npz(raw, self.uri)
+        else:
+            images, labels = parse_idx(raw, self.uri), self.idx_labels
+            if images.ndim != 3:
+                raise DataError(f"{self.uri}: an IDX images file must be 3-D (N x H x W), found shape {images.shape}")
+            images = pixels_as_uint8(images, self.uri)
+        if labels is not None:
+            where = self.labels_uri or self.uri
+            if len(labels) != len(images):
+                raise DataError(f"{where}: {len(labels)} labels for {len(images)} images")
+            if not np.issubdtype(labels.dtype, np.integer) or (len(labels) and labels.min() < 0):
+                raise DataError(f"{where}: labels must be non-negative integers")
+        return images, labels
+
+    # --- folders and archives: image files in name order ------------------------------
+
+    def _folder_items(self, files: list[str], skips: Skips) -> Iterator[Item]:
+        prefix = self.path.rstrip("/") + "/"
+        wanted = []
+        for file in files:
+            rel = file[len(prefix) :] if file.startswith(prefix) else posixpath.basename(file)
+            item = self._labelled(f"{self.uri.rstrip('/')}/{rel}", rel, skips)
+            if item is not None:
+                wanted.append((file, item))
+        # Batches: an object store answers one GET per file; an async one (s3fs) gets a batch at once.
+        for start in range(0, len(wanted), _FETCH_BATCH):
+            batch = wanted[start : start + _FETCH_BATCH]
+            for (_, item), payload in zip(batch, _fetch_many(self.fs, [file for file, _ in batch]), strict=True):
+                if isinstance(payload, BaseException):
+                    skips.add(item.name, f"cannot read it ({type(payload).__name__}: {payload})")
+                    continue
+                item.data = payload
+                yield item
+
+    def _archive_items(self, skips: Skips) -> Iterator[Item]:
+        with self.fs.open(self.path, "rb") as handle:
+            try:
+                if self.kind == "zip":
+                    yield from self._zip_members(handle, skips)
+                else:
+                    yield from self._tar_members(handle, skips)
+            except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as err:
+                raise DataError(f"{self.uri}: corrupt archive ({type(err).__name__}: {err})") from None
+
+    def _zip_members(self, handle, skips: Skips) -> Iterator[Item]:
+        with zipfile.ZipFile(handle) as archive:
+            for info in sorted(archive.infolist(), key=lambda i: i.filename):
+                if info.is_dir():
+                    continue
+                item = self._member(info.filename, info.file_size, skips)
+                if item is None:
+                    continue
+                try:
+                    # Reads stop at the declared size, so a lying header cannot inflate memory.
+                    item.data = archive.read(info)
+                except (zipfile.BadZipFile, RuntimeError, NotImplementedError, OSError, zlib.error) as err:
+                    skips.add(item.name, f"cannot extract it ({type(err).__name__}: {err})")
+                    continue
+                yield item
+
+    def _tar_members(self, handle, skips: Skips) -> Iterator[Item]:
+        # Stream mode: one pass over a compressed tar, no seeking back (fine over s3://).
+        with tarfile.open(fileobj=handle, mode="r|*") as archive:
+            for member in archive:
+                if member.isdir():
+                    continue
+                if not member.isfile():
+                    skips.add(f"{self.uri}!{member.name}", "a link or special file, not an image")
+                    continue
+                item = self._member(member.name, member.size, skips)
+                if item is None:
+                    continue
+                extracted = archive.extractfile(member)
+                item.data = extracted.read() if extracted else b""
+                yield item
+
+    def _member(self, name: str, size: int, skips: Skips) -> Item | None:
+        display = f"{self.uri}!{name}"
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (parts and parts[0].endswith(":")):
+            skips.add(display, "unsafe member name (absolute or with '..'), ignored")
+            return None
+        if size > self.max_member_bytes:
+            skips.add(display, f"{size:,} bytes is over the limit of {self.max_member_bytes:,} per member")
+            return None
+        return self._labelled(display, name.replace("\\", "/"), skips)
+
+    def _labelled(self, name: str, rel: str, skips: Skips) -> Item | None:
+        """An item for an image file with its label key, or None (skipped and named)."""
+        if not rel.lower().endswith(IMAGE_SUFFIXES):
+            skips.add(name, f"not an image ({', '.join(IMAGE_SUFFIXES)})")
+            return None
+        if self.csv_labels is None:
+            return Item(name, b"", posixpath.dirname(rel))
+        if rel not in self.csv_labels:
+            skips.add(name, "no row in the labels CSV")
+            return None
+        return Item(name, b"", self.csv_labels[rel])
+
+
+def source_identity(uri: str, labels_uri: str = "", options: dict | None = None) -> str:
+    """sha256 of what the listing says about the source and its labels file (names, sizes,
+    modification times or ETags): it changes when a file does, without reading any."""
+    digest = hashlib.sha256()
+    for where in filter(None, (uri, labels_uri)):
+        fs, path = url_to_fs(where, options or {}, DataError)
+        root = path.rstrip("/")
+        try:
+            if fs.isdir(path):
+                listing = fs.find(path, detail=True)
+            elif fs.exists(path):
+                listing = {path: fs.info(path)}
+            else:
+                raise DataError(f"{where}: no such file or folder (check the spelling and the bucket)")
+        except DataError:
+            raise
+        except Exception as err:  # network and permission errors differ per backend
+            raise DataError(f"{where}: cannot reach it ({type(err).__name__}: {err})") from None
+        for name in sorted(listing):
+            info = listing[name]
+            seen = {key: str(info[key]) for key in _CHANGE_FIELDS if key in info}
+            digest.update(json.dumps([name.removeprefix(root), seen], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def _detect(fs, path: str, uri: str) -> str:
+    """'folder', 'zip', 'tar', 'npz' or 'idx'."""
+    try:
+        if fs.isdir(path):
+            return "folder"
+        exists = fs.exists(path)
+    except Exception as err:  # network and permission errors differ per backend
+        raise DataError(f"{uri}: cannot reach it ({type(err).__name__}: {err})") from None
+    if not exists:
+        raise DataError(f"{uri}: no such file or folder (check the spelling and the bucket)")
+    name = posixpath.basename(path).lower()
+    if name.endswith(TAR_SUFFIXES):
+        return "tar"
+    if name.endswith(".npz"):
+        return "npz"
+    try:
+        with fs.open(path, "rb") as handle:
+            head = handle.read(_HEAD_BYTES)
+    except Exception as err:
+        raise DataError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None
+    if not head:
+        raise DataError(f"{uri}: the file is empty")
+    if head[:4] == b"PK\x03\x04":
+        return "zip"
+    if head[:2] == b"\x1f\x8b":
+        whole_file = len(head) < _HEAD_BYTES
+        stream = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        try:
+            head = stream.decompress(head, 64)
+        except zlib.error as err:
+            raise DataError(f"{uri}: corrupt gzip data ({err})") from None
+        if len(head) < 4 and whole_file and not stream.eof:
+            raise DataError(f"{uri}: corrupt gzip data (truncated)")
+    if len(head) >= 4 and head[0] == 0 and head[1] == 0 and head[2] in _IDX_DTYPES:
+        return "idx"
+    raise DataError(
+        f"{uri}: unknown format; expected a folder of images, .zip, .tar[.gz|.bz2|.xz], .npz or MNIST IDX (optionally .gz)"
+    )
+
+
+def _fetch_many(fs, files: list[str]) -> list[bytes | BaseException]:
+    """The bytes of each file, or its error. Not fs.cat(list): that reads '[' in names as a glob."""
+    from fsspec.asyn import AsyncFileSystem, sync
+
+    if isinstance(fs, AsyncFileSystem):
+        import asyncio
+
+        async def gather():
+            return await asyncio.gather(*(fs._cat_file(file) for file in files), return_exceptions=True)
+
+        return sync(fs.loop, gather)
+    payloads: list[bytes | BaseException] = []
+    for file in files:
+        try:
+            payloads.append(fs.cat_file(file))
+        except Exception as err:
+            payloads.append(err)
+    return payloads
+
+
+# --- bytes: files, gzip, IDX, .npz, encoded images -------------------------------------
+
+
+def fetch(fs, path: str, uri: str) -> bytes:
+    """The bytes of one file; DataError names the URI."""
+    try:
+        with fs.open(path, "rb") as handle:
+            return handle.read()
+    except Exception as err:
+        raise DataError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def read_bytes(fs, path: str, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
+    """The bytes of one file, gunzipped if they are gzip; DataError names the URI."""
+    raw = fetch(fs, path, uri)
+    return gunzip(raw, uri, max_bytes) if raw[:2] == b"\x1f\x8b" else raw
+
+
+def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
+    """Decompress gzip data in steps, never past the limit: ``max_bytes``, or for an IDX file
+    the size its header states. A few kilobytes that expand to gigabytes (a gzip bomb) fail
+    at the limit, not when memory runs out."""
+    out = bytearray()
+    limit, header_read = max_bytes, False
+    stream, pending = zlib.decompressobj(wbits=31), raw
+    try:
+        while True:
+            room = min(limit + 1 - len(out), _GUNZIP_STEP)
+            piece = stream.decompress(pending, room)
+            out += piece
+            pending = stream.unconsumed_tail
+            if not header_read and (len(out) >= _IDX_HEADER_MAX or stream.eof):
+                header_read, stated = True, _idx_size(bytes(out[:_IDX_HEADER_MAX]))
+                if stated is not None and stated > max_bytes:
+                    raise DataError(f"{uri}: its IDX header states {stated:,} bytes, over the limit of {max_bytes:,}")
+                limit = limit if stated is None else stated
+            if len(out) > limit:
+                what = "the size its IDX header states" if limit < max_bytes else "the limit"
+                raise DataError(
+                    f"{uri}: gzip data expands beyond {limit:,} bytes ({what}): a gzip bomb or a corrupt file"
+                )
+            if stream.eof:  # gzip files may hold several members, one after another
+                if stream.unused_data[:2] != b"\x1f\x8b":
+                    break
+                stream, pending = zlib.decompressobj(wbits=31), stream.unused_data
+            elif not pending and len(piece) < room:
+                raise DataError(f"{uri}: corrupt gzip data (truncated)")
+    except zlib.error as err:
+        raise DataError(f"{uri}: corrupt gzip data ({err})") from None
+    return bytes(out)
+
+
+def _idx_size(head: bytes) -> int | None:
+    """Total bytes an IDX file's header states (header included), or None when it is not IDX."""
+    if len(head) < 4 or head[0] or head[1] or head[2] not in _IDX_DTYPES or len(head) < 4 + 4 * head[3]:
+        return None
+    shape = struct.unpack(f">{head[3]}I", head[4 : 4 + 4 * head[3]])
+    return 4 + 4 * head[3] + math.prod(shape) * np.dtype(_IDX_DTYPES[head[2]]).itemsize
+
+
+def parse_idx(raw: bytes, uri: str) -> np.ndarray:
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{uri}: not an IDX file (bad magic number {raw[:4].hex() or 'empty file'})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(f"{uri}: truncated IDX header")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    if ndim > 1 and 0 in shape[1:]:
+        raise DataError(f"{uri}: IDX header says shape {shape}: items of no size (a corrupt header)")
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DataError(
+            f"{uri}: IDX header says shape {shape} ({expected} bytes) but the file holds "
+            f"{len(raw) - header} bytes of data (truncated or corrupt)"
+        )
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def parse_npz(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images, N x H x W or N x C x H x W; labels or None) of an .npz file."""
+    try:
+        archive = np.load(io.BytesIO(raw), allow_pickle=False)
+        keys = set(archive.files)
+    except Exception as err:
+        raise DataError(f"{uri}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    key = next((k for k in ("images", "x", "x_train") if k in keys), None)
+    if key is None:
+        raise DataError(f"{uri}: no image array; expected key 'images' (found {sorted(keys)})")
+    images = archive[key]
+    if images.ndim == 4 and images.shape[-1] in (1, 3):
+        images = np.moveaxis(images, -1, 1)  # NHWC -> NCHW
+    elif images.ndim != 3 and not (images.ndim == 4 and images.shape[1] in (1, 3)):
+        raise DataError(f"{uri}: '{key}' has shape {images.shape}; expected N x H x W or N x H x W x C")
+    label_key = next((k for k in ("labels", "y", "y_train") if k in keys), None)
+    labels = archive[label_key].reshape(-1) if label_key else None
+    return pixels_as_uint8(images, uri), labels
+
+
+def pixels_as_uint8(images: np.ndarray, uri: str) -> np.ndarray:
+    """Pixel values as uint8: [0, 1] floats are scaled to [0, 255]; anything else outside
+    [0, 255] is refused."""
+    if images.dtype == np.uint8:
+        return images
+    if not np.issubdtype(images.dtype, np.number):
+        raise DataError(f"{uri}: image array has dtype {images.dtype}; expected numbers")
+    lo, hi = float(images.min()), float(images.max())
+    if not np.isfinite([lo, hi]).all():
+        raise DataError(f"{uri}: image array holds NaN or Inf")
+    if lo >= 0 and hi <= 1:
+        images = images * 255.0
+    elif lo < 0 or hi > 255:
+        raise DataError(f"{uri}: pixel values span [{lo}, {hi}]; expected [0, 1] or [0, 255]")
+    return np.rint(images).astype(np.uint8)
+
+
+def decode_image(raw: bytes, name: str, *, max_pixels: int | None = None, draft_size: int = 0) -> PILImage:
+    """One encoded image, fully decoded (a PIL image); DataError names the file otherwise.
+
+    ``max_pixels`` (default Pillow's own limit) is checked on the header, before any pixel
+    is decoded: a small file that claims a huge canvas is a decompression bomb.
+    ``draft_size`` lets JPEG decode at 1/2, 1/4 or 1/8 scale while both sides stay at least
+    that many pixels: a 12-megapixel photo meant for 64 px then decodes several times faster.
+    """
+    from PIL import Image
+
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the check below decides
+            img = Image.open(io.BytesIO(raw))
+            width, height = img.size
+            if limit and width * height > limit:
+                too_big = f"{width}x{height} pixels is over the limit of {limit:,} (a decompression bomb?)"
+            else:
+                too_big = ""
+                if draft_size:
+                    img.draft(None, (draft_size, draft_size))
+                img.load()
+    except Image.UnidentifiedImageError:
+        raise DataError(f"{name}: not a readable image (a format Pillow does not know, or corrupt)") from None
+    except Exception as err:  # Pillow raises many types for bad data; the message says which
+        raise DataError(f"{name}: not a readable image ({type(err).__name__}: {err})") from None
+    if too_big:
+        raise DataError(f"{name}: {too_big}")
+    return img
