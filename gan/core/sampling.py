@@ -25,8 +25,9 @@ MAX_SEED = 2**63 - 1
 """Largest sampling seed: a torch generator takes any non-negative int64."""
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] float -> uint8 exactly as real images are stored."""
+def to_pixels(images: torch.Tensor) -> torch.Tensor:
+    """A generator's float output in [-1, 1] -> uint8 pixels, quantised exactly as real
+    images are stored."""
     return images.add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
 
 
@@ -107,7 +108,8 @@ def sample(
         check_labels(labels, num_classes)
         z = latents(n, G.z_dim, seed, truncation, device=device)
         chunks = [
-            to_uint8(G(z[i : i + batch], None if labels is None else labels[i : i + batch])) for i in range(0, n, batch)
+            to_pixels(G(z[i : i + batch], None if labels is None else labels[i : i + batch]))
+            for i in range(0, n, batch)
         ]
         images = to_numpy(torch.cat(chunks))
     return images, None if labels is None else labels.cpu().numpy()
@@ -164,7 +166,7 @@ def interpolation(G: nn.Module, steps: int = 10, rows: int = 4, seed: int = 0) -
     omega = torch.acos((an * bn).sum(1).clamp(-1 + 1e-6, 1 - 1e-6)).view(rows, 1, 1)
     path = (torch.sin((1 - t) * omega) * a.unsqueeze(1) + torch.sin(t * omega) * b.unsqueeze(1)) / torch.sin(omega)
     labels = (torch.arange(rows, device=device) % G.num_classes).repeat_interleave(steps) if G.num_classes else None
-    images = to_uint8(G(path.reshape(rows * steps, -1), labels))
+    images = to_pixels(G(path.reshape(rows * steps, -1), labels))
     return to_numpy(images), steps
 
 
