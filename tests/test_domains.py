@@ -20,15 +20,13 @@ from PIL import Image
 from gan.core.config import ConfigError, EvalConfig, override, preset
 from gan.core.models import build_models
 from gan.data.prepare import PrepareConfig, prepare
-from gan.evaluation.metrics import (
-    _OnnxFeatures,
-    backbone_file,
-    check_backbone,
-    read_domain_evaluator,
-    read_user_network,
-    split_real,
-)
-from gan.runs.trainer import LocalSession, Trainer
+from gan.evaluation.backbone import backbone_file, check_backbone, read_domain_evaluator, read_user_network
+from gan.evaluation.build import BuildConfig, EvaluatorBuild
+from gan.evaluation.evaluator import split_real
+from gan.evaluation.evaluator_file import domain_classifier_from, evaluator_bytes
+from gan.evaluation.features import OnnxFeatures
+from gan.runs.session import LocalSession
+from gan.runs.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 RGB_PRESETS = ["dcgan-32", "dcgan-64", "dcgan-64-cond", "resnet-64"]
@@ -80,13 +78,31 @@ def test_the_evaluator_build_is_deterministic_and_refuses_to_replace_one(shapes,
         shas.append(hashlib.sha256(out.read_bytes()).hexdigest())
         assert shas[-1] in result.stdout and "held-out accuracy" in result.stdout
     assert shas[0] == shas[1]
-    model, meta, sha = read_domain_evaluator(str(tmp_path / "a.pt"))
-    assert sha == shas[0] and (meta["channels"], meta["resolution"], meta["num_classes"]) == (3, 32, 3)
-    assert meta["class_names"] == sorted(COLOURS) and meta["held_out_accuracy"] > 0.5  # chance: 1/3, after 12 steps
+    model, info, sha = read_domain_evaluator(str(tmp_path / "a.pt"))
+    assert sha == shas[0] and (info.channels, info.resolution, info.num_classes) == (3, 32, 3)
+    assert info.class_names == sorted(COLOURS) and info.held_out_accuracy > 0.5  # chance: 1/3, after 12 steps
 
     again = build("--data", shapes, "--epochs", "4", "--out", str(tmp_path / "a.pt"))
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("pass --overwrite to replace it")
     assert hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest() == shas[0]  # untouched
+
+
+def test_a_build_in_process_leaves_the_caller_alone_and_its_file_reads_back_as_written(shapes, tmp_path):
+    threads, strict = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    cfg = BuildConfig(data=shapes, out=str(tmp_path / "e.pt"), epochs=1)
+    built = EvaluatorBuild(cfg, log=lambda line: None).run()
+    assert torch.equal(torch.rand(3), expected)  # seeded for the build only
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, strict)
+    raw = (tmp_path / "e.pt").read_bytes()
+    assert hashlib.sha256(raw).hexdigest() == built.sha256
+    model, info = domain_classifier_from(raw)
+    assert evaluator_bytes(model, info) == raw  # one format, read and written in one place
+    assert (info.dataset, info.epochs, info.held_out_images) == (shapes, 1, 18)  # 10% of 180 images
+    with pytest.raises(ValueError, match="--epochs must be >= 1, not 0"):
+        BuildConfig(epochs=0)
 
 
 def test_a_run_on_the_data_is_scored_by_the_evaluator_beside_it(shapes, tmp_path):
@@ -256,12 +272,12 @@ def test_each_gpu_rank_runs_an_onnx_network_on_its_own_gpu_and_is_warned_when_on
     monkeypatch.setattr(
         onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
     )
-    _OnnxFeatures(b"", "cuda:1")
-    _OnnxFeatures(b"", "cpu")
+    OnnxFeatures(b"", "cuda:1")
+    OnnxFeatures(b"", "cpu")
     assert asked == [[("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"], ["CPUExecutionProvider"]]
     cuda_starts = False  # onnxruntime without CUDA libraries falls back to the CPU, with a log line only
     with pytest.warns(UserWarning, match="runs on the CPU: install onnxruntime-gpu"):
-        _OnnxFeatures(b"", "cuda:0")
+        OnnxFeatures(b"", "cuda:0")
 
 
 def test_the_digit_evaluator_refuses_rgb_data_and_a_classifier_needs_prepared_data(tmp_path):

@@ -8,7 +8,7 @@ from gan.core.config import override
 from gan.core.loop import DivergenceError, GANLoop, Nets, ema_beta, make_ema, update_ema
 from gan.core.models import build_models
 from gan.data.datasets import ImageDataset
-from gan.evaluation.metrics import load_digit_classifier
+from gan.evaluation.backbone import load_digit_classifier
 
 
 def make_loop(cfg, data, seed=0):

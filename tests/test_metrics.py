@@ -6,17 +6,11 @@ import torch
 
 from gan.core.config import EvalConfig
 from gan.data.datasets import ImageDataset
-from gan.evaluation.metrics import (
-    DigitClassifier,
-    Evaluator,
-    class_variety,
-    copy_share,
-    copy_threshold,
-    evaluator_path,
-    precision_recall,
-    proportional_labels,
-    split_real,
-)
+from gan.evaluation.backbone import load_digit_classifier
+from gan.evaluation.evaluator import Evaluator, proportional_labels, split_real
+from gan.evaluation.evaluator_file import digits_evaluator_path
+from gan.evaluation.features import DigitClassifier
+from gan.evaluation.stats import class_variety, copy_share, copy_threshold, precision_recall
 
 
 @pytest.fixture(scope="module")
@@ -25,14 +19,12 @@ def evaluator(digits):
 
 
 def test_weights_are_safe_to_load_and_hashed(evaluator):
-    raw = evaluator_path().read_bytes()
+    raw = digits_evaluator_path().read_bytes()
     assert hashlib.sha256(raw).hexdigest() == evaluator.sha256
     DigitClassifier().load_state_dict(torch.load(io.BytesIO(raw), weights_only=True))
 
 
 def test_classifier_is_accurate(digits):
-    from gan.evaluation.metrics import load_digit_classifier
-
     model, _ = load_digit_classifier()
     with torch.no_grad():
         acc = (model(digits.images).argmax(1) == digits.labels).float().mean().item()

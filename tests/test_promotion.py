@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gan.evaluation.metrics import FIDEstimate
+from gan.evaluation.evaluator import FIDEstimate
 from gan.registry.promotion import decide
 
 

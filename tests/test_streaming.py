@@ -21,9 +21,10 @@ from gan.core.models import build_models
 from gan.data import datasets as data_mod
 from gan.data.datasets import DataError, ImageDataset, MappedDataset, load_dataset
 from gan.data.prepare import PrepareConfig, prepare
-from gan.evaluation.metrics import Evaluator
+from gan.evaluation.evaluator import Evaluator
 from gan.runs import checkpoint
-from gan.runs.trainer import LocalSession, Trainer
+from gan.runs.session import LocalSession
+from gan.runs.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_IMAGES = 200_000  # 1 x 28 x 28 each: 150 MiB, 20x the 7 MiB budget of the streamed run
@@ -159,7 +160,7 @@ CHILD = r"""
 import json, os, sys, tempfile, threading, time
 from importlib.util import module_from_spec, spec_from_file_location
 
-import gan.runs.trainer, gan.evaluation.metrics, torchmetrics.image.kid  # what a run imports, before the baseline
+import gan.runs.trainer, gan.evaluation.evaluator, torchmetrics.image.kid  # what a run imports, before the baseline
 
 def rss_anon_kib():
     with open("/proc/self/status") as status:

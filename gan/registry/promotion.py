@@ -12,7 +12,8 @@ import dataclasses
 import time
 from dataclasses import dataclass
 
-from gan.evaluation.metrics import COPY_QUANTILE, FIDEstimate
+from gan.evaluation.evaluator import FIDEstimate
+from gan.evaluation.stats import COPY_QUANTILE
 from gan.registry.models import (
     CHAMPION,
     PREVIOUS,
@@ -156,7 +157,7 @@ class Scorer:
     def __call__(self, model_uri: str):
         """(FIDEstimate, config, dataset fingerprint, evaluator sha256) of a model ``check`` loaded."""
         from gan.data.datasets import load_dataset
-        from gan.evaluation.metrics import Evaluator, fid_estimate
+        from gan.evaluation.evaluator import Evaluator, fid_estimate
 
         G, cfg = self.models[model_uri]
         eval_cfg = self.eval_cfg
