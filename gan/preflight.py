@@ -34,7 +34,7 @@ def preflight(
       ``classes_vary``: a sweep that searches them checks each trial);
     - ``names``: every run, sweep or model name is one MLflow can search for;
     - ``outputs``: (flag, path) pairs go into folders that exist and are writable;
-    - ``claim``: the run or sweep named so under ``storage`` is new, or exists when
+    - ``claim``: ``storage`` can be used, and the run or sweep named so there is new, or exists when
       ``resume``; a resumed run's latest checkpoint loads and fits ``cfg``.
 
     Returns the checkpoint a resumed run continues from (None otherwise)."""
@@ -49,6 +49,7 @@ def preflight(
         check_writable(flag, path)
     if storage is None or claim is None:
         return None
+    storage.check()  # the bucket answers, or the folder is made: after every check that needs neither
     storage.claim(claim, resume, what)
     if resume and what == "run" and cfg is not None:
         return checkpoint.check_resume(storage.join(claim), cfg, storage.options)

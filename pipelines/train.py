@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     name = args.name or run_name(cfg)
     start = time.monotonic()
     try:
-        storage = Storage.open(args.storage, args.s3_endpoint, args.shared_storage)
+        storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
         # A resumed run's checkpoint is checked before its MLflow run is reopened or Ray starts.
         resume_from = preflight(
             cfg, workers=None if args.in_process else args.workers, names=() if args.no_tracking else (name,),
