@@ -17,18 +17,25 @@ from gan.data.datasets import load_dataset
 # instances on one host, Ray Train's placement-group cleaner cannot tell which is its own
 # ("Found multiple active Ray instances"), and a trial of the two-node job never got its
 # worker until the job timed out.
-STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_sweep", "test_gpu")
+STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_gpu")
 # Tests of those modules that never start Ray (refused before it, in-process, or only a
 # tracking server): the other lane may take them.
 WITHOUT_RAY = {
     "test_faults": ("test_bad_input_as_a_new_user_types_it", "test_bad_input_is_refused_before_ray_starts",
                     "test_bad_data_fails_in_one_line_and_small_memory", "test_empty_or_corrupt_dataset",
-                    "test_unreachable_cluster_address", "test_named_sweep_clash_is_refused_before_ray_starts"),
+                    "test_unreachable_cluster_address", "test_named_sweep_clash_is_refused_before_ray_starts",
+                    "test_secrets_in_the_config_are_refused_and_never_written",
+                    "test_a_tracking_uri_with_a_password_is_refused_and_never_printed_with_it"),
     "test_mlflow_server": ("test_tracking_fills_the_gap_after_a_server_outage",
                            "test_production_server_requires_authentication",
                            "test_refused_credentials_stop_tracking_instead_of_queueing_for_ever",
                            "test_training_goes_on_while_the_server_is_down"),
 }  # fmt: skip
+# The tests that start Ray in modules whose other tests do not.
+ALSO_RAY = {"test_sweep": ("test_optuna_search_samples_the_space", "test_search_holds_trials_to_the_concurrency")}
+# Fixtures that start a server; a test that uses one, even through another fixture, is an
+# integration test, as is every test that may start Ray. `tests/run.sh --fast` runs neither.
+SERVICES = {"s3_server", "bucket", "postgres", "mlflow_server", "mlflow_server_module"}
 # The other modules by their time in the suite, slowest first, so that the other lane
 # takes the long ones while the Ray lane runs.
 SLOWEST_OTHERS = ("test_registry", "test_pipelines", "test_ddp", "test_trainer", "test_registry_store",
@@ -38,11 +45,18 @@ SLOWEST_OTHERS = ("test_registry", "test_pipelines", "test_ddp", "test_trainer",
 def in_ray_lane(nodeid: str) -> bool:
     """Whether the test ``path::name[params]`` may start a local Ray."""
     path, _, test = nodeid.partition("::")
-    module = Path(path).stem
-    return module in STARTS_RAY and test.partition("[")[0] not in WITHOUT_RAY.get(module, ())
+    module, name = Path(path).stem, test.partition("[")[0]
+    if module in ALSO_RAY:
+        return name in ALSO_RAY[module]
+    return module in STARTS_RAY and name not in WITHOUT_RAY.get(module, ())
 
 
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if in_ray_lane(item.nodeid) or SERVICES.intersection(item.fixturenames):
+            item.add_marker(pytest.mark.integration)
+
     def rank(item) -> int:
         name = item.module.__name__
         if in_ray_lane(item.nodeid):  # first: the Ray lane, the longest, starts at once

@@ -72,6 +72,7 @@ def test_s3_storage_is_checked_and_written_over_http(bucket, s3_server):
     assert storage.filesystem().cat_file(storage.join("sweep", "summary.txt")) == b"table"
 
 
+@pytest.mark.integration  # an S3 server of its own, stopped and started again
 def test_ray_writes_wait_out_a_short_storage_outage(monkeypatch):
     """Ray Train ends a run when its controller fails to write one snapshot: the filesystem
     it is given, as a worker unpickles it too, waits until the S3 server is back."""

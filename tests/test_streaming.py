@@ -202,6 +202,7 @@ print(json.dumps({"code": code, "growth_mib": (peak - baseline) / 1024}))
 """
 
 
+@pytest.mark.slow
 def test_a_run_under_a_budget_far_below_the_dataset_trains_and_resumes(tiny_cfg, tmp_path, cache):
     big = prepared(tmp_path / "big", BIG_IMAGES, shard_size=4096)
     dataset_mib = BIG_IMAGES * 28 * 28 / 2**20

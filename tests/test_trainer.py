@@ -15,25 +15,37 @@ from gan.runs.session import LocalSession
 from gan.runs.trainer import StallWatch, Trainer
 from gan.sweeps.population import Exploit
 
-# Every speed option that runs on a CPU (tf32 and cudnn_benchmark act on CUDA only).
-SPEED = ["train.compile=true", "train.channels_last=true", "optim.adam_impl=fused", "train.foreach_ema=true"]
+# The speed options that run on a CPU (tf32 and cudnn_benchmark act on CUDA only), and all
+# of them: compiling alone takes half a minute.
+EAGER_SPEED = ["train.channels_last=true", "optim.adam_impl=fused", "train.foreach_ema=true"]
+SPEED = ["train.compile=true", *EAGER_SPEED]
 
 
-@pytest.mark.parametrize("options", [[], SPEED], ids=["defaults", "every-speed-option"])
-def test_resume_from_disk_is_bit_for_bit(tiny_cfg, digits, tmp_path, options):
-    full_cfg = override(tiny_cfg, ["train.total_kimg=0.64", "eval.every_kimg=0.32", *options])
-    half_cfg = override(tiny_cfg, ["train.total_kimg=0.32", "eval.every_kimg=0.32", *options])
+@pytest.mark.parametrize(
+    ("options", "half_kimg"),
+    [
+        pytest.param([], 0.08, id="defaults-10-steps"),
+        pytest.param(EAGER_SPEED, 0.08, id="eager-speed-options-10-steps"),
+        pytest.param([], 0.32, id="defaults", marks=pytest.mark.slow),
+        pytest.param(SPEED, 0.32, id="every-speed-option", marks=pytest.mark.slow),
+    ],
+)
+def test_resume_from_disk_is_bit_for_bit(tiny_cfg, digits, tmp_path, options, half_kimg):
+    evals = f"eval.every_kimg={half_kimg}"
+    full_cfg = override(tiny_cfg, [f"train.total_kimg={2 * half_kimg}", evals, *options])
+    half_cfg = override(tiny_cfg, [f"train.total_kimg={half_kimg}", evals, *options])
+    half_steps = round(half_kimg * 1000 / tiny_cfg.train.batch_size)
     straight = Trainer(full_cfg, LocalSession(str(tmp_path / "a"), quiet=True), data=digits)
     straight.train()
 
     Trainer(half_cfg, LocalSession(str(tmp_path / "b"), quiet=True), data=digits).train()
     resumed = Trainer(full_cfg, LocalSession(str(tmp_path / "b"), resume=True, quiet=True), data=digits)
-    assert resumed.loop.step == 20
+    assert resumed.loop.step == half_steps
     resumed.train()
 
     a, _ = checkpoint.load(checkpoint.find(str(tmp_path / "a")).latest)
     b, _ = checkpoint.load(checkpoint.find(str(tmp_path / "b")).latest)
-    assert a["loop"]["step"] == b["loop"]["step"] == 40
+    assert a["loop"]["step"] == b["loop"]["step"] == 2 * half_steps
     for net in ("G", "D", "G_ema"):
         for key, value in a["loop"][net].items():
             assert torch.equal(b["loop"][net][key], value), f"{net}.{key}"
@@ -62,23 +74,23 @@ def test_learning_rates_decay_to_zero_over_the_budgets_end_and_a_resumed_run_con
     tiny_cfg, digits, tmp_path
 ):
     assert [lr_scale(p, 0.5) for p in (0.0, 0.5, 0.75, 1.0, 1.2)] == [1.0, 1.0, 0.5, 0.0, 0.0]
-    decay = ["optim.lr_decay_start=0.5", "eval.every_kimg=0.16", "train.log_every_steps=2"]
-    full_cfg = override(tiny_cfg, ["train.total_kimg=0.64", *decay])
+    decay = ["optim.lr_decay_start=0.5", "eval.every_kimg=0.08", "train.log_every_steps=1"]
+    full_cfg = override(tiny_cfg, ["train.total_kimg=0.32", *decay])
     straight = Trainer(full_cfg, LocalSession(str(tmp_path / "a"), quiet=True), data=digits)
     straight.train()
-    # Evaluated at steps 10, 20, 30 and 40 of 40: full rates for the first half, then falling.
+    # Evaluated at steps 5, 10, 15 and 20 of 20: full rates for the first half, then falling.
     assert [h["optim/lr_scale"] for h in straight.history] == pytest.approx([1.0, 1.0, 0.5, 0.0])
     assert [g["lr"] for g in straight.loop.opt_g.param_groups + straight.loop.opt_d.param_groups] == [0.0, 0.0]
 
-    # Killed after its checkpoint at step 30 and resumed: the decay goes on from 0.5, bit for bit.
-    class KilledAfterStep30(LocalSession):
+    # Killed after its checkpoint at step 15 and resumed: the decay goes on from 0.5, bit for bit.
+    class KilledAfterStep15(LocalSession):
         def report(self, metrics, snapshot):
             super().report(metrics, snapshot)
-            if metrics["step"] == 30:
+            if metrics["step"] == 15:
                 raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        Trainer(full_cfg, KilledAfterStep30(str(tmp_path / "b"), quiet=True), data=digits).train()
+        Trainer(full_cfg, KilledAfterStep15(str(tmp_path / "b"), quiet=True), data=digits).train()
     resumed = Trainer(full_cfg, LocalSession(str(tmp_path / "b"), resume=True, quiet=True), data=digits)
     resumed.train()
     for key, value in straight.nets.G_ema.state_dict().items():
@@ -91,6 +103,7 @@ def _images(trainer: Trainer) -> torch.Tensor:
         return trainer.nets.G_ema(z, torch.arange(100) % trainer.cfg.model.num_classes)
 
 
+@pytest.mark.slow  # compiling takes half a minute
 def test_compile_gives_the_same_images_up_to_float_noise(tiny_cfg, digits, tmp_path):
     """Tolerance: after 10 steps the EMA generator's images from a compiled and an eager
     run differ by at most 5e-3 on the [-1, 1] scale, under one uint8 level (2/255); measured
