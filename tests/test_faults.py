@@ -19,9 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from entry import call, ray_is_running
 from services import ROOT, FlakyS3, free_port
 
-pytestmark = pytest.mark.integration
+# The tests that start Ray or a server are integration tests (tests/conftest.py marks them);
+# the bad-input tests are not: refused before Ray, most are called in this process.
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
 
 
@@ -118,7 +120,7 @@ def test_storage_outage_during_checkpoint_upload(tmp_path):
     from gan.core.config import override, preset
     from gan.data.storage import Storage
     from gan.runs import checkpoint
-    from gan.runs.distributed import Scaling, make_trainer
+    from gan.runs.ray_train import Scaling, make_trainer
 
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
@@ -214,10 +216,10 @@ def run_train(*args: str, env: dict | None = None) -> subprocess.CompletedProces
         (["--set", "train.batch_size=0"], "train.batch_size=0 is not allowed"),
     ],
 )  # fmt: skip
-def test_bad_input_as_a_new_user_types_it(args, message, tmp_path):
-    result = run_train("--in-process", "--no-tracking", "--storage", str(tmp_path), *args)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_bad_input_as_a_new_user_types_it(args, message, tmp_path, capfd):
+    refused = call(capfd, "train.py", "--preset", "debug", "--in-process", "--no-tracking", "--storage", str(tmp_path),
+                   *args)  # fmt: skip
+    refused.one_line(message)
     assert not list(tmp_path.iterdir())  # failed before anything was written
 
 
@@ -237,14 +239,13 @@ def test_bad_input_as_a_new_user_types_it(args, message, tmp_path):
         ("tune.py", ["--name", "it's \"best\""], "holds both ' and \""),
     ],
 )  # fmt: skip
-def test_bad_input_is_refused_before_ray_starts(script, args, message, tmp_path):
+def test_bad_input_is_refused_before_ray_starts(script, args, message, tmp_path, capfd):
     """Without --in-process: refused in one line before Ray starts (no Ray log lines, no retries)."""
     storage = tmp_path / "runs"
-    result = subprocess.run([sys.executable, f"pipelines/{script}", "--preset", "debug", "--storage", str(storage),
-                             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", *args], cwd=ROOT,
-                            capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr[-2000:]
+    refused = call(capfd, script, "--preset", "debug", "--storage", str(storage), "--tracking-uri",
+                   f"sqlite:///{tmp_path}/mlflow.db", *args)  # fmt: skip
+    refused.one_line(message)
+    assert not ray_is_running()
     assert not storage.exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -309,34 +310,33 @@ def test_bad_data_fails_in_one_line_and_small_memory(kind, message, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["empty", "corrupt"])
-def test_empty_or_corrupt_dataset(kind, tmp_path):
+def test_empty_or_corrupt_dataset(kind, tmp_path, capfd):
     data = tmp_path / "data"
     data.mkdir()
     if kind == "corrupt":
         (data / "digits.npz").write_bytes(b"PK\x03\x04 this is not a zip archive")
     uri = str(data) if kind == "empty" else str(data / "digits.npz")
-    result = run_train("--in-process", "--no-tracking", "--storage", str(tmp_path / "runs"), "--set", f"data.uri={uri}")
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert uri in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    call(capfd, "train.py", "--preset", "debug", "--in-process", "--no-tracking", "--storage", str(tmp_path / "runs"),
+         "--set", f"data.uri={uri}").one_line(uri)  # fmt: skip
 
 
-def test_unreachable_cluster_address(tmp_path):
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+def test_unreachable_cluster_address(tmp_path, capfd, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     started = time.time()
-    result = run_train("--no-tracking", "--storage", str(tmp_path), env=env)
-    assert result.returncode == 2 and "cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1" in result.stderr
+    refused = call(capfd, "train.py", "--preset", "debug", "--no-tracking", "--storage", str(tmp_path))
+    assert refused.code == 2 and "cannot reach the Ray cluster at RAY_ADDRESS=127.0.0.1" in refused.err, refused.err
     assert time.time() - started < 120
 
 
-def test_named_sweep_clash_is_refused_before_ray_starts(tmp_path):
+def test_named_sweep_clash_is_refused_before_ray_starts(tmp_path, capfd, monkeypatch):
     """The cluster address leads nowhere: a sweep that reached Ray would fail on it instead."""
     (tmp_path / "taken").mkdir()
-    env = {**os.environ, "RAY_ADDRESS": f"127.0.0.1:{free_port()}"}
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{free_port()}")
     for name, resume, message in (("taken", [], "already holds a sweep: pass --resume"),
                                   ("typo", ["--resume"], "nothing to resume: no sweep 'typo'")):  # fmt: skip
-        result = subprocess.run([sys.executable, "pipelines/tune.py", "--no-tracking", "--storage", str(tmp_path),
-                                 "--name", name, *resume], cwd=ROOT, capture_output=True, text=True, timeout=180, env=env)  # fmt: skip
-        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        refused = call(capfd, "tune.py", "--no-tracking", "--storage", str(tmp_path), "--name", name, *resume)
+        assert refused.code == 2 and message in refused.err, refused.err[-2000:]
+        assert not ray_is_running()
 
 
 FAKE_SECRETS = {
@@ -391,19 +391,30 @@ SECRET_IN_CONFIG = FAKE_SECRETS["AWS_SECRET_ACCESS_KEY"]
          "https://reader:***@data.example.com/digits.npz holds credentials"),
         (["--set", f"data.uri=https://data.example.com/digits.npz?X-Amz-Signature={SECRET_IN_CONFIG}"],
          "X-Amz-Signature=*** holds credentials"),
-        (["--tracking-uri", f"http://admin:{SECRET_IN_CONFIG}@127.0.0.1:{free_port()}"],
-         "http://admin:***@127.0.0.1"),
     ],
 )  # fmt: skip
-def test_secrets_in_the_config_or_a_uri_are_refused_or_redacted_never_written(tmp_path, args, named):
+def test_secrets_in_the_config_are_refused_and_never_written(tmp_path, args, named, capfd):
     """The config is logged as MLflow params, config.json, every checkpoint and the MLmodel
-    file: a credential in data.storage_options or a URI is refused before anything is
-    written, and a tracking URI with a password is never printed with it."""
-    result = run_train("--storage", str(tmp_path / "runs"), "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
-                       *args, env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
+    file: a credential in data.storage_options or a URI is refused before anything is written."""
+    refused = call(capfd, "train.py", "--preset", "debug", "--storage", str(tmp_path / "runs"), "--tracking-uri",
+                   f"sqlite:///{tmp_path}/mlflow.db", *args)  # fmt: skip
+    refused.one_line(named)
+    assert_secret_kept(tmp_path, refused.out + refused.err)
+
+
+def test_a_tracking_uri_with_a_password_is_refused_and_never_printed_with_it(tmp_path):
+    """MLflow's client finds the server unreachable, and its loggers may write to stderr: in a
+    process of its own, whatever it prints is checked."""
+    uri = f"http://admin:{SECRET_IN_CONFIG}@127.0.0.1:{free_port()}"
+    result = run_train("--storage", str(tmp_path / "runs"), "--tracking-uri", uri,
+                       env={**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0"})  # fmt: skip
     assert result.returncode == 2, result.stdout[-2000:] + result.stderr[-2000:]
-    assert named in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert SECRET_IN_CONFIG not in result.stdout + result.stderr
+    assert "http://admin:***@127.0.0.1" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert_secret_kept(tmp_path, result.stdout + result.stderr)
+
+
+def assert_secret_kept(tmp_path: Path, printed: str) -> None:
+    assert SECRET_IN_CONFIG not in printed
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert not [p for p in written if SECRET_IN_CONFIG.encode() in p.read_bytes()]
     assert not any(p.name == "state.pt" for p in written)  # refused before training

@@ -1,4 +1,5 @@
-"""The entry points as a user runs them: real processes, real files."""
+"""The entry points as a user runs them: a tracked training run in its own process (the
+full suite), and everything they refuse called in this process through main(argv)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from entry import call
 
+from gan.core.config import debug, override
+from gan.core.loop import GANLoop, Nets, make_ema
+from gan.core.models import build_models
 from gan.runs import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +33,22 @@ def run(*args: str, check: bool = True, env: dict | None = None) -> subprocess.C
 
 
 @pytest.fixture(scope="module")
+def saved_run(tmp_path_factory, digits):
+    """A run folder 'r' as train.py leaves it, with one checkpoint of the debug preset after
+    two steps: what sample.py and a resume check read, made in a second."""
+    cfg = override(debug(), ["train.total_kimg=0.032"])
+    torch.manual_seed(0)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    loop = GANLoop(cfg, Nets(G, D, make_ema(G), G, D), digits)
+    for _ in range(2):
+        loop.train_step()
+    state = {"loop": loop.state_dict(), "config": cfg.to_json()}
+    run = tmp_path_factory.mktemp("runs") / "r"
+    checkpoint.save(f"{run}/{checkpoint.dir_name(2)}", state, {"step": 2, "images_seen": 32, "fid": 300.0})
+    return run
+
+
+@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     storage = tmp_path_factory.mktemp("runs")
     proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(storage), "--name", "r",
@@ -39,6 +61,7 @@ def latest(out):
     return Path(checkpoint.find(str(out)).latest)
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_grids_and_says_where(trained):
     out, stdout = trained
     found = checkpoint.find(str(out))
@@ -53,7 +76,7 @@ def test_train_writes_checkpoints_grids_and_says_where(trained):
     assert str(best) in stdout and "best FID" in stdout
 
 
-TRAIN = ("pipelines/train.py", "--in-process", "--preset", "debug", "--name", "r", "--storage")
+TRAIN = ("--in-process", "--preset", "debug", "--name", "r", "--storage")
 
 
 def tracking_args(out):
@@ -69,6 +92,7 @@ def mlflow_run(out):
     return client, runs[0]
 
 
+@pytest.mark.slow
 def test_run_is_tracked_in_mlflow(trained):
     out, stdout = trained
     client, run = mlflow_run(out)
@@ -88,6 +112,7 @@ def test_run_is_tracked_in_mlflow(trained):
     assert "MLflow run 'r'" in stdout
 
 
+@pytest.mark.slow
 def test_run_page_shows_lineage_description_source_and_curves(trained):
     out, _ = trained
     client, run = mlflow_run(out)
@@ -122,6 +147,7 @@ def test_run_page_shows_lineage_description_source_and_curves(trained):
     assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics), sorted(run.data.metrics)
 
 
+@pytest.mark.slow
 def test_logged_generator_samples_any_batch_size(trained):
     import mlflow.pyfunc
     import pandas as pd
@@ -139,19 +165,21 @@ def test_logged_generator_samples_any_batch_size(trained):
     assert model.metadata.get_input_schema().input_names() == ["n", "seed", "class", "truncation"]
 
 
-def test_existing_run_is_not_overwritten(trained):
-    out, _ = trained
-    before = (latest(out) / "state.pt").read_bytes()
-    proc = run(*TRAIN, str(out.parent), "--no-tracking", check=False)
-    assert proc.returncode == 2 and "already holds a run: pass --resume" in proc.stderr
-    assert (latest(out) / "state.pt").read_bytes() == before
+def test_existing_run_is_not_overwritten(saved_run, capfd):
+    before = (latest(saved_run) / "state.pt").read_bytes()
+    call(capfd, "train.py", *TRAIN, str(saved_run.parent), "--no-tracking").one_line(
+        "already holds a run: pass --resume"
+    )
+    assert (latest(saved_run) / "state.pt").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_run(trained, tmp_path):
     out, _ = trained
     saved = latest(out)
     step = json.loads((saved / "meta.json").read_text())["step"]
-    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64", *tracking_args(out))
+    proc = run("pipelines/train.py", *TRAIN, str(out.parent), "--resume", "--set", "train.total_kimg=0.64",
+               *tracking_args(out))  # fmt: skip
     assert f"resuming from {saved} (step {step})" in proc.stdout
     client, tracked = mlflow_run(out)  # the same MLflow run continued
     assert tracked.info.status == "FINISHED"
@@ -162,71 +190,44 @@ def test_resume_continues_the_same_run(trained, tmp_path):
     assert meta["images_seen"] == 640
 
 
-def test_resume_with_incompatible_config_fails_clearly(trained):
-    out, _ = trained
-    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", "--no-tracking", check=False)
-    assert proc.returncode == 2
-    assert "incompatible config: model.width: checkpoint has 8, config has 16" in proc.stderr
+def test_resume_with_incompatible_config_fails_clearly(saved_run, capfd):
+    refused = call(capfd, "train.py", *TRAIN, str(saved_run.parent), "--resume", "--set", "model.width=16",
+                   "--no-tracking")  # fmt: skip
+    refused.one_line("incompatible config: model.width: checkpoint has 8, config has 16")
 
 
-def test_refused_resume_leaves_the_mlflow_run_as_it_was(trained):
+@pytest.mark.slow
+def test_refused_resume_leaves_the_mlflow_run_as_it_was(trained, capfd):
     """The incompatible config is refused before the run's MLflow run is reopened."""
     out, _ = trained
     _, before = mlflow_run(out)
-    proc = run(*TRAIN, str(out.parent), "--resume", "--set", "model.width=16", *tracking_args(out), check=False)
-    assert proc.returncode == 2 and "incompatible config: model.width" in proc.stderr, proc.stderr[-2000:]
-    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    refused = call(capfd, "train.py", *TRAIN, str(out.parent), "--resume", "--set", "model.width=16",
+                   *tracking_args(out))  # fmt: skip
+    refused.one_line("incompatible config: model.width")
     _, after = mlflow_run(out)
     assert after.info.status == before.info.status == "FINISHED"
     assert after.info.end_time == before.info.end_time
 
 
-def test_sample_npz_grid_and_same_seed_same_images(trained, tmp_path):
-    out, _ = trained
-    ckpt = str(out)  # a run folder samples its best checkpoint
+def test_sample_npz_grid_and_same_seed_same_images(saved_run, tmp_path, capfd):
+    ckpt = str(saved_run)  # a run folder samples its best checkpoint
     for name in ("a", "b"):
-        run(
-            "pipelines/sample.py",
-            "--checkpoint",
-            ckpt,
-            "--n",
-            "25",
-            "--seed",
-            "3",
-            "--out",
-            str(tmp_path / f"{name}.npz"),
-        )
+        assert call(capfd, "sample.py", "--checkpoint", ckpt, "--n", "25", "--seed", "3",
+                    "--out", str(tmp_path / f"{name}.npz")).code == 0  # fmt: skip
     a, b = np.load(tmp_path / "a.npz"), np.load(tmp_path / "b.npz")
     assert a["images"].shape == (25, 28, 28) and a["images"].dtype == np.uint8
     assert a["labels"].tolist() == [i % 10 for i in range(25)]
     assert np.array_equal(a["images"], b["images"])
-    run(
-        "pipelines/sample.py",
-        "--checkpoint",
-        ckpt,
-        "--class",
-        "7",
-        "--grid",
-        str(tmp_path / "g.png"),
-        "--interp",
-        str(tmp_path / "i.png"),
-    )
+    drawn = call(capfd, "sample.py", "--checkpoint", ckpt, "--class", "7", "--grid", str(tmp_path / "g.png"),
+                 "--interp", str(tmp_path / "i.png"))  # fmt: skip
+    assert drawn.code == 0, drawn.err
     assert (tmp_path / "g.png").stat().st_size > 100 and (tmp_path / "i.png").stat().st_size > 100
 
 
-def test_sample_rejects_out_of_range_class(trained, tmp_path):
-    out, _ = trained
-    proc = run(
-        "pipelines/sample.py",
-        "--checkpoint",
-        str(Path(checkpoint.find(str(out)).best)),
-        "--class",
-        "12",
-        "--out",
-        str(tmp_path / "x.npz"),
-        check=False,
-    )
-    assert proc.returncode == 2 and "class label 12 is out of range" in proc.stderr
+def test_sample_rejects_out_of_range_class(saved_run, tmp_path, capfd):
+    best = checkpoint.find(str(saved_run)).best
+    refused = call(capfd, "sample.py", "--checkpoint", best, "--class", "12", "--out", str(tmp_path / "x.npz"))
+    refused.one_line("class label 12 is out of range")
 
 
 @pytest.mark.parametrize(
@@ -239,14 +240,11 @@ def test_sample_rejects_out_of_range_class(trained, tmp_path):
         ("corrupt-meta", "meta.json: corrupt meta.json"),
     ],
 )
-def test_sample_bad_input_gets_one_clear_line(trained, tmp_path, kind, message):
+def test_sample_bad_input_gets_one_clear_line(saved_run, tmp_path, capfd, kind, message):
     """One line naming the flag or file, exit 2, nothing written, the checkpoint untouched."""
     import shutil
 
-    import torch
-
-    out, _ = trained
-    ckpt = latest(out)
+    ckpt = latest(saved_run)
     source, extra = str(ckpt), ["--out", str(tmp_path / "x.npz")]
     if kind == "out-folder-missing":
         extra = ["--out", "/no/dir/x.npz"]
@@ -261,20 +259,20 @@ def test_sample_bad_input_gets_one_clear_line(trained, tmp_path, kind, message):
         source = str(tmp_path / "state.pt")
     else:
         shutil.copytree(ckpt, tmp_path / "ckpt")
-        (tmp_path / "ckpt" / "meta.json").write_text('{"step": 20, "fid": ')  # torn by a full disk
+        (tmp_path / "ckpt" / "meta.json").write_text('{"step": 2, "fid": ')  # torn by a full disk
         source = str(tmp_path / "ckpt")
     before = sorted(tmp_path.rglob("*"))
-    proc = run("pipelines/sample.py", "--checkpoint", source, *extra, check=False)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-2000:]
+    refused = call(capfd, "sample.py", "--checkpoint", source, *extra)
+    refused.one_line(message)
     if kind in ("state-without-config", "corrupt-meta"):
-        assert source in proc.stderr  # names the file
+        assert source in refused.err  # names the file
     assert sorted(tmp_path.rglob("*")) == before and not Path("/no").exists()
 
 
-def test_dry_run_prints_resolved_config():
-    proc = run("pipelines/train.py", "--preset", "mlp", "--set", "optim.lr_g=1e-4", "--dry-run")
-    cfg = json.loads(proc.stdout)
+def test_dry_run_prints_resolved_config(capfd):
+    shown = call(capfd, "train.py", "--preset", "mlp", "--set", "optim.lr_g=1e-4", "--dry-run")
+    assert shown.code == 0, shown.err
+    cfg = json.loads(shown.out)
     assert cfg["model"]["family"] == "mlp" and cfg["optim"]["lr_g"] == 1e-4
 
 
@@ -287,21 +285,30 @@ def test_dry_run_prints_resolved_config():
         (["--set", "data.resolution=48"], "data.resolution=48 is not allowed"),
     ],
 )
-def test_bad_input_gets_one_clear_line(args, message):
-    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", *args, "--storage", "/tmp/never-written",
-               "--no-tracking", check=False)  # fmt: skip
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_input_gets_one_clear_line(args, message, tmp_path, capfd):
+    refused = call(capfd, "train.py", "--in-process", "--preset", "debug", *args, "--storage", str(tmp_path),
+                   "--no-tracking")  # fmt: skip
+    refused.one_line(message)
+    assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
-def test_unreachable_tracking_server_stops_before_training(tmp_path):
+def test_a_refused_command_is_one_line_and_exit_status_2_in_the_shell(tmp_path):
+    """The process boundary itself: no traceback, no warning, the status the shell sees."""
+    proc = subprocess.run([sys.executable, "pipelines/train.py", "--in-process", "--preset", "debug", "--set",
+                           "data.uri=/no/such/digits.npz", "--storage", str(tmp_path), "--no-tracking"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr == "error: /no/such/digits.npz: no such file or folder (check the spelling and the bucket)\n"
+    assert not list(tmp_path.iterdir())
+
+
+def test_unreachable_tracking_server_stops_before_training(tmp_path, capfd):
     import socket
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = run("pipelines/train.py", "--in-process", "--preset", "debug", "--storage", str(tmp_path),
-               "--tracking-uri", f"http://127.0.0.1:{port}", check=False)  # fmt: skip
-    assert proc.returncode == 2
-    assert f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}" in proc.stderr
+    refused = call(capfd, "train.py", "--in-process", "--preset", "debug", "--storage", str(tmp_path),
+                   "--tracking-uri", f"http://127.0.0.1:{port}")  # fmt: skip
+    refused.one_line(f"cannot reach the MLflow tracking server at http://127.0.0.1:{port}")
     assert not list(tmp_path.iterdir())  # nothing trained, nothing written
