@@ -153,7 +153,7 @@ def log_generator(tracking_uri: str, run_id: str, name: str, G_ema_state: dict, 
                 name=name,
                 python_model=str(Path(__file__).with_name("pyfunc_entry.py")),
                 artifacts={"generator": path},
-                code_paths=[str(Path(__file__).parent)],
+                code_paths=[str(Path(__file__).parents[1])],  # the whole gan package
                 signature=signature(cfg.data.resolution, cfg.data.channels),
                 input_example=pd.DataFrame([{"n": 2, "seed": 0, "class": -1, "truncation": 0.0}]),
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "fsspec", "pillow"],
