@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 
-from gan.core.config import Config, check_split
+from gan.core.config import Config, ConfigError, check_split
 from gan.data.datasets import check_classes_before_loading
-from gan.data.storage import Storage
+from gan.data.storage import Storage, check_uri_form
 from gan.evaluation.backbone import check_backbone
 from gan.registry.names import check_names
 from gan.runs import checkpoint
@@ -29,16 +29,20 @@ def preflight(
 ) -> str | None:
     """Raise a user error (one line) for the first problem found, in this order:
 
-    - ``cfg``: its batch splits over ``workers``; its evaluator exists, fits the data and is
-      the one named by sha256; a conditional model's classes are the data's (unless
-      ``classes_vary``: a sweep that searches them checks each trial);
+    - ``cfg``: its URIs are well formed; its batch splits over ``workers``; its evaluator
+      exists, fits the data and is the one named by sha256; a conditional model's classes
+      are the data's (unless ``classes_vary``: a sweep that searches them checks each trial);
     - ``names``: every run, sweep or model name is one MLflow can search for;
     - ``outputs``: (flag, path) pairs go into folders that exist and are writable;
-    - ``claim``: ``storage`` can be used, and the run or sweep named so there is new, or exists when
-      ``resume``; a resumed run's latest checkpoint loads and fits ``cfg``.
+    - ``claim``: ``storage`` can be used, and the run or sweep named so there is new (or
+      exists, when ``resume``); a resumed run's latest checkpoint loads and fits ``cfg``.
 
     Returns the checkpoint a resumed run continues from (None otherwise)."""
     if cfg is not None:
+        for field, uri in (("data.uri=", cfg.data.uri), ("data.labels_uri=", cfg.data.labels_uri),
+                           ("eval.backbone_uri=", cfg.eval.backbone_uri)):  # fmt: skip
+            if uri and not uri.startswith("embedded:"):
+                check_uri_form(uri, field, ConfigError)
         if workers is not None:
             check_split(cfg.train, workers)
         check_backbone(cfg.eval, cfg.data)

@@ -3,7 +3,7 @@
 Deterministic (fixed seeds, one thread, deterministic kernels): the same data gives the
 same weights, byte for byte, so the sha256 every result records can be checked.
 
-    python pipelines/build_evaluator.py                          # the digit classifier in gan/assets
+    python pipelines/build_evaluator.py --out digits.pt          # the digit classifier (--overwrite to replace gan/assets')
     python pipelines/build_evaluator.py --data prepared/emoji64  # any labelled prepared dataset
 
 With --data it trains a classifier on that dataset's labels and writes it beside the dataset

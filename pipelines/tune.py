@@ -21,7 +21,7 @@ import time
 import traceback
 
 from gan.cli import add_config_args, add_run_args, add_sweep_args, fail
-from gan.core.config import override, preset
+from gan.core.config import ConfigError, override, preset
 from gan.data.storage import Storage
 from gan.errors import USER_ERRORS
 from gan.preflight import preflight
@@ -46,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
             spaces.check_mutable(space)
         scaling = plans.Scaling(args.workers_per_trial, args.gpus_per_worker > 0, args.cpus_per_worker,
                                 args.gpus_per_worker or 1.0)  # fmt: skip
+        if args.budget_minutes <= 0:  # it sizes the rounds only once Ray is up: refused before
+            raise ConfigError(f"--budget-minutes {args.budget_minutes:g}: must be positive")
         plan = plans.Plan(
             trials=args.trials, rounds=args.rounds, grace_rounds=args.grace_rounds,
             reduction_factor=args.reduction_factor, search=args.search, seed=args.search_seed, scaling=scaling,
-            kimg_per_round=args.kimg_per_round or 1.0, scheduler=args.scheduler,
+            kimg_per_round=1.0 if args.kimg_per_round is None else args.kimg_per_round, scheduler=args.scheduler,
             perturbation_rounds=args.perturbation_rounds,
         )  # fmt: skip
         storage = Storage.parse(args.storage, args.s3_endpoint, args.shared_storage)
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         storage.claim(args.name, args.resume, "sweep")
     connect(storage)
     max_concurrent = ray_tune.concurrency(plan, args.max_concurrent)
-    if not args.kimg_per_round:
+    if args.kimg_per_round is None:
         plan = dataclasses.replace(plan, kimg_per_round=plans.kimg_per_round(plan, args.budget_minutes, max_concurrent))
     name = args.name or plans.sweep_name(base, space, plan)
     if not args.name:

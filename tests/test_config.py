@@ -100,3 +100,24 @@ def test_credentials_in_storage_options_are_refused_but_endpoints_and_modes_pass
     assert credential_names(secret) == ["client_kwargs.aws_session_token", "headers.Authorization"]
     with pytest.raises(ConfigError, match="client_kwargs.aws_session_token, headers.Authorization looks like"):
         override(preset("debug"), [f"data.storage_options={json.dumps(secret)}"])
+
+
+@pytest.mark.parametrize(
+    "options, found",
+    [
+        ({"headers": {"X-Api-Key": "k"}}, ["headers.X-Api-Key"]),
+        ({"headers": {"x-goog-api-key": "k"}}, ["headers.x-goog-api-key"]),
+        ({"headers": {"Cookie": "session=abc"}}, ["headers.Cookie"]),
+        ({"headers": {"Proxy-Authorization": "Basic x"}}, ["headers.Proxy-Authorization"]),
+        ({"client_kwargs": {"proxies": {"https": "http://user:pw@proxy:3128"}}}, ["client_kwargs.proxies.https"]),
+    ],
+)  # fmt: skip
+def test_credentials_are_found_by_rule_not_by_a_list_of_names(options, found):
+    assert credential_names(options) == found
+    with pytest.raises(ConfigError, match="looks like a credential"):
+        override(preset("debug"), [f"data.storage_options={json.dumps(options)}"])
+
+
+@pytest.mark.parametrize("key", ["api-key", "code", "X-Goog-Api-Key"])
+def test_credential_query_keys_are_redacted_by_rule(key):
+    assert redact_uri(f"https://h/x.npz?n=1&{key}=s3cret") == f"https://h/x.npz?n=1&{key}=***"

@@ -23,7 +23,7 @@ from gan.data.prepare import PrepareConfig, prepare
 from gan.evaluation.backbone import backbone_file, check_backbone, read_domain_evaluator, read_user_network
 from gan.evaluation.build import BuildConfig, EvaluatorBuild
 from gan.evaluation.evaluator import split_real
-from gan.evaluation.evaluator_file import domain_classifier_from, evaluator_bytes
+from gan.evaluation.evaluator_file import digits_evaluator_path, domain_classifier_from, evaluator_bytes
 from gan.evaluation.features import OnnxFeatures
 from gan.runs.session import LocalSession
 from gan.runs.trainer import Trainer
@@ -85,6 +85,15 @@ def test_the_evaluator_build_is_deterministic_and_refuses_to_replace_one(shapes,
     again = build("--data", shapes, "--epochs", "4", "--out", str(tmp_path / "a.pt"))
     assert again.returncode == 2 and again.stderr.strip().splitlines()[-1].endswith("pass --overwrite to replace it")
     assert hashlib.sha256((tmp_path / "a.pt").read_bytes()).hexdigest() == shas[0]  # untouched
+
+
+def test_the_committed_digits_evaluator_is_not_rebuilt_over_without_overwrite():
+    """Every digits FID is scored by gan/assets' classifier: a plain rebuild must not replace it."""
+    committed = digits_evaluator_path()
+    before = hashlib.sha256(committed.read_bytes()).hexdigest()
+    with pytest.raises(ValueError, match="exists; runs scored with it record its sha256: pass --overwrite"):
+        EvaluatorBuild(BuildConfig(), log=lambda line: None)
+    assert hashlib.sha256(committed.read_bytes()).hexdigest() == before
 
 
 def test_a_build_in_process_leaves_the_caller_alone_and_its_file_reads_back_as_written(shapes, tmp_path):

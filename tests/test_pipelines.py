@@ -283,6 +283,7 @@ def test_dry_run_prints_resolved_config(capfd):
         (["--set", "optim.lr_g=-1"], "optim.lr_g=-1.0 is not allowed"),
         (["--set", "data.uri=/no/such/digits.npz"], "/no/such/digits.npz: no such file or folder"),
         (["--set", "data.resolution=48"], "data.resolution=48 is not allowed"),
+        (["--set", "data.uri=s3:/bucket/digits.npz"], "data.uri=s3:/bucket/digits.npz: starts like a URI but is not"),
     ],
 )
 def test_bad_input_gets_one_clear_line(args, message, tmp_path, capfd):
@@ -290,6 +291,14 @@ def test_bad_input_gets_one_clear_line(args, message, tmp_path, capfd):
                    "--no-tracking")  # fmt: skip
     refused.one_line(message)
     assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_a_storage_uri_with_one_slash_is_refused_not_made_a_local_folder(tmp_path, capfd, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    refused = call(capfd, "train.py", "--in-process", "--preset", "debug", "--storage", "s3:/bucket/runs",
+                   "--no-tracking")  # fmt: skip
+    refused.one_line("--storage s3:/bucket/runs: starts like a URI but is not one; write s3://bucket/runs")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_refused_command_is_one_line_and_exit_status_2_in_the_shell(tmp_path):

@@ -24,6 +24,8 @@ from gan.runs import checkpoint
         ("hdfs://nn/runs", "unsupported scheme hdfs://"),
         ("s3:///runs", "no bucket name"),
         ("", "--storage is empty"),
+        ("s3:/bucket/runs", "starts like a URI but is not one; write s3://bucket/runs"),
+        ("s3:bucket/runs", "starts like a URI but is not one; write s3://bucket/runs"),
     ],
 )
 def test_a_bad_scheme_is_an_error_never_a_local_folder(uri, message, tmp_path, monkeypatch):
@@ -181,3 +183,28 @@ def test_nothing_is_kept_in_the_temporary_copy_of_a_jobs_working_dir(tmp_path, m
     assert Storage.parse("/srv/runs").uri == "/srv/runs"
     monkeypatch.setenv(JOB_CONFIG_ENV, json.dumps({"runtime_env": {}}))  # a job without --working-dir
     assert Storage.parse("runs").uri == f"{tmp_path}/runs"
+
+
+def test_a_state_file_is_replaced_whole_or_not_at_all_when_the_disk_fills(tmp_path):
+    """population.json and the sweep's report go through Storage.write: with the file size
+    limited (a full disk, as a process sees it) the write fails and the previous content
+    stays, with no partial file left beside it."""
+    import subprocess
+    import sys
+
+    target = tmp_path / "population.json"
+    target.write_text('{"round": 1}')
+    script = f"""
+import resource, signal
+from gan.data.storage import Storage
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+try:
+    Storage.parse({str(tmp_path)!r}).write({str(target)!r}, b"x" * (1 << 20))
+except OSError as err:
+    print("refused", err.errno)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.startswith("refused"), proc.stdout + proc.stderr[-2000:]
+    assert target.read_text() == '{"round": 1}'
+    assert [p.name for p in tmp_path.iterdir()] == ["population.json"]

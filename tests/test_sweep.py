@@ -142,7 +142,9 @@ def test_summary_table_and_plot():
     [
         (["--space", "model.width=choice:2,64"], "model.width"),
         (["--space", "optim.lr_g"], "SECTION.FIELD=VALUE"),
-        (["--trials", "0"], "--trials"),
+        (["--trials", "0"], "--trials 0: must be positive"),
+        (["--budget-minutes", "-3"], "--budget-minutes -3: must be positive"),
+        (["--kimg-per-round", "0"], "--kimg-per-round 0: must be positive"),
         (["--grace-rounds", "5", "--rounds", "4"], "--grace-rounds 5"),
         (["--preset", "nope"], "nope"),
         (["--space-file", "/no/such/space.yaml"], "does not exist"),

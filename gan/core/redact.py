@@ -7,13 +7,16 @@ import re
 import urllib.parse
 from typing import Any
 
-# Option and query names that carry credentials (s3fs key/secret/token, botocore
-# aws_*_key*, Azure account_key/sas_token/connection_string, HTTP Authorization headers,
-# presigned-URL signatures). A config is logged as MLflow params, config.json, every
-# checkpoint and the model's MLmodel file, so a credential in it would be everywhere.
+# Option, header and query names that carry credentials, by what they are rather than by a
+# list of known names: anything about secrets, passwords, tokens, credentials, private keys,
+# auth (Authorization, Proxy-Authorization, X-Auth-Token), cookies, API/access/account keys
+# (X-Api-Key, x-goog-api-key), SAS tokens, signatures and connection strings; and the
+# bare names key, sig and code (an OAuth code in a query). A config is logged as MLflow
+# params, config.json, every checkpoint and the model's MLmodel file, so a credential in it
+# would be everywhere.
 CREDENTIAL_NAME = re.compile(
-    r"secret|passw|token|credential|private|authoriz|api_?key|access_?key|account_?key|sas|signature"
-    r"|connection_?string|^key$|^sig$",
+    r"secret|passw|pwd|token|credential|private|auth|cookie|api[-_]?key|access[-_]?key|account[-_]?key"
+    r"|sas|signature|connection[-_]?string|^key$|^sig$|^code$",
     re.IGNORECASE,
 )
 NON_SECRET_TOKENS = {"anon", "google_default", "cloud", "browser"}
@@ -21,8 +24,11 @@ NON_SECRET_TOKENS = {"anon", "google_default", "cloud", "browser"}
 
 
 def credential_names(options: Any, where: str = "") -> list[str]:
-    """Dotted names of the entries of a JSON-like ``options`` tree that look like credentials."""
+    """Dotted names of the entries of a JSON-like ``options`` tree that look like credentials:
+    by their name, or a URL value with a password in it (a proxy's ``user:password@``)."""
     found = []
+    if isinstance(options, str):
+        return [where] if redact_uri(options) != options else []
     if isinstance(options, dict):
         for key, value in options.items():
             name = f"{where}.{key}" if where else str(key)

@@ -9,8 +9,11 @@ filesystem), so callers never add a scheme back by hand.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import tempfile
 from dataclasses import dataclass
 
 import fsspec
@@ -27,9 +30,25 @@ JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
 
 
+URI_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
+"""``s3:/bucket`` or ``s3:bucket``: meant as a URI, but without ``://`` it would be a local
+folder named ``s3:`` in the working directory."""
+
+
+def check_uri_form(uri: str, what: str, error: type[Exception]) -> None:
+    """``error`` naming ``uri`` when it starts like a URI but is not a well-formed one."""
+    if match := URI_LIKE.match(uri):
+        scheme = match.group(1)
+        raise error(
+            f"{what}{uri}: starts like a URI but is not one; write {scheme}://{uri[len(scheme) + 1 :].lstrip('/')} "
+            f"(or ./{uri} for a local folder of that name)"
+        )
+
+
 def url_to_fs(uri: str, options: dict, error: type[Exception]) -> tuple[fsspec.AbstractFileSystem, str]:
-    """fsspec's filesystem and path for ``uri``; an unknown scheme or a backend that is not
-    installed becomes ``error`` naming the URI."""
+    """fsspec's filesystem and path for ``uri``; a malformed URI, an unknown scheme or a
+    backend that is not installed becomes ``error`` naming the URI."""
+    check_uri_form(uri, "", error)
     try:
         return fsspec.core.url_to_fs(uri, **options)
     except (ImportError, ValueError) as err:
@@ -64,6 +83,7 @@ class Storage:
         """Validate the form of ``uri`` without touching it; ValueError names what to pass."""
         if not uri:
             raise ValueError("--storage is empty: pass a folder or s3://bucket/prefix")
+        check_uri_form(uri, "--storage ", ValueError)
         scheme, sep, rest = uri.partition("://")
         if sep:
             if scheme not in SCHEMES:
@@ -111,9 +131,24 @@ class Storage:
             raise ValueError(f"nothing to resume: no {what} {name!r} under {self.uri}")
 
     def write(self, uri: str, data: bytes) -> None:
+        """``data`` at ``uri`` whole or not at all: a reader (or a resumed sweep) never sees a
+        torn file, and a full disk leaves the previous content. One PUT is atomic on S3; a
+        local file is written beside its final name and renamed over it."""
         fs, path = fsspec.core.url_to_fs(uri, **self.options)
-        fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path, data)
+        folder = path.rsplit("/", 1)[0]
+        fs.makedirs(folder, exist_ok=True)
+        if "://" in uri:
+            fs.pipe_file(path, data)
+            return
+        handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.partial-")
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(partial, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise
 
     def ray_args(self, *parts: str):
         """(storage_path, storage_filesystem) as Ray Train and Tune take them."""

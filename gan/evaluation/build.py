@@ -91,7 +91,9 @@ class EvaluatorBuild:
             self.held_out = max(1, round(HELD_OUT_SHARE * len(self.data)))
         else:
             self.out = cfg.out or str(digits_evaluator_path())
-            check_writable(self.out, cfg.storage_options, overwrite=True)  # the committed file is rebuilt in place
+            check_writable(
+                self.out, cfg.storage_options, cfg.overwrite
+            )  # the committed file too: every digits FID uses it
             self.data, self.new_model, self.held_out = load_dataset(DataConfig()), DigitClassifier, DIGIT_HELD_OUT
 
     def run(self) -> BuiltEvaluator:

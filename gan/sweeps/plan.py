@@ -62,8 +62,13 @@ class Plan:
     """Worker failures a trial survives (it restarts from its last checkpoint)."""
 
     def __post_init__(self) -> None:
-        if self.trials < 1 or self.rounds < 1 or self.kimg_per_round <= 0:
-            raise ConfigError("--trials, --rounds and --kimg-per-round must be positive")
+        for flag, value in (
+            ("--trials", self.trials),
+            ("--rounds", self.rounds),
+            ("--kimg-per-round", self.kimg_per_round),
+        ):
+            if value <= 0:
+                raise ConfigError(f"{flag} {value:g}: must be positive")
         if not 1 <= self.grace_rounds <= self.rounds:
             raise ConfigError(f"--grace-rounds {self.grace_rounds}: must be in [1, --rounds={self.rounds}]")
         if self.reduction_factor < 2:
