@@ -171,8 +171,12 @@ def test_storage_gone_for_longer_than_retries_then_resume(tmp_path):
                "--set", "train.total_kimg=1.6", "--set", "eval.every_kimg=0.16"]  # fmt: skip
 
     def checkpoints() -> list[str]:
+        """The whole ones: the outage must not fall between a checkpoint's files, or none loads."""
         listed = s3.client.list_objects_v2(Bucket="gone", Prefix="runs/gone/").get("Contents", [])
-        return sorted({o["Key"].split("/")[2] for o in listed if "/checkpoint_step" in o["Key"]})
+        files: dict[str, set[str]] = {}
+        for key in (o["Key"] for o in listed if "/checkpoint_step" in o["Key"]):
+            files.setdefault(key.split("/")[2], set()).add(key.rsplit("/", 1)[-1])
+        return sorted(folder for folder, names in files.items() if {"state.pt", "meta.json"} <= names)
 
     driver = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)  # fmt: skip
