@@ -50,7 +50,7 @@ def preflight(
             check_classes_before_loading(cfg.model.num_classes, cfg.data)
     check_names(*names)
     for flag, path in outputs:
-        check_writable(flag, path)
+        check_output_folder(flag, path)
     if storage is None or claim is None:
         return None
     storage.check()  # the bucket answers, or the folder is made: after every check that needs neither
@@ -60,7 +60,7 @@ def preflight(
     return None
 
 
-def check_writable(flag: str, path: str | None) -> None:
+def check_output_folder(flag: str, path: str | None) -> None:
     """An output goes into a folder that exists: a typo must not cost the work, nor make folders."""
     if not path or "://" in path:
         return
