@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from gan.core.config import ConfigError, describe_presets, override, preset
+from gan.data.storage import release_claims
 
 
 def add_config_args(parser: argparse.ArgumentParser, default_preset: str = "dcgan") -> None:
@@ -79,6 +80,7 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 def fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
+    release_claims()  # a start that failed leaves no run or sweep folder to --resume
     return code
 
 

@@ -9,11 +9,20 @@ filesystem), so callers never add a scheme back by hand.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import fcntl
+import getpass
+import grp
 import json
 import os
+import pwd
 import re
+import socket
+import stat
 import tempfile
+import time
+import uuid
 from dataclasses import dataclass
 
 import fsspec
@@ -28,6 +37,15 @@ before a run keep botocore's short default, so a wrong endpoint fails in seconds
 own AWS_MAX_ATTEMPTS or AWS_RETRY_MODE replaces it."""
 JOB_CONFIG_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 """Set by Ray's job supervisor for a submitted entrypoint: its runtime env, as JSON."""
+
+
+CLAIM_FILE = ".claim"
+"""In a run or sweep folder: who started it (JSON). It is created by a write that fails when
+the file exists, so of two starts of one name exactly one gets it; locally the process
+running the run or sweep also holds a lock on it, so a second --resume is refused."""
+CONFLICT_RETRIES = 5
+"""AWS answers 409 ConditionalRequestConflict to a conditional write that races another
+one: ask again, and the write that lost then finds the claim there."""
 
 
 URI_LIKE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(?!//)")
@@ -123,12 +141,48 @@ class Storage:
 
     def claim(self, name: str, resume: bool, what: str = "run") -> None:
         """A new ``name`` must not exist and a resumed one must: nothing the user has is
-        overwritten, and a typo in --name is not silently a fresh start."""
+        overwritten, and a typo in --name is not silently a fresh start. Two identical
+        starts both find no folder: the claim file decides between them. Locally, a second
+        process is refused a run or sweep in use; a resumed sweep in a local folder must be
+        the user's alone (Ray Tune unpickles its state)."""
+        folder, marker = self.join(name), self.join(name, CLAIM_FILE)
         exists = self.exists(name)
         if exists and not resume:
-            raise ValueError(f"{self.join(name)} already holds a {what}: pass --resume to continue it, or --name")
+            raise taken(folder, what, holder(marker, self.options))
         if resume and not exists:
             raise ValueError(f"nothing to resume: no {what} {name!r} under {self.uri}")
+        if resume:
+            if what == "sweep" and not self.is_remote:
+                check_private(folder)
+            if not self.is_remote and marker not in _claims:  # this process may hold it already
+                _claims[marker] = _Claim(self, name, _lock(marker, folder, what), new=False)
+            return
+        if self.is_remote:
+            self._create_object(marker, folder, what)
+            _claims[marker] = _Claim(self, name, None, new=True)
+        else:
+            _claims[marker] = _Claim(self, name, _create_file(marker, folder, what), new=True)
+
+    def _create_object(self, marker: str, folder: str, what: str) -> None:
+        """``marker`` by a PUT that fails when it exists (If-None-Match: *); ValueError if it does."""
+        fs, path = fsspec.core.url_to_fs(marker, **self.options)
+        mine = _holder_json()
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                fs.pipe_file(path, mine, mode="create")
+                # A server that checks the condition and writes in two steps (moto does) can let
+                # two racing PUTs through: the one whose content stayed is the claim.
+                if fs.cat_file(path) != mine:
+                    raise FileExistsError(path)
+                return
+            except FileExistsError:
+                raise taken(folder, what, holder(marker, self.options)) from None
+            except OSError as err:
+                if "ConditionalRequestConflict" not in str(err) or attempt + 1 == CONFLICT_RETRIES:
+                    raise ValueError(
+                        f"cannot claim {marker} ({err}); the S3 server must support conditional writes (If-None-Match)"
+                    ) from None
+                time.sleep(1)
 
     def write(self, uri: str, data: bytes) -> None:
         """``data`` at ``uri`` whole or not at all: a reader (or a resumed sweep) never sees a
@@ -195,6 +249,161 @@ class Storage:
             raise ValueError(f"no access to {where} (check AWS credentials): {err}") from None
         except (OSError, botocore.exceptions.BotoCoreError) as err:
             raise ValueError(f"cannot reach {where}: {type(err).__name__}: {err}") from None
+
+
+@dataclass(frozen=True)
+class _Claim:
+    storage: Storage
+    name: str
+    lock: int | None
+    """The open claim file this process holds a lock on (local storage)."""
+    new: bool
+    """Made by this process: a start that fails before writing anything takes it back."""
+
+
+_claims: dict[str, _Claim] = {}
+"""Claim file -> this process's claim of that run or sweep."""
+
+
+def release_claims() -> None:
+    """End this process's claims: a run or sweep it started that holds nothing but its claim
+    file (the start failed before writing anything) is removed, so the same command starts
+    it again without --resume; locks are let go. Entry points call it on failure; at exit
+    it runs by itself."""
+    for marker, claim in list(_claims.items()):
+        del _claims[marker]
+        with contextlib.suppress(Exception):  # the storage may be unreachable: a claim left is safe
+            if claim.new:
+                fs, folder = fsspec.core.url_to_fs(claim.storage.join(claim.name), **claim.storage.options)
+                if [p.rsplit("/", 1)[-1] for p in fs.ls(folder, detail=False, refresh=True)] == [CLAIM_FILE]:
+                    fs.rm(f"{folder}/{CLAIM_FILE}")
+                    if not claim.storage.is_remote:
+                        os.rmdir(folder)
+        if claim.lock is not None:
+            os.close(claim.lock)
+
+
+atexit.register(release_claims)
+
+
+def taken(folder: str, what: str, by: str) -> ValueError:
+    return ValueError(
+        f"{folder} already holds a {what}: pass --resume to continue it, or --name"
+        + (f" (claimed by {by})" if by else "")
+    )
+
+
+def holder(marker: str, options: dict | None = None) -> str:
+    """``user@host, pid N, at T`` from a claim file; empty when there is none (a run from
+    before claim files) or it cannot be read."""
+    try:
+        fs, path = fsspec.core.url_to_fs(marker, **(options or {}))
+        by = json.loads(fs.cat_file(path))
+        return f"{by['by']}, pid {by['pid']}, at {by['at']}"
+    except Exception:
+        return ""
+
+
+def _holder_json() -> bytes:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = str(os.getuid())
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    by = {"by": f"{user}@{socket.gethostname()}", "pid": os.getpid(), "at": at, "claim": uuid.uuid4().hex}
+    return json.dumps(by).encode()
+
+
+def _create_file(marker: str, folder: str, what: str) -> int:
+    """``marker`` created locally and locked, or ValueError if it exists: written whole beside
+    its name, then hard-linked to it (a link fails where a rename would replace)."""
+    os.makedirs(folder, exist_ok=True)
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=f"{CLAIM_FILE}.partial-")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # before anyone can open it by its name
+        os.fchmod(handle, folder_mode() & 0o666)
+        os.write(handle, _holder_json())
+        os.link(partial, marker)
+    except BaseException as err:
+        os.close(handle)
+        if isinstance(err, FileExistsError):
+            raise taken(folder, what, holder(marker)) from None
+        raise
+    finally:
+        os.unlink(partial)
+    return handle
+
+
+def _lock(marker: str, folder: str, what: str) -> int:
+    """``marker`` locked for as long as this process lives (or until ``release_claims``),
+    with this process written in it; ValueError while another process holds it. A run from
+    before claim files gets one now."""
+    try:
+        handle = os.open(marker, os.O_RDWR | os.O_CREAT, folder_mode() & 0o666)
+    except OSError as err:
+        raise ValueError(f"cannot lock {marker}: {err.strerror}") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        by = holder(marker)
+        raise ValueError(
+            f"{folder} is in use by another process"
+            + (f" ({by})" if by else "")
+            + f": two processes must not write one {what}; let it end, or stop it, then --resume"
+        ) from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, _holder_json(), 0)
+    return handle
+
+
+def check_private(folder: str) -> None:
+    """Ray Tune resumes a sweep by unpickling its state, which runs code from the sweep's
+    files: refuse a folder holding anything another user owns or may write (group-writable
+    is fine for the user's own private group, as umask 002 makes files)."""
+    me = os.geteuid()
+    for root, dirs, files in os.walk(folder):
+        entries = ([root] if root == folder else []) + [os.path.join(root, n) for n in dirs + files]
+        for path in entries:
+            info = os.lstat(path)
+            if info.st_uid != me:
+                reason = f"is owned by {_user(info.st_uid)}, not by you ({_user(me)})"
+            elif stat.S_ISLNK(info.st_mode):
+                continue
+            elif info.st_mode & stat.S_IWOTH:
+                reason = f"is writable by every user (mode {stat.filemode(info.st_mode)})"
+            elif info.st_mode & stat.S_IWGRP and not _own_group(info.st_gid):
+                reason = f"is writable by group {_group(info.st_gid)} (mode {stat.filemode(info.st_mode)})"
+            else:
+                continue
+            raise ValueError(
+                f"will not resume the sweep in {folder}: {path} {reason}; Ray Tune unpickles a sweep's state "
+                "when it resumes, which runs code from its files: resume only a sweep nobody else can write to"
+            )
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _group(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return f"gid {gid}"
+
+
+def _own_group(gid: int) -> bool:
+    """A user private group: the user's primary group, named after the user, with nobody else in it."""
+    me = _user(os.geteuid())
+    try:
+        group = grp.getgrgid(gid)
+    except KeyError:
+        return False
+    return gid == os.getegid() and group.gr_name == me and set(group.gr_mem) <= {me}
 
 
 def folder_mode() -> int:
