@@ -13,6 +13,7 @@ One layout for a run's outputs, in-process or under Ray Train: the run folder ho
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -33,6 +34,8 @@ STATE_FILE = "state.pt"
 META_FILE = "meta.json"
 GRID_FILE = "grid.png"
 DIR_PREFIX = "checkpoint_step"
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+"""A full disk, a quota, or a file-size limit: what a write that runs out of room raises."""
 
 
 class CheckpointError(ValueError):
@@ -45,13 +48,16 @@ def dir_name(step: int) -> str:
 
 def write_dir(directory: str, state: dict[str, Any], meta: dict[str, Any], grid_png: bytes = b"") -> None:
     """Write state.pt, meta.json and grid.png into a local directory (Ray uploads it from there)."""
-    os.makedirs(directory, exist_ok=True)
-    torch.save(state, os.path.join(directory, STATE_FILE))
-    with open(os.path.join(directory, META_FILE), "w") as handle:
-        json.dump(meta, handle, indent=2, sort_keys=True)
-    if grid_png:
-        with open(os.path.join(directory, GRID_FILE), "wb") as handle:
-            handle.write(grid_png)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        torch.save(state, os.path.join(directory, STATE_FILE))
+        with open(os.path.join(directory, META_FILE), "w") as handle:
+            json.dump(meta, handle, indent=2, sort_keys=True)
+        if grid_png:
+            with open(os.path.join(directory, GRID_FILE), "wb") as handle:
+                handle.write(grid_png)
+    except OSError as err:
+        raise not_written(directory, err) from None
 
 
 def save(
@@ -86,8 +92,11 @@ def save(
 
 def _save_local(root: str, files: list[tuple[str, bytes]]) -> None:
     parent, name = os.path.split(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    except OSError as err:
+        raise not_written(root, err) from None
     try:
         for file_name, payload in files:
             with open(os.path.join(tmp, file_name), "wb") as handle:
@@ -100,9 +109,20 @@ def _save_local(root: str, files: list[tuple[str, bytes]]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, root)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(err, OSError):
+            raise not_written(root, err) from None
         raise
+
+
+def not_written(folder: str, err: OSError) -> CheckpointError:
+    """One line for a checkpoint that could not be written: the ones before it are whole."""
+    reason = f"disk full: {err.strerror}" if err.errno in DISK_FULL else err.strerror or str(err)
+    return CheckpointError(
+        f"cannot write checkpoint {folder} ({reason}); the checkpoints before it are kept, and once it can be "
+        "written the same command with --resume continues from the last of them"
+    )
 
 
 def load(uri: str, storage_options: dict | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
