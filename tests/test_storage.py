@@ -185,8 +185,15 @@ def test_nothing_is_kept_in_the_temporary_copy_of_a_jobs_working_dir(tmp_path, m
     assert Storage.parse("runs").uri == f"{tmp_path}/runs"
 
 
-def test_a_state_file_is_replaced_whole_or_not_at_all_when_the_disk_fills(tmp_path):
-    """population.json and the sweep's report go through Storage.write: with the file size
+WRITERS = {
+    "state file": "from gan.data.storage import Storage; Storage.parse(folder).write(target, data)",
+    "evaluator": "from gan.evaluation.evaluator_file import write; write(target, data, {})",
+}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_a_state_file_is_replaced_whole_or_not_at_all_when_the_disk_fills(tmp_path, writer):
+    """population.json, the sweep's report and a rebuilt evaluator.pt: with the file size
     limited (a full disk, as a process sees it) the write fails and the previous content
     stays, with no partial file left beside it."""
     import subprocess
@@ -196,13 +203,13 @@ def test_a_state_file_is_replaced_whole_or_not_at_all_when_the_disk_fills(tmp_pa
     target.write_text('{"round": 1}')
     script = f"""
 import resource, signal
-from gan.data.storage import Storage
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of being killed
 resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+folder, target, data = {str(tmp_path)!r}, {str(target)!r}, b"x" * (1 << 20)
 try:
-    Storage.parse({str(tmp_path)!r}).write({str(target)!r}, b"x" * (1 << 20))
-except OSError as err:
-    print("refused", err.errno)
+    {WRITERS[writer]}
+except (OSError, ValueError) as err:
+    print("refused", err)
 """
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.stdout.startswith("refused"), proc.stdout + proc.stderr[-2000:]

@@ -185,24 +185,7 @@ class Storage:
                 time.sleep(1)
 
     def write(self, uri: str, data: bytes) -> None:
-        """``data`` at ``uri`` whole or not at all: a reader (or a resumed sweep) never sees a
-        torn file, and a full disk leaves the previous content. One PUT is atomic on S3; a
-        local file is written beside its final name and renamed over it."""
-        fs, path = fsspec.core.url_to_fs(uri, **self.options)
-        folder = path.rsplit("/", 1)[0]
-        fs.makedirs(folder, exist_ok=True)
-        if "://" in uri:
-            fs.pipe_file(path, data)
-            return
-        handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.partial-")
-        try:
-            with os.fdopen(handle, "wb") as out:
-                out.write(data)
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise
+        write_whole(uri, data, self.options)
 
     def ray_args(self, *parts: str):
         """(storage_path, storage_filesystem) as Ray Train and Tune take them."""
@@ -417,3 +400,24 @@ def folder_mode() -> int:
 def s3_options(endpoint_url: str | None) -> dict:
     """fsspec options that send s3:// requests to ``endpoint_url`` (none: AWS's)."""
     return {"client_kwargs": {"endpoint_url": endpoint_url}} if endpoint_url else {}
+
+
+def write_whole(uri: str, data: bytes, options: dict) -> None:
+    """``data`` at ``uri`` whole or not at all: a reader (or a resumed sweep) never sees a
+    torn file, and a full disk leaves the previous content. One PUT is atomic on S3; a
+    local file is written beside its final name and renamed over it."""
+    fs, path = fsspec.core.url_to_fs(uri, **options)
+    folder = path.rsplit("/", 1)[0]
+    fs.makedirs(folder, exist_ok=True)
+    if "://" in uri:
+        fs.pipe_file(path, data)
+        return
+    handle, partial = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.partial-")
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.replace(partial, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(partial)
+        raise

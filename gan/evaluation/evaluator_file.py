@@ -24,6 +24,7 @@ import fsspec
 import torch
 
 from gan.data.datasets import MANIFEST
+from gan.data.storage import write_whole
 from gan.evaluation.features import DigitClassifier, DomainClassifier
 
 DIGITS_EVALUATOR_FILE = "digits_evaluator.pt"
@@ -111,9 +112,9 @@ def check_writable(out: str, storage_options: dict, overwrite: bool) -> None:
 
 
 def write(out: str, raw: bytes, storage_options: dict) -> None:
-    """Store the file's bytes at ``out`` in one write: a local file or one object PUT."""
+    """Store the file's bytes at ``out`` whole or not at all: a full disk during a rebuild
+    leaves the evaluator that was there."""
     try:
-        with fsspec.open(out, "wb", **storage_options) as handle:
-            handle.write(raw)
+        write_whole(out, raw, storage_options)
     except Exception as err:  # fsspec backends raise many types; the message says which
         raise ValueError(f"{out}: cannot write it ({type(err).__name__}: {err})") from None
