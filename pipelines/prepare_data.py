@@ -17,6 +17,12 @@ Labels: one sub-folder per class (folders and archives), a CSV of path,label row
 (--labels), an IDX labels file for IDX images, or the .npz's 'labels' key. Skipped files
 are named on stderr and counted at the end; nothing is written under DEST unless the
 whole dataset is.
+
+Only regular files are opened: FIFOs, devices, sockets and links to them are skipped by
+name, and so are links out of a source folder unless --follow-links. Reads are bounded:
+--max-file-mib per file or archive member (skipped unread when over), --max-archive-mib
+for what one archive expands to and --max-array-mib for an .npz array or IDX file (both
+refused when over, from their headers).
 """
 
 from __future__ import annotations
@@ -29,7 +35,10 @@ import sys
 from gan.cli import fail
 from gan.core.config import RESOLUTIONS
 from gan.data.prepare import PrepareConfig, prepare
+from gan.data.sources import MAX_ARCHIVE_BYTES, MAX_ARRAY_BYTES, MAX_MEMBER_BYTES
 from gan.data.storage import s3_options
+
+MIB = 1 << 20
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +56,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="S3 API endpoint URL for s3:// URIs (default $AWS_ENDPOINT_URL or AWS)")  # fmt: skip
     parser.add_argument("--workers", type=int, default=1, help="processes decoding images (default 1)")
     parser.add_argument("--progress-every-s", type=float, default=5.0, help="seconds between progress lines")
+    limits = parser.add_argument_group("limits on untrusted input")
+    limits.add_argument("--follow-links", action="store_true", help="read symbolic links out of a source folder")
+    limits.add_argument("--max-file-mib", type=float, default=MAX_MEMBER_BYTES / MIB,
+                        help="larger files and archive members are skipped unread (default %(default)g)")  # fmt: skip
+    limits.add_argument("--max-archive-mib", type=float, default=MAX_ARCHIVE_BYTES / MIB,
+                        help="most one archive may expand to, all members together (default %(default)g)")  # fmt: skip
+    limits.add_argument("--max-array-mib", type=float, default=MAX_ARRAY_BYTES / MIB,
+                        help="largest .npz array or IDX file, held whole in memory (default %(default)g)")  # fmt: skip
     args = parser.parse_args(argv)
 
     options = s3_options(args.s3_endpoint)
@@ -64,6 +81,10 @@ def main(argv: list[str] | None = None) -> int:
             storage_options=json.dumps(options) if options else "",
             progress_every_s=args.progress_every_s,
             workers=args.workers,
+            follow_links=args.follow_links,
+            max_member_bytes=int(args.max_file_mib * MIB),
+            max_archive_bytes=int(args.max_archive_mib * MIB),
+            max_array_bytes=int(args.max_array_mib * MIB),
         )
         manifest = prepare(cfg)
     except ValueError as err:  # PrepareError and the sources' DataError, each naming its input

@@ -38,6 +38,7 @@ import math
 import os
 import posixpath
 import shutil
+import stat
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -57,6 +58,8 @@ STAMPS = "verified"  # the cache's folder of stamps, beside the copies (named by
 CONVERTED = "converted"  # the cache's folder of raw sources prepared by the dataset tool
 MIB = 2**20
 CHUNK_BYTES = MIB  # shards are hashed and copied in pieces this big, never whole
+MAX_MANIFEST_BYTES = 64 * MIB  # a manifest of a million shards is a few hundred MiB less
+NPY_HEADER_BYTES = 1 << 16  # what np.save writes before the data (format 1.0 holds at most this)
 
 
 @dataclass(frozen=True)
@@ -263,7 +266,7 @@ def prepared_manifest(uri: str, storage_options: dict | None = None) -> dict | N
     if not _is_prepared(fs, path, uri):
         return None
     path = path.removesuffix(MANIFEST).rstrip("/")
-    return read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri), uri)
+    return read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri, MAX_MANIFEST_BYTES), uri)
 
 
 def _is_prepared(fs, path: str, uri: str) -> bool:
@@ -293,7 +296,7 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> Dataset:
     from fsspec.implementations.local import LocalFileSystem
 
     uri = cfg.uri
-    manifest = read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri), uri)
+    manifest = read_manifest(fetch(fs, f"{path}/{MANIFEST}", uri, MAX_MANIFEST_BYTES), uri)
     channels, height, width = manifest["shape"]
     if height not in RESOLUTIONS:
         raise DataError(
@@ -417,10 +420,7 @@ def _file_identities(root: str, manifest: dict) -> dict:
     files = {}
     for name, _ in _shard_files(manifest):
         path = os.path.join(root, name)
-        try:
-            st = os.stat(path)
-        except OSError as err:
-            raise DataError(f"{path}: cannot read this shard ({err})") from None
+        st = _shard_stat(path)
         files[name] = [st.st_size, st.st_mtime_ns, st.st_ino]
     return {"manifest_sha256": manifest["sha256"], "files": files}
 
@@ -439,6 +439,18 @@ def _write_stamp(stamp: Path, content: dict) -> None:
     os.replace(tmp, stamp)  # readers see the old stamp or the whole new one
 
 
+def _shard_stat(path: str) -> os.stat_result:
+    """A shard's stat, refused unless it is a regular file: a FIFO would block the reader for
+    ever and a link to /dev/zero never end."""
+    try:
+        st = os.stat(path)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read this shard ({err})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"{path}: this shard is not a regular file: not opened")
+    return st
+
+
 def _sha256_file(path: str) -> str:
     digest = hashlib.sha256()
     try:
@@ -452,9 +464,11 @@ def _sha256_file(path: str) -> str:
 
 def _read_npy(root: str, name: str, sha256: str, shape: tuple, dtype) -> np.ndarray:
     path = os.path.join(root, name)
+    _shard_stat(path)
+    most = math.prod(shape) * np.dtype(dtype).itemsize + NPY_HEADER_BYTES
     try:
         with open(path, "rb") as handle:
-            raw = handle.read()
+            raw = handle.read(most + 1)  # the hash below refuses a longer file: no need to read it all
     except OSError as err:
         raise DataError(f"{path}: cannot read this shard ({err})") from None
     if hashlib.sha256(raw).hexdigest() != sha256:
@@ -479,8 +493,9 @@ def _cached_copy(fs, path: str, uri: str, manifest: dict) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{manifest['sha256'][:16]}.partial-", dir=root))
         tmp.chmod(folder_mode())  # mkdtemp's 0700 would hide the copy from other users of the node
         try:
+            most = manifest["count"] * math.prod(manifest["shape"]) + NPY_HEADER_BYTES  # the largest a shard can be
             for name, sha256 in _shard_files(manifest):
-                _download(fs, f"{path}/{name}", f"{uri.rstrip('/')}/{name}", tmp / name, sha256)
+                _download(fs, f"{path}/{name}", f"{uri.rstrip('/')}/{name}", tmp / name, sha256, most)
             # The manifest last: a folder without one is never taken for a copy.
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             if final.exists():  # left without its manifest by hand: replace it
@@ -544,14 +559,17 @@ def _cache_dir(uri: str, *sub: str) -> Path:
     return root
 
 
-def _download(fs, path: str, uri: str, dest: Path, sha256: str) -> None:
-    """Copy one shard to ``dest`` in chunks, hashing as it goes: memory stays one chunk."""
+def _download(fs, path: str, uri: str, dest: Path, sha256: str, max_bytes: int) -> None:
+    """Copy one shard to ``dest`` in chunks, hashing as it goes: memory stays one chunk, and
+    the copy stops past ``max_bytes`` (then its hash cannot match)."""
     digest = hashlib.sha256()
+    copied = 0
     try:
         with fs.open(path, "rb") as source, open(dest, "wb") as out:
-            while chunk := source.read(CHUNK_BYTES):
+            while copied <= max_bytes and (chunk := source.read(CHUNK_BYTES)):
                 digest.update(chunk)
                 out.write(chunk)
+                copied += len(chunk)
     except Exception as err:
         raise DataError(f"{uri}: cannot copy it into the node cache ({type(err).__name__}: {err})") from None
     if digest.hexdigest() != sha256:

@@ -28,14 +28,17 @@ Publishing never leaves a partial dataset under the final name, in two ways:
   new manifest over the old one, then deletes the shards only the old one named.
 
 Unreadable, undecodable, unsupported, oversized (decompression bombs) or unsafely named
-(absolute or ``..``) inputs are skipped, each named on the log, with a count at the end;
-nothing readable at all is an error. Problems with the request itself (no such source,
+(absolute or ``..``) inputs, and special files (FIFOs, devices, sockets, links to them or,
+unless ``follow_links``, out of the source folder: never opened) are skipped, each named on
+the log, with a count at the end; nothing readable at all is an error. A full disk fails in
+one line naming the destination; what was there stays as it was. Problems with the request itself (no such source,
 unknown format, bad resolution or colour, an existing destination) are one error before
 any image is read.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -52,7 +55,16 @@ from typing import TYPE_CHECKING, TextIO
 import numpy as np
 
 from gan.core.config import RESOLUTIONS
-from gan.data.sources import MAX_MEMBER_BYTES, DataError, Item, Skips, Source, decode_image
+from gan.data.sources import (
+    MAX_ARCHIVE_BYTES,
+    MAX_ARRAY_BYTES,
+    MAX_MEMBER_BYTES,
+    DataError,
+    Item,
+    Skips,
+    Source,
+    decode_image,
+)
 from gan.data.storage import url_to_fs
 
 if TYPE_CHECKING:
@@ -70,6 +82,9 @@ _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 # Modes that convert to 8-bit L/RGB without losing meaning; 16-bit and float images
 # (I;16, I, F) would be clipped, so they are skipped with a message instead.
 _MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
+READ_AHEAD_BYTES = 512 << 20
+"""Most encoded bytes read ahead for the worker processes (at least one item is)."""
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class PrepareError(DataError):
@@ -105,7 +120,13 @@ class PrepareConfig:
     max_pixels: int = 89_478_485
     """Images with more pixels are skipped unread (decompression bombs); Pillow's default."""
     max_member_bytes: int = MAX_MEMBER_BYTES
-    """Archive members larger than this (uncompressed) are skipped unread."""
+    """Files of a folder and archive members larger than this (uncompressed) are skipped unread."""
+    max_archive_bytes: int = MAX_ARCHIVE_BYTES
+    """An archive (.zip, .tar, .npz) whose members expand beyond this, all together, is refused."""
+    max_array_bytes: int = MAX_ARRAY_BYTES
+    """An .npz array or IDX file larger than this (from its header) is refused: it is held whole."""
+    follow_links: bool = False
+    """Read symbolic links that lead out of a source folder (links to special files never are)."""
     progress_every_s: float = 5.0
     """Seconds between progress lines on the log."""
     workers: int = 1
@@ -125,6 +146,9 @@ class PrepareConfig:
             raise PrepareError(f"shard size {self.shard_size} must be at least 1 image")
         if not 1 <= self.workers <= 256:
             raise PrepareError(f"workers {self.workers} must be between 1 and 256")
+        for name in ("max_member_bytes", "max_archive_bytes", "max_array_bytes"):
+            if getattr(self, name) < 1:
+                raise PrepareError(f"{name} {getattr(self, name)} must be at least 1 byte")
         background_rgb(self.background)
         if self.storage_options:
             try:
@@ -179,7 +203,8 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
     log = log or sys.stderr
     options = json.loads(cfg.storage_options) if cfg.storage_options else {}
     source = Source(cfg.source, labels_uri=cfg.labels, infer_labels=cfg.infer_labels, options=options,
-                    max_member_bytes=cfg.max_member_bytes)  # fmt: skip
+                    max_member_bytes=cfg.max_member_bytes, max_archive_bytes=cfg.max_archive_bytes,
+                    max_array_bytes=cfg.max_array_bytes, follow_links=cfg.follow_links)  # fmt: skip
     dest_fs, dest_path = url_to_fs(cfg.dest, options, PrepareError)
     old_manifest = _check_dest(dest_fs, dest_path, cfg)
     background = background_rgb(cfg.background)
@@ -204,8 +229,12 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
         manifest |= {"source": cfg.source, "skipped": len(skips.names), "tool_version": tool_version()}
         manifest |= {"background": "#{:02x}{:02x}{:02x}".format(*background)}
         sink.publish(json.dumps(manifest, indent=1).encode())
-    except BaseException:
+    except BaseException as err:
         sink.abort()
+        if isinstance(err, OSError) and err.errno in _DISK_FULL:
+            raise PrepareError(
+                f"{cfg.dest}: the disk is full ({err.strerror}): nothing was published, what was there is untouched"
+            ) from None
         raise
     progress.update(writer.count, len(skips.names), force=True)
     if skips.names:
@@ -309,18 +338,27 @@ def _converted(items: Iterator[Item], cfg: PrepareConfig, background: tuple[int,
 
     # fork: the workers only decode pixels, and need not import torch again as spawn would.
     pool = ProcessPoolExecutor(cfg.workers, mp_context=multiprocessing.get_context("fork"))
-    window: deque = deque()  # a bounded look-ahead keeps memory flat and the order fixed
+    # A look-ahead bounded in bytes and in items keeps memory flat and the order fixed:
+    # a count alone would hold 8 x workers files of up to max_member_bytes each.
+    window: deque = deque()
+    ahead = 0
     try:
         for item in items:
             window.append((item, pool.submit(_convert_or_reason, item, cfg, background)))
-            if len(window) >= 8 * cfg.workers:
+            ahead += _size(item)
+            while window and (len(window) >= 8 * cfg.workers or ahead > READ_AHEAD_BYTES):
                 done, future = window.popleft()
+                ahead -= _size(done)
                 yield done, future.result()
         while window:
             done, future = window.popleft()
             yield done, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _size(item: Item) -> int:
+    return item.data.nbytes if isinstance(item.data, np.ndarray) else len(item.data)
 
 
 def _convert_or_reason(item: Item, cfg: PrepareConfig, background: tuple[int, int, int]) -> np.ndarray | str:

@@ -12,9 +12,14 @@ Label rules, the only ones in the project:
 - IDX: an IDX labels file beside the images;
 - .npz: key 'labels' (or 'y', 'y_train') in the same file.
 
-Everything that reads untrusted bytes is bounded: gzip stops at what an IDX header states
-or ``MAX_GUNZIPPED_BYTES``, an image's header is checked against a pixel limit before it
-is decoded, and archive members over a size limit are skipped unread.
+Everything that reads untrusted bytes is bounded: only regular files are opened (special
+files, and links to them or out of a source folder, are skipped by name from ``lstat``
+and ``stat``); files and archive members over a size limit are skipped unread, and every
+read stops at its limit; an archive's expanded total is capped; an .npz array's size is
+checked from its header before it is decompressed; gzip IDX is decompressed into a buffer
+of the size its header states, never further; an image's header is checked against a
+pixel limit before it is decoded. Each limit's message names the flag of
+``pipelines/prepare_data.py`` that raises it.
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import posixpath
+import stat
 import struct
 import tarfile
 import warnings
@@ -46,8 +53,12 @@ TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz
 MAX_GUNZIPPED_BYTES = 16 << 30
 """Most bytes one gzip file may expand to (16 GiB; IDX files: what their header states)."""
 MAX_MEMBER_BYTES = 256 << 20
-"""Archive members larger than this (uncompressed) are skipped unread."""
-_GUNZIP_STEP = 64 << 20
+"""Files of a folder and archive members larger than this (uncompressed) are skipped unread."""
+MAX_ARCHIVE_BYTES = 16 << 30
+"""Most bytes the members of one archive (.zip, .tar, .npz) may expand to, all together."""
+MAX_ARRAY_BYTES = 4 << 30
+"""Largest .npz array or IDX file: it is held whole in memory."""
+_GUNZIP_STEP = 8 << 20
 _IDX_HEADER_MAX = 4 + 4 * 255  # magic and up to 255 dimensions
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 _FETCH_BATCH = 32
@@ -60,6 +71,11 @@ _CHANGE_FIELDS = ("size", "mtime", "created", "ETag", "etag", "LastModified", "l
 
 class DataError(ValueError):
     """A dataset that cannot be used; the message names the file and the problem."""
+
+
+def raise_with(flag: str) -> str:
+    """How a user raises a limit, for messages shown by the dataset tool and by training alike."""
+    return f"pipelines/prepare_data.py {flag} raises it"
 
 
 @dataclass
@@ -99,9 +115,13 @@ class Source:
         infer_labels: bool = True,
         options: dict | None = None,
         max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_archive_bytes: int = MAX_ARCHIVE_BYTES,
+        max_array_bytes: int = MAX_ARRAY_BYTES,
+        follow_links: bool = False,
     ) -> None:
         self.uri, self.labels_uri, self.infer_labels = uri, labels_uri, infer_labels
-        self.max_member_bytes = max_member_bytes
+        self.max_member_bytes, self.max_archive_bytes = max_member_bytes, max_archive_bytes
+        self.max_array_bytes, self.follow_links = max_array_bytes, follow_links
         self.options = options or {}
         self.fs, self.path = url_to_fs(uri, self.options, DataError)
         self.kind = _detect(self.fs, self.path, uri)
@@ -118,10 +138,10 @@ class Source:
             items = (Item(f"{self.uri}[{i}]", x, k) for i, (x, k) in enumerate(zip(images, keys, strict=True)))
             return items, len(images)
         if self.kind == "folder":
-            files = sorted(self.fs.find(self.path))
+            listing = self.fs.find(self.path, detail=True)
             label_file = self.fs._strip_protocol(self.labels_uri) if self.labels_uri else None
-            files = [f for f in files if f != label_file]
-            return self._folder_items(files, skips), len(files)
+            files = [f for f in sorted(listing) if f != label_file]
+            return self._folder_items(files, listing, skips), len(files)
         return self._archive_items(skips), None
 
     def class_labels(self, keys: list, log: TextIO) -> tuple[list[str], list[int]]:
@@ -163,13 +183,14 @@ class Source:
         except Exception as err:  # network and permission errors differ per backend
             raise DataError(f"{uri}: cannot reach it ({type(err).__name__}: {err})") from None
         if not found:
+            _check_regular(fs, path, uri)  # a FIFO or device is not 'no such file'
             raise DataError(f"{uri}: no such labels file")
         if self.kind == "idx":
-            labels = parse_idx(read_bytes(fs, path, uri), uri)
+            labels = parse_idx(self._read_array_file(fs, path, uri), uri)
             if labels.ndim != 1:
                 raise DataError(f"{uri}: an IDX labels file must be 1-D, found shape {labels.shape}")
             return None, labels
-        text = fetch(fs, path, uri).decode("utf-8-sig", errors="replace")
+        text = fetch(fs, path, uri, self.max_member_bytes, "--max-file-mib").decode("utf-8-sig", errors="replace")
         rows = [row for row in csv.reader(io.StringIO(text)) if row and any(cell.strip() for cell in row)]
         if rows and rows[0][0].strip().lower() in ("path", "file", "filename", "image"):
             rows = rows[1:]  # a header row
@@ -184,12 +205,17 @@ class Source:
 
     # --- arrays ----------------------------------------------------------------------
 
+    def _read_array_file(self, fs, path: str, uri: str) -> bytes | memoryview:
+        """An IDX file's bytes, gunzipped; at most ``max_array_bytes`` and its header."""
+        limit = self.max_array_bytes + _IDX_HEADER_MAX
+        return read_bytes(fs, path, uri, limit, "--max-array-mib")
+
     def _read_arrays(self) -> tuple[np.ndarray, np.ndarray | None]:
-        raw = read_bytes(self.fs, self.path, self.uri)
         if self.kind == "npz":
-            images, labels = parse_npz(raw, self.uri)
+            raw = fetch(self.fs, self.path, self.uri, self.max_archive_bytes, "--max-archive-mib")
+            images, labels = parse_npz(raw, self.uri, self.max_array_bytes)
         else:
-            images, labels = parse_idx(raw, self.uri), self.idx_labels
+            images, labels = parse_idx(self._read_array_file(self.fs, self.path, self.uri), self.uri), self.idx_labels
             if images.ndim != 3:
                 raise DataError(f"{self.uri}: an IDX images file must be 3-D (N x H x W), found shape {images.shape}")
             images = pixels_as_uint8(images, self.uri)
@@ -203,23 +229,38 @@ class Source:
 
     # --- folders and archives: image files in name order ------------------------------
 
-    def _folder_items(self, files: list[str], skips: Skips) -> Iterator[Item]:
+    def _folder_items(self, files: list[str], listing: dict, skips: Skips) -> Iterator[Item]:
         prefix = self.path.rstrip("/") + "/"
+        root = os.path.realpath(self.path) if _is_local(self.fs) else ""
+        too_big = f"over the limit of {self.max_member_bytes:,} bytes per file ({raise_with('--max-file-mib')})"
         wanted = []
         for file in files:
             rel = file[len(prefix) :] if file.startswith(prefix) else posixpath.basename(file)
-            item = self._labelled(f"{self.uri.rstrip('/')}/{rel}", rel, skips)
+            name = f"{self.uri.rstrip('/')}/{rel}"
+            size = listing[file].get("size")
+            if root:  # a local file: what it is, from lstat and stat, before anything opens it
+                why, size = _local_file(file, root, self.follow_links)
+                if why:
+                    skips.add(name, why)
+                    continue
+            if size is not None and size > self.max_member_bytes:
+                skips.add(name, f"{size:,} bytes is {too_big}")
+                continue
+            item = self._labelled(name, rel, skips)
             if item is not None:
                 wanted.append((file, item))
         # Batches: an object store answers one GET per file; an async one (s3fs) gets a batch at once.
         for start in range(0, len(wanted), _FETCH_BATCH):
             batch = wanted[start : start + _FETCH_BATCH]
-            for (_, item), payload in zip(batch, _fetch_many(self.fs, [file for file, _ in batch]), strict=True):
+            payloads = _fetch_many(self.fs, [file for file, _ in batch], self.max_member_bytes)
+            for (_, item), payload in zip(batch, payloads, strict=True):
                 if isinstance(payload, BaseException):
                     skips.add(item.name, f"cannot read it ({type(payload).__name__}: {payload})")
-                    continue
-                item.data = payload
-                yield item
+                elif len(payload) > self.max_member_bytes:  # it grew since it was listed
+                    skips.add(item.name, f"more than {self.max_member_bytes:,} bytes: {too_big}")
+                else:
+                    item.data = payload
+                    yield item
 
     def _archive_items(self, skips: Skips) -> Iterator[Item]:
         with self.fs.open(self.path, "rb") as handle:
@@ -232,6 +273,7 @@ class Source:
                 raise DataError(f"{self.uri}: corrupt archive ({type(err).__name__}: {err})") from None
 
     def _zip_members(self, handle, skips: Skips) -> Iterator[Item]:
+        expanded = 0
         with zipfile.ZipFile(handle) as archive:
             for info in sorted(archive.infolist(), key=lambda i: i.filename):
                 if info.is_dir():
@@ -239,6 +281,8 @@ class Source:
                 item = self._member(info.filename, info.file_size, skips)
                 if item is None:
                     continue
+                expanded += info.file_size
+                self._check_expanded(expanded)
                 try:
                     # Reads stop at the declared size, so a lying header cannot inflate memory.
                     item.data = archive.read(info)
@@ -251,6 +295,8 @@ class Source:
         # Stream mode: one pass over a compressed tar, no seeking back (fine over s3://).
         with tarfile.open(fileobj=handle, mode="r|*") as archive:
             for member in archive:
+                # Stream mode decompresses every member it passes, skipped ones too.
+                self._check_expanded(member.offset_data + member.size)
                 if member.isdir():
                     continue
                 if not member.isfile():
@@ -263,6 +309,13 @@ class Source:
                 item.data = extracted.read() if extracted else b""
                 yield item
 
+    def _check_expanded(self, expanded: int) -> None:
+        if expanded > self.max_archive_bytes:
+            raise DataError(
+                f"{self.uri}: its members expand beyond {self.max_archive_bytes:,} bytes, the limit for one "
+                f"archive (an archive bomb? {raise_with('--max-archive-mib')})"
+            )
+
     def _member(self, name: str, size: int, skips: Skips) -> Item | None:
         display = f"{self.uri}!{name}"
         parts = name.replace("\\", "/").split("/")
@@ -270,7 +323,8 @@ class Source:
             skips.add(display, "unsafe member name (absolute or with '..'), ignored")
             return None
         if size > self.max_member_bytes:
-            skips.add(display, f"{size:,} bytes is over the limit of {self.max_member_bytes:,} per member")
+            limit = f"{self.max_member_bytes:,} bytes per member ({raise_with('--max-file-mib')})"
+            skips.add(display, f"{size:,} bytes is over the limit of {limit}")
             return None
         return self._labelled(display, name.replace("\\", "/"), skips)
 
@@ -322,6 +376,7 @@ def _detect(fs, path: str, uri: str) -> str:
         raise DataError(f"{uri}: cannot reach it ({type(err).__name__}: {err})") from None
     if not exists:
         raise DataError(f"{uri}: no such file or folder (check the spelling and the bucket)")
+    _check_regular(fs, path, uri)
     name = posixpath.basename(path).lower()
     if name.endswith(TAR_SUFFIXES):
         return "tar"
@@ -352,10 +407,67 @@ def _detect(fs, path: str, uri: str) -> str:
     )
 
 
-def _fetch_many(fs, files: list[str]) -> list[bytes | BaseException]:
-    """The bytes of each file, or its error. Not fs.cat(list): that reads '[' in names as a glob."""
+def _is_local(fs) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _special(mode: int) -> str:
+    """What a file that is not a regular file is: 'a FIFO', 'a folder', ..."""
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+    return next((kind for test, kind in kinds if test(mode)), "not a regular file")
+
+
+def _local_file(path: str, root: str, follow_links: bool) -> tuple[str, int]:
+    """('', size) for a regular file the tool may open, else (why it is skipped, 0). From lstat
+    and stat only: opening a FIFO blocks for ever, and reading /dev/zero never ends."""
+    try:
+        st = os.lstat(path)
+        link = stat.S_ISLNK(st.st_mode)
+        if link:
+            st = os.stat(path)
+    except OSError as err:
+        return f"a broken link ({err.strerror}), not opened", 0
+    if not stat.S_ISREG(st.st_mode):
+        what = f"a link to {_special(st.st_mode)} ({os.readlink(path)})" if link else _special(st.st_mode)
+        return f"{what}, not a regular file: not opened", 0
+    if link and not follow_links:
+        target = os.path.realpath(path)
+        if os.path.commonpath([target, root]) != root:
+            how = "pipelines/prepare_data.py --follow-links reads it"
+            return f"a link out of the source folder (to {target}), not followed ({how})", 0
+    return "", st.st_size
+
+
+def _check_regular(fs, path: str, uri: str) -> None:
+    """DataError unless a local ``path`` is a regular file, a folder or missing; never opens it."""
+    if not _is_local(fs):
+        return  # object stores and web servers hold nothing but files
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing: the caller says so
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        raise DataError(f"{uri}: {_special(mode)}, not a regular file: not opened")
+
+
+def _fetch_many(fs, files: list[str], max_bytes: int) -> list[bytes | BaseException]:
+    """The bytes of each file (local ones: at most ``max_bytes`` + 1, so the caller sees it is
+    over), or its error. Not fs.cat(list): that reads '[' in names as a glob."""
     from fsspec.asyn import AsyncFileSystem, sync
 
+    if _is_local(fs):
+        payloads: list[bytes | BaseException] = []
+        for file in files:
+            try:
+                with open(file, "rb") as handle:
+                    # read(n) allocates n bytes first: ask for no more than the file holds.
+                    payloads.append(handle.read(min(os.fstat(handle.fileno()).st_size, max_bytes) + 1))
+            except OSError as err:
+                payloads.append(err)
+        return payloads
     if isinstance(fs, AsyncFileSystem):
         import asyncio
 
@@ -375,44 +487,76 @@ def _fetch_many(fs, files: list[str]) -> list[bytes | BaseException]:
 # --- bytes: files, gzip, IDX, .npz, encoded images -------------------------------------
 
 
-def fetch(fs, path: str, uri: str) -> bytes:
-    """The bytes of one file; DataError names the URI."""
+def fetch(fs, path: str, uri: str, max_bytes: int = MAX_ARCHIVE_BYTES, flag: str = "") -> bytes:
+    """The bytes of one file, at most ``max_bytes`` (``flag`` raises it); DataError names the URI.
+    A local file must be a regular file: it is not opened otherwise."""
+    _check_regular(fs, path, uri)
+    how = f" ({raise_with(flag)})" if flag else ""
+    too_big = f"{uri}: larger than {max_bytes:,} bytes, the most read of one file{how}"
     try:
+        size = fs.size(path)
+        if size is not None and size > max_bytes:
+            raise DataError(too_big)
         with fs.open(path, "rb") as handle:
-            return handle.read()
+            # read(n) allocates n bytes first: ask for no more than the file holds.
+            raw = handle.read((max_bytes if size is None else min(size, max_bytes)) + 1)
+    except DataError:
+        raise
     except Exception as err:
         raise DataError(f"{uri}: cannot read it ({type(err).__name__}: {err})") from None
+    if len(raw) > max_bytes:
+        raise DataError(too_big)
+    return raw
 
 
-def read_bytes(fs, path: str, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
-    """The bytes of one file, gunzipped if they are gzip; DataError names the URI."""
-    raw = fetch(fs, path, uri)
-    return gunzip(raw, uri, max_bytes) if raw[:2] == b"\x1f\x8b" else raw
+def read_bytes(fs, path: str, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES, flag: str = "") -> bytes | memoryview:
+    """The bytes of one file, gunzipped if they are gzip, at most ``max_bytes`` either way;
+    DataError names the URI."""
+    raw = fetch(fs, path, uri, max_bytes, flag)
+    return gunzip(raw, uri, max_bytes, flag) if raw[:2] == b"\x1f\x8b" else raw
 
 
-def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
+def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES, flag: str = "") -> memoryview:
     """Decompress gzip data in steps, never past the limit: ``max_bytes``, or for an IDX file
     the size its header states. A few kilobytes that expand to gigabytes (a gzip bomb) fail
-    at the limit, not when memory runs out."""
-    out = bytearray()
-    limit, header_read = max_bytes, False
+    at the limit, not when memory runs out. An IDX file is decompressed into one buffer of
+    the size its header states, so it is neither grown nor copied."""
+    out: bytearray | np.ndarray = bytearray()
+    filled, limit, stated, header_read = 0, max_bytes, None, False
     stream, pending = zlib.decompressobj(wbits=31), raw
     try:
         while True:
-            room = min(limit + 1 - len(out), _GUNZIP_STEP)
+            # The header first, alone: then the rest can go straight into a buffer of its stated size.
+            room = min(limit + 1 - filled, _GUNZIP_STEP if header_read else _IDX_HEADER_MAX - filled)
             piece = stream.decompress(pending, room)
-            out += piece
             pending = stream.unconsumed_tail
-            if not header_read and (len(out) >= _IDX_HEADER_MAX or stream.eof):
-                header_read, stated = True, _idx_size(bytes(out[:_IDX_HEADER_MAX]))
-                if stated is not None and stated > max_bytes:
-                    raise DataError(f"{uri}: its IDX header states {stated:,} bytes, over the limit of {max_bytes:,}")
-                limit = limit if stated is None else stated
-            if len(out) > limit:
-                what = "the size its IDX header states" if limit < max_bytes else "the limit"
+            if filled + len(piece) > limit:
+                what = "the size its IDX header states" if stated is not None else "the limit"
                 raise DataError(
                     f"{uri}: gzip data expands beyond {limit:,} bytes ({what}): a gzip bomb or a corrupt file"
                 )
+            if isinstance(out, bytearray):
+                out += piece
+            else:
+                out[filled : filled + len(piece)] = np.frombuffer(piece, np.uint8)
+            filled += len(piece)
+            if not header_read and (filled >= _IDX_HEADER_MAX or stream.eof):
+                header_read, stated = True, _idx_size(bytes(out[:_IDX_HEADER_MAX]))
+                if stated is not None and stated > max_bytes:
+                    how = f" ({raise_with(flag)})" if flag else ""
+                    raise DataError(
+                        f"{uri}: its IDX header states {stated:,} bytes, over the limit of {max_bytes:,}{how}"
+                    )
+                if stated is not None:
+                    if filled > stated:
+                        raise DataError(
+                            f"{uri}: gzip data expands beyond {stated:,} bytes (the size its IDX header states): "
+                            "a gzip bomb or a corrupt file"
+                        )
+                    # np.empty leaves pages untouched until written: a lying header costs nothing.
+                    limit, whole = stated, _allocate(stated, uri)
+                    whole[:filled] = np.frombuffer(out, np.uint8)
+                    out = whole
             if stream.eof:  # gzip files may hold several members, one after another
                 if stream.unused_data[:2] != b"\x1f\x8b":
                     break
@@ -421,7 +565,14 @@ def gunzip(raw: bytes, uri: str, max_bytes: int = MAX_GUNZIPPED_BYTES) -> bytes:
                 raise DataError(f"{uri}: corrupt gzip data (truncated)")
     except zlib.error as err:
         raise DataError(f"{uri}: corrupt gzip data ({err})") from None
-    return bytes(out)
+    return memoryview(out)[:filled]
+
+
+def _allocate(size: int, uri: str) -> np.ndarray:
+    try:
+        return np.empty(size, np.uint8)
+    except MemoryError:
+        raise DataError(f"{uri}: its header states {size:,} bytes, more than this process may allocate") from None
 
 
 def _idx_size(head: bytes) -> int | None:
@@ -452,8 +603,9 @@ def parse_idx(raw: bytes, uri: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
 
 
-def parse_npz(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(uint8 images, N x H x W or N x C x H x W; labels or None) of an .npz file."""
+def parse_npz(raw: bytes, uri: str, max_array_bytes: int = MAX_ARRAY_BYTES) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images, N x H x W or N x C x H x W; labels or None) of an .npz file. Each array
+    is checked from its header (shape and dtype) before it is decompressed."""
     try:
         archive = np.load(io.BytesIO(raw), allow_pickle=False)
         keys = set(archive.files)
@@ -462,14 +614,47 @@ def parse_npz(raw: bytes, uri: str) -> tuple[np.ndarray, np.ndarray | None]:
     key = next((k for k in ("images", "x", "x_train") if k in keys), None)
     if key is None:
         raise DataError(f"{uri}: no image array; expected key 'images' (found {sorted(keys)})")
-    images = archive[key]
+    _check_npy_header(archive, key, uri, max_array_bytes)
+    try:
+        images = archive[key]
+    except MemoryError:  # under the limit, but more than this machine or process has
+        raise DataError(f"{uri}: '{key}' needs more memory than this process may allocate") from None
     if images.ndim == 4 and images.shape[-1] in (1, 3):
         images = np.moveaxis(images, -1, 1)  # NHWC -> NCHW
     elif images.ndim != 3 and not (images.ndim == 4 and images.shape[1] in (1, 3)):
         raise DataError(f"{uri}: '{key}' has shape {images.shape}; expected N x H x W or N x H x W x C")
     label_key = next((k for k in ("labels", "y", "y_train") if k in keys), None)
+    if label_key:
+        _check_npy_header(archive, label_key, uri, max_array_bytes)
     labels = archive[label_key].reshape(-1) if label_key else None
     return pixels_as_uint8(images, uri), labels
+
+
+def _check_npy_header(archive, key: str, uri: str, max_bytes: int) -> None:
+    """DataError unless the .npy header of ``key`` in an open .npz states a numeric array of
+    at most ``max_bytes``: np.load would allocate what the header states, then decompress."""
+    from numpy.lib import format as npy
+
+    member = f"{key}.npy" if f"{key}.npy" in archive.zip.namelist() else key
+    readers = {(1, 0): npy.read_array_header_1_0, (2, 0): npy.read_array_header_2_0}
+    try:
+        with archive.zip.open(member) as handle:
+            version = npy.read_magic(handle)
+            if version not in readers:
+                raise DataError(f"{uri}: '{key}' is .npy format version {version}; expected 1.0 or 2.0")
+            shape, _, dtype = readers[version](handle)
+    except DataError:
+        raise
+    except Exception as err:  # zipfile and numpy raise many types for bad data
+        raise DataError(f"{uri}: not a readable .npz file ({type(err).__name__}: {err})") from None
+    if dtype.hasobject or dtype.kind not in "biuf":
+        raise DataError(f"{uri}: '{key}' has dtype {dtype}; expected numbers")
+    size = math.prod(shape) * dtype.itemsize
+    if size > max_bytes:
+        raise DataError(
+            f"{uri}: '{key}' is {dtype} {shape}, {size:,} bytes, over the limit of {max_bytes:,} for one "
+            f"array (an .npz bomb? {raise_with('--max-array-mib')})"
+        )
 
 
 def pixels_as_uint8(images: np.ndarray, uri: str) -> np.ndarray:
