@@ -10,6 +10,14 @@ old champion keeps the alias `previous`, so a rollback is one command.
     python pipelines/promote.py --best-of-experiment gan --dry-run   # best finished run of an experiment
     python pipelines/promote.py --version 3
     python pipelines/promote.py --rollback                           # champion <-> previous
+
+Promotion reads only the data and evaluator you name: a model trained on anything but the
+embedded digits, or scored by anything but the committed digit evaluator, needs --data
+(--labels-uri, --data-options) or --backbone-uri (--backbone-sha256) equal to what its config
+names; otherwise it is refused before anything is read.
+
+    python pipelines/promote.py --run 0123abcd... --data s3://bucket/digits \
+        --data-options '{"client_kwargs": {"endpoint_url": "http://minio:9000"}}'
 """
 
 from __future__ import annotations
@@ -46,6 +54,13 @@ def main(argv: list[str] | None = None) -> int:
         "--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or sqlite:///mlflow.db)"
     )
     parser.add_argument("--dry-run", action="store_true", help="show the decision; change nothing")
+    trust = parser.add_argument_group("what scoring may read (a model's config must name the same)")
+    trust.add_argument("--data", default="", metavar="URI", help="the training data (default: the embedded digits)")
+    trust.add_argument("--labels-uri", default="", metavar="URI", help="its labels file, if the config names one")
+    trust.add_argument("--data-options", default="", metavar="JSON", help="fsspec options for the data (an endpoint)")
+    trust.add_argument("--backbone-uri", default="", metavar="URI",
+                       help="the evaluator file or feature network (default: the committed digit evaluator)")  # fmt: skip
+    trust.add_argument("--backbone-sha256", default="", metavar="SHA256", help="the sha256 that file must have")
     args = parser.parse_args(argv)
     if not 0 <= args.margin < 1:
         return fail(f"--margin {args.margin}: must be in [0, 1)")
@@ -66,13 +81,15 @@ def main(argv: list[str] | None = None) -> int:
 
     uri = resolve_uri(args.tracking_uri)
     try:
+        trusted = promotion.Trusted(data_uri=args.data, labels_uri=args.labels_uri, data_options=args.data_options,
+                                    backbone_uri=args.backbone_uri, backbone_sha256=args.backbone_sha256)  # fmt: skip
         check_reachable(uri)
         client = MlflowClient(uri)
         if args.rollback:
             return promotion.rollback(client, args.model_name, args.dry_run)
         candidate = promotion.resolve_candidate(client, uri, args.model_name, run=args.run, sweep=args.sweep,
                                                 experiment=args.experiment, version=args.version, best_of=args.best_of)  # fmt: skip
-        scorer = promotion.Scorer(uri, args.seeds, args.num_samples)
+        scorer = promotion.Scorer(uri, args.seeds, args.num_samples, trusted)
         return promotion.promote(
             client, candidate, args.model_name, scorer, args.margin, args.max_copy_share, args.dry_run
         )

@@ -185,8 +185,8 @@ def test_promote_refuses_too_few_samples_before_scoring(registry):
 
 
 def test_promote_a_candidate_whose_data_is_gone(registry, s3_server, tmp_path):
-    """Trained on digits in the S3 bucket that were deleted since: one line naming the URI,
-    nothing registered."""
+    """Trained on digits in the S3 bucket that were deleted since (the promoter names them, as
+    promotion reads only what it is given): one line naming the URI, nothing registered."""
     import io
     import json
 
@@ -207,7 +207,8 @@ def test_promote_a_candidate_whose_data_is_gone(registry, s3_server, tmp_path):
     options = json.dumps({"client_kwargs": {"endpoint_url": s3_server}})
     run = train_run(url, "orphan", 0.016, tmp_path, (f"data.uri={data_uri}", f"data.storage_options={options}"))
     s3.delete_object(Bucket=bucket, Key="data/digits.npz")
-    result = cli("promote.py", "--run", run, "--model-name", "orphan", "--num-samples", "100", url=url, check_rc=2)
+    result = cli("promote.py", "--run", run, "--model-name", "orphan", "--num-samples", "100", "--data", data_uri,
+                 "--data-options", options, url=url, check_rc=2)  # fmt: skip
     one_line(result, f"{data_uri}: no such file or folder")
     assert not MlflowClient(url).search_registered_models("name = 'orphan'")
 
