@@ -4,6 +4,7 @@ tests/test_registry.py against `mlflow models serve`)."""
 from __future__ import annotations
 
 import math
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -11,9 +12,16 @@ import pandas as pd
 import pytest
 import torch
 
+from gan.core.config import preset
 from gan.core.models import build_models
 from gan.core.sampling import latents, sample
-from gan.registry.models import MAX_IMAGES_PER_REQUEST, GeneratorModel, RequestError
+from gan.registry.models import (
+    MAX_IMAGES_PER_REQUEST,
+    GeneratorModel,
+    RequestError,
+    ServingLimits,
+    parse_requests,
+)
 
 
 @pytest.fixture
@@ -80,3 +88,85 @@ def test_the_served_model_answers_within_the_limits(generator_model):
     rows = [{"n": MAX_IMAGES_PER_REQUEST - 1, "truncation": 1e-9}, {"n": 1, "seed": 2**40, "class": 3}]
     images = generator_model.predict(None, pd.DataFrame(rows))
     assert images.shape == (MAX_IMAGES_PER_REQUEST, 28, 28) and images.dtype == np.uint8
+
+
+def test_a_response_over_the_byte_limit_is_refused_before_sampling():
+    """1,024 RGB images at 64 px are up to 72 MiB of JSON: refused in one line that says how
+    many fit, before the generator runs."""
+    cfg = preset("dcgan-64")
+    G, _ = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    model = GeneratorModel(ServingLimits(max_response_bytes=32 * 2**20))
+    model.G, model.cfg = G.eval().requires_grad_(False), cfg
+    calls = []
+    G.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(RequestError) as refused:
+        model.predict(None, pd.DataFrame([{"n": 1000}, {"n": 24, "seed": 1}]))
+    assert refused.value.get_http_status_code() == 400 and not calls
+    assert refused.value.message == (
+        "1024 images of 64x64x3 are up to 72 MiB of JSON, over this server's 32 MiB (GAN_SERVE_MAX_RESPONSE_MB): "
+        "ask for at most 455 images at this size"
+    )
+    assert len(parse_requests(pd.DataFrame([{"n": 455}]), 0, (64, 64, 3), 32 * 2**20)) == 1  # what it says fits
+    with pytest.raises(RequestError, match="456 images of 64x64x3"):
+        parse_requests(pd.DataFrame([{"n": 455}, {"n": 1}]), 0, (64, 64, 3), 32 * 2**20)
+
+
+def test_serving_limits_come_from_the_environment(monkeypatch):
+    monkeypatch.delenv("MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT", raising=False)
+    assert ServingLimits.from_env() == ServingLimits(wait_s=30.0)  # half MLflow's 60 s
+    for name, value in {"GAN_SERVE_MAX_RESPONSE_MB": "0.5", "GAN_SERVE_CONCURRENCY": "3",
+                        "MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT": "10"}.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert ServingLimits.from_env() == ServingLimits(max_response_bytes=2**19, concurrency=3, wait_s=5.0)
+    for env, message in [
+        ({"GAN_SERVE_CONCURRENCY": "two"}, "GAN_SERVE_CONCURRENCY='two' must be a whole number"),
+        ({"GAN_SERVE_CONCURRENCY": "0"}, "GAN_SERVE_CONCURRENCY=0 must be a whole number >= 1"),
+        ({"GAN_SERVE_MAX_RESPONSE_MB": "32MB"}, "GAN_SERVE_MAX_RESPONSE_MB='32MB' must be a number"),
+        ({"GAN_SERVE_MAX_RESPONSE_MB": "nan"}, "GAN_SERVE_MAX_RESPONSE_MB must be a finite number > 0"),
+    ]:
+        with monkeypatch.context() as bad:
+            for name, value in env.items():
+                bad.setenv(name, value)
+            with pytest.raises(ValueError) as refused:
+                ServingLimits.from_env()
+        assert str(refused.value).startswith(message)
+
+
+def test_requests_sample_at_once_up_to_the_limit_and_a_request_beyond_it_gets_503(generator_model):
+    """Two requests inside the generator at the same time, each on one CPU thread; a third
+    waits for a turn and, none coming, gets a 503. Each gets the images it gets alone."""
+    model, G = generator_model, generator_model.G
+    model.use_limits(ServingLimits(concurrency=2, wait_s=0.5))
+    requests = {seed: pd.DataFrame([{"n": 8, "seed": seed}]) for seed in (1, 2)}
+    alone = {seed: model.predict(None, rows) for seed, rows in requests.items()}
+    inside, threads_inside, release = threading.Condition(), [], threading.Event()
+
+    def wait_inside(*_):  # holds each request inside the generator until the test lets go
+        with inside:
+            threads_inside.append(torch.get_num_threads())
+            inside.notify_all()
+        release.wait(timeout=60)
+
+    hook = G.register_forward_pre_hook(wait_inside)
+    threads = torch.get_num_threads()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            answers = {seed: pool.submit(model.predict, None, rows) for seed, rows in requests.items()}
+            try:
+                with inside:
+                    assert inside.wait_for(lambda: len(threads_inside) == 2, timeout=60), "one request at a time"
+                with pytest.raises(RequestError) as busy:
+                    model.predict(None, pd.DataFrame([{"n": 1}]))
+            finally:
+                release.set()
+            for seed, answer in answers.items():
+                np.testing.assert_array_equal(answer.result(timeout=60), alone[seed])
+    finally:
+        release.set()
+        hook.remove()
+    assert threads_inside == [1, 1] and torch.get_num_threads() == threads
+    assert busy.value.get_http_status_code() == 503
+    assert busy.value.message == (
+        "the server is busy: 2 requests are sampling (GAN_SERVE_CONCURRENCY=2) and this one waited 0.5 s for a "
+        "turn; retry later"
+    )

@@ -116,26 +116,38 @@ def sample(
 
 
 _THREADS = threading.Lock()
+"""Guards torch's thread setting and the two values below while CPU samplers come and go."""
+_samplers = 0
+_threads_outside = 1
 
 
 @contextlib.contextmanager
 def one_thread(device: torch.device | str = "cpu"):
     """Same seed, same pixels: one CPU thread fixes the order of every float sum, so a
-    busy machine cannot shift a value across a uint8 rounding boundary. torch keeps the
-    count in a process-wide setting that a thread copies at its first torch call, so CPU
-    sampling holds a lock: concurrent callers (a model server's request threads) take turns
-    instead of saving and restoring each other's 1, which would leave threads started
+    busy machine cannot shift a value across a uint8 rounding boundary. torch.set_num_threads
+    sets the calling thread's count and a process-wide one that a thread copies at its first
+    torch call. Concurrent callers (a model server's request threads) each set their own
+    thread to 1 and, leaving, put back the count the process had before the first of them
+    came: none saves another's 1 as the count to restore, which would leave threads started
     later at one thread for good."""
+    global _samplers, _threads_outside
     if torch.device(device).type != "cpu":
         yield
         return
     with _THREADS:
+        # Also makes a new thread copy the process's count now: copied later, once another
+        # sampler has put it back, it would undo this thread's 1.
         threads = torch.get_num_threads()
+        if _samplers == 0:
+            _threads_outside = threads
+        _samplers += 1
         torch.set_num_threads(1)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        with _THREADS:
+            _samplers -= 1
+            torch.set_num_threads(_threads_outside)
 
 
 def to_numpy(images: torch.Tensor) -> np.ndarray:

@@ -6,15 +6,21 @@ as models-from-code (``gan/registry/pyfunc_entry.py``), so it holds no pickle. T
 loader (``load_generator``) reads only the weights, never the model's code.
 Request (one row per request): n, seed, class (-1 = cycle through classes), truncation
 (0 = none). Response: uint8 images, N x H x W (gray) or N x H x W x 3 (RGB).
+Served, it samples up to ``ServingLimits.concurrency`` requests at once and refuses, before
+sampling, a request whose response would be over ``ServingLimits.max_response_bytes``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
 import tempfile
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -22,16 +28,19 @@ import numpy as np
 import pandas as pd
 import torch
 from mlflow.exceptions import MlflowException
-from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
+from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE, TEMPORARILY_UNAVAILABLE
 
 from gan.core.sampling import MAX_SEED
 from gan.registry.names import filter_value
 
+_log = logging.getLogger(__name__)
 GENERATOR_FILE = "generator.pt"
 REQUEST_COLUMNS = {"n": 1, "seed": 0, "class": -1, "truncation": 0.0}
 MAX_IMAGES_PER_REQUEST = 1024
 """Images one request may ask for over all its rows: a response is built in memory."""
 MAX_ROWS_PER_REQUEST = 64
+JSON_BYTES_PER_VALUE = 6
+"""The most one pixel value takes in a JSON response: "255, " and its share of the brackets."""
 
 
 class RequestError(MlflowException):
@@ -52,9 +61,81 @@ class RequestError(MlflowException):
         pass
 
 
-def parse_requests(model_input, num_classes: int) -> list[tuple[int, int, int | None, float | None]]:
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ServingLimits:
+    """What a served model takes on at once; ``from_env`` reads them when the server loads it."""
+
+    max_response_bytes: int = 32 * 2**20
+    """The largest response, as JSON (GAN_SERVE_MAX_RESPONSE_MB, in MiB): a 64-px RGB image is
+    up to 72 KiB of it, and the server holds the whole response in memory."""
+    concurrency: int = min(4, os.cpu_count() or 1)
+    """Requests sampled at once (GAN_SERVE_CONCURRENCY): each samples on one CPU thread, so one
+    per core, and at most 4 by default, for each holds its images and activations in memory."""
+    wait_s: float = 30.0
+    """How long a request beyond ``concurrency`` waits for a turn before a 503: half of MLflow's
+    request timeout (MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT, 60 s). The server answers 504 then
+    but cannot stop the request's thread, which would go on to sample for a client that has gone."""
+
+    def __post_init__(self) -> None:
+        if not self.max_response_bytes > 0:
+            raise ValueError("GAN_SERVE_MAX_RESPONSE_MB must be a finite number > 0 (MiB)")
+        if not self.concurrency >= 1:
+            raise ValueError(f"GAN_SERVE_CONCURRENCY={self.concurrency} must be a whole number >= 1")
+
+    @classmethod
+    def from_env(cls) -> ServingLimits:
+        from mlflow.environment_variables import MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT
+
+        limits = {"wait_s": MLFLOW_SCORING_SERVER_REQUEST_TIMEOUT.get() / 2}
+        if "GAN_SERVE_MAX_RESPONSE_MB" in os.environ:
+            megabytes = _env_number("GAN_SERVE_MAX_RESPONSE_MB", float)
+            limits["max_response_bytes"] = round(megabytes * 2**20) if math.isfinite(megabytes) else 0
+        if "GAN_SERVE_CONCURRENCY" in os.environ:
+            limits["concurrency"] = _env_number("GAN_SERVE_CONCURRENCY", int)
+        return cls(**limits)
+
+
+def _env_number(name: str, kind: type):
+    try:
+        return kind(os.environ[name])
+    except ValueError:
+        raise ValueError(f"{name}={os.environ[name]!r} must be a {'whole ' if kind is int else ''}number") from None
+
+
+class Turns:
+    """At most ``limit`` holders at once; the others wait up to ``wait_s`` for a turn, then get a 503."""
+
+    def __init__(self, limit: int, wait_s: float) -> None:
+        self.limit, self.wait_s = limit, wait_s
+        self.active = 0
+        self._changed = threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self) -> Iterator[int]:
+        """Holds a turn; yields how many are held, this one included."""
+        with self._changed:
+            if not self._changed.wait_for(lambda: self.active < self.limit, timeout=self.wait_s):
+                raise RequestError(
+                    f"the server is busy: {self.limit} requests are sampling (GAN_SERVE_CONCURRENCY={self.limit}) "
+                    f"and this one waited {self.wait_s:g} s for a turn; retry later",
+                    TEMPORARILY_UNAVAILABLE,
+                )
+            self.active += 1
+            active = self.active
+        try:
+            yield active
+        finally:
+            with self._changed:
+                self.active -= 1
+                self._changed.notify()
+
+
+def parse_requests(
+    model_input, num_classes: int, image_shape: tuple[int, ...] = (), max_response_bytes: float = math.inf
+) -> list[tuple[int, int, int | None, float | None]]:
     """(n, seed, class or None, truncation or None) per request row, every limit checked
-    before anything is sampled; RequestError names the first bad value."""
+    before anything is sampled, the response's size (images of ``image_shape`` as JSON)
+    included; RequestError names the first bad value."""
     rows = model_input.to_dict("records") if hasattr(model_input, "to_dict") else list(model_input)
     if not 1 <= len(rows) <= MAX_ROWS_PER_REQUEST:
         raise RequestError(f"a request has 1 to {MAX_ROWS_PER_REQUEST} rows, this one has {len(rows)}")
@@ -74,6 +155,14 @@ def parse_requests(model_input, num_classes: int) -> list[tuple[int, int, int | 
         if not 0 <= truncation < math.inf:
             raise RequestError(f"row {i}: truncation={truncation} must be 0 (none) or a number > 0")
         parsed.append((n, seed, None if label < 0 else label, truncation or None))
+    image_bytes = math.prod(image_shape) * JSON_BYTES_PER_VALUE
+    if total * image_bytes > max_response_bytes:
+        shape = "x".join(map(str, image_shape))
+        raise RequestError(
+            f"{total} images of {shape} are up to {total * image_bytes / 2**20:.0f} MiB of JSON, over this "
+            f"server's {max_response_bytes / 2**20:g} MiB (GAN_SERVE_MAX_RESPONSE_MB): ask for at most "
+            f"{max_response_bytes // image_bytes} images at this size"
+        )
     return parsed
 
 
@@ -91,9 +180,16 @@ def _number(value, name: str, row: int) -> float:
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
+    def __init__(self, limits: ServingLimits | None = None) -> None:
+        self.use_limits(limits or ServingLimits())
+
+    def use_limits(self, limits: ServingLimits) -> None:
+        self.limits, self.turns = limits, Turns(limits.concurrency, limits.wait_s)
+
     def load_context(self, context) -> None:
         from gan.core.sampling import generator_from_state
 
+        self.use_limits(ServingLimits.from_env())
         state = torch.load(context.artifacts["generator"], weights_only=True, map_location="cpu")
         self.G, self.cfg = generator_from_state(state)
 
@@ -102,14 +198,19 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None) -> np.ndarray:
         from gan.core.sampling import sample
 
-        requests = parse_requests(model_input, self.G.num_classes)
-        try:
-            batches = [sample(self.G, n, seed=seed, labels=label, truncation=truncation)[0]
-                       for n, seed, label, truncation in requests]  # fmt: skip
-        except Exception:  # the traceback goes to the server's log, never to the client
-            logging.getLogger(__name__).exception("sampling failed")
-            raise RequestError("sampling failed on the server; its log has the details", INTERNAL_ERROR) from None
-        return np.concatenate(batches)
+        data = self.cfg.data
+        shape = (data.resolution, data.resolution) + ((data.channels,) if data.channels > 1 else ())
+        requests = parse_requests(model_input, self.G.num_classes, shape, self.limits.max_response_bytes)
+        with self.turns.turn() as at_once:
+            _log.info("sampling %d images, %d of %d requests at once",
+                      sum(r[0] for r in requests), at_once, self.turns.limit)  # fmt: skip
+            try:
+                batches = [sample(self.G, n, seed=seed, labels=label, truncation=truncation)[0]
+                           for n, seed, label, truncation in requests]  # fmt: skip
+            except Exception:  # the traceback goes to the server's log, never to the client
+                _log.exception("sampling failed")
+                raise RequestError("sampling failed on the server; its log has the details", INTERNAL_ERROR) from None
+            return np.concatenate(batches)
 
 
 def signature(resolution: int, channels: int):
