@@ -60,6 +60,9 @@ start() {
   # the head's from under a running job. Each node also keeps its own cache of prepared
   # datasets there, as separate machines would, so data is fetched once per node.
   local temp="/tmp/gan-ray-$RAY_PORT"
+  # Ray's helpers in the nodes' processes (Train's placement-group cleaner) otherwise look for
+  # a Ray on this machine and fail when they find two: this cluster and a local run's.
+  export RAY_API_SERVER_ADDRESS="http://127.0.0.1:$DASHBOARD_PORT"
   GAN_DATA_CACHE="$temp/data-cache" setsid ray start --head --block --port "$RAY_PORT" --num-cpus "$HEAD_CPUS" --num-gpus 0 \
     --dashboard-host 127.0.0.1 --dashboard-port "$DASHBOARD_PORT" --temp-dir "$temp" \
     --disable-usage-stats >"$STATE_DIR/head.log" 2>&1 &

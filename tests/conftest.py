@@ -17,7 +17,8 @@ from gan.data.datasets import load_dataset
 # instances on one host, Ray Train's placement-group cleaner cannot tell which is its own
 # ("Found multiple active Ray instances"), and a trial of the two-node job never got its
 # worker until the job timed out.
-STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_gpu")
+STARTS_RAY = ("test_faults", "test_tune", "test_ray_train", "test_mlflow_server", "test_ui", "test_gpu",
+              "test_ray_hangs")  # fmt: skip
 # Tests of those modules that never start Ray (refused before it, in-process, or only a
 # tracking server): the other lane may take them.
 WITHOUT_RAY = {
@@ -32,7 +33,8 @@ WITHOUT_RAY = {
                            "test_training_goes_on_while_the_server_is_down"),
 }  # fmt: skip
 # The tests that start Ray in modules whose other tests do not.
-ALSO_RAY = {"test_sweep": ("test_optuna_search_samples_the_space", "test_search_holds_trials_to_the_concurrency")}
+ALSO_RAY = {"test_sweep": ("test_optuna_search_samples_the_space", "test_search_holds_trials_to_the_concurrency"),
+            "test_cluster": ("test_a_job_without_the_clusters_token_is_refused",)}  # fmt: skip
 # Fixtures that start a server; a test that uses one, even through another fixture, is an
 # integration test, as is every test that may start Ray. `tests/run.sh --fast` runs neither.
 SERVICES = {"s3_server", "bucket", "postgres", "mlflow_server", "mlflow_server_module"}

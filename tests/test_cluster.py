@@ -1,15 +1,23 @@
 """cluster/: the KubeRay manifests against Kubernetes' own schemas (offline, from the
-kubernetes-validate package), the launcher YAML against Ray's validator, the runtime env."""
+kubernetes-validate package), the launcher YAML against Ray's validator, the runtime env,
+and token auth on a real local cluster (cluster/local_cluster.sh)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import kubernetes_validate
+import psutil
 import pytest
 import ray
 import yaml
-from services import ROOT
+from services import ROOT, free_port
 
 K8S_VERSION = "1.37.0"
 CLUSTER = ROOT / "cluster"
@@ -139,3 +147,131 @@ def test_network_policy_admits_only_the_clusters_own_pods_to_the_ray_ports():
             assert source["podSelector"].get("matchLabels"), source  # an empty selector admits every pod
             if source["podSelector"]["matchLabels"] != selected:  # anyone else: the dashboard only
                 assert ports == {8265}, (source, ports)
+
+
+LAUNCHER_TOKEN_SECRET = "gan/ray-auth-token"
+
+
+def launcher_config() -> dict:
+    return yaml.safe_load((CLUSTER / "launcher/aws-gpu.yaml").read_text())
+
+
+def token_commands(config: dict) -> dict[str, tuple[str, str]]:
+    """Per node type, the command that fetches the token and the `ray start` after it."""
+    found = {}
+    for node in ("head", "worker"):
+        commands = config[f"{node}_start_ray_commands"]
+        start = next(i for i, command in enumerate(commands) if "ray start" in command)
+        fetches = [c for c in commands[:start] if "secretsmanager get-secret-value" in c]
+        assert len(fetches) == 1, (node, commands)
+        found[node] = (fetches[0], commands[start])
+    return found
+
+
+def test_launcher_nodes_take_the_ray_token_from_the_secret_store():
+    text = (CLUSTER / "launcher/aws-gpu.yaml").read_text()
+    config = launcher_config()
+    assert not re.search(r"RAY_AUTH_TOKEN=(?!\$)", text)  # no token written into the file
+    assert not re.search(r"[0-9a-fA-F]{32}|[A-Za-z0-9+/]{40}", text)  # nor anything shaped like one
+    for node, (fetch, start) in token_commands(config).items():
+        assert f"--secret-id {LAUNCHER_TOKEN_SECRET}" in fetch and f"--region {config['provider']['region']}" in fetch
+        assert "umask 077" in fetch, node  # the token file is the node user's only (600)
+        assert "RAY_AUTH_MODE=token" in start and "RAY_AUTH_TOKEN_PATH=$HOME/.ray/auth_token" in start, node
+
+
+def test_the_launchers_token_command_reads_the_secret_and_fails_without_it(s3_server, tmp_path):
+    """Each node's fetch command, run by bash with the real AWS CLI against Secrets Manager's
+    API on loopback (moto): the token lands in ~/.ray/auth_token with mode 600; without the
+    secret the command fails and leaves no token file, so `ray start` never runs open."""
+    import boto3
+
+    aws = shutil.which("aws")
+    if aws is None:
+        pytest.skip("the AWS CLI is not installed")
+    token = "f" * 64
+    env = {**os.environ, "AWS_ENDPOINT_URL": s3_server, "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "PATH": f"{Path(aws).parent}:{os.environ['PATH']}"}  # fmt: skip
+    secrets = boto3.client("secretsmanager", endpoint_url=s3_server, region_name="us-east-1",
+                           aws_access_key_id="testing", aws_secret_access_key="testing")  # fmt: skip
+    secrets.create_secret(Name=LAUNCHER_TOKEN_SECRET, SecretString=token)
+    try:
+        for node, (fetch, _) in token_commands(launcher_config()).items():
+            home = tmp_path / node
+            home.mkdir()
+            done = subprocess.run(["bash", "-c", fetch], env={**env, "HOME": str(home)}, capture_output=True,
+                                  text=True, timeout=120)  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            token_file = home / ".ray" / "auth_token"
+            assert token_file.read_text().strip() == token
+            assert token_file.stat().st_mode & 0o777 == 0o600, oct(token_file.stat().st_mode)
+    finally:
+        secrets.delete_secret(SecretId=LAUNCHER_TOKEN_SECRET, ForceDeleteWithoutRecovery=True)
+    fetch, _ = token_commands(launcher_config())["worker"]
+    home = tmp_path / "no-secret"
+    home.mkdir()
+    done = subprocess.run(["bash", "-c", fetch], env={**env, "HOME": str(home)}, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode != 0 and "ResourceNotFoundException" in done.stderr, done.stderr
+    assert not (home / ".ray" / "auth_token").exists()
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def local_cluster(state_dir: Path):
+    """cluster/local_cluster.sh on free ports (a head and a worker node, 1 CPU each, token auth
+    on); yields the environment its env file gives a user. Stopped by the script; whatever its
+    nodes' sessions left is killed by id, and the test fails on it."""
+    env = {**os.environ, "STATE_DIR": str(state_dir), "RAY_PORT": str(free_port()),
+           "DASHBOARD_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    script = ["bash", "cluster/local_cluster.sh"]
+    sessions = []
+    try:
+        started = subprocess.run([*script, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        sessions = [int(p.read_text()) for p in (state_dir / "head.pid", state_dir / "worker.pid") if p.exists()]
+        assert started.returncode == 0, started.stdout + started.stderr
+        for line in (state_dir / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        yield env
+    finally:
+        subprocess.run([*script, "stop"], cwd=ROOT, env=env, capture_output=True, timeout=180)
+        left = [p for sid in sessions for p in session_processes(sid)]
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        assert not left, f"cluster/local_cluster.sh stop left {left}"
+
+
+def test_a_job_without_the_clusters_token_is_refused(tmp_path):
+    """A real head and worker node: `ray job submit` without the token, or with another one,
+    is refused by Ray; with the token from the cluster's env file the job runs."""
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    job = [ray_cli, "job", "submit", "--", "python", "-c", "print('job ran with token auth')"]
+    home = tmp_path / "home"  # a user with no ~/.ray/auth_token of their own
+    home.mkdir()
+    with local_cluster(tmp_path / "ray") as cluster_env:
+        address = cluster_env["RAY_ADDRESS"]
+        assert address.startswith("http://127.0.0.1:")
+        anonymous = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+        for env, refusal in (
+            (anonymous, "Missing authentication token"),
+            (anonymous | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "Invalid authentication token"),
+        ):
+            refused = subprocess.run(job, env=env, capture_output=True, text=True, timeout=180)
+            said = refused.stdout + refused.stderr
+            assert refused.returncode != 0 and refusal in said, said[-3000:]
+            assert "job ran with token auth" not in said
+        accepted = subprocess.run(job, env=cluster_env | {"HOME": str(home)}, capture_output=True, text=True,
+                                  timeout=300)  # fmt: skip
+        said = accepted.stdout + accepted.stderr
+        assert accepted.returncode == 0 and "job ran with token auth" in said and "succeeded" in said, said[-3000:]

@@ -52,9 +52,33 @@ def train_worker(loop_config: dict[str, Any]) -> str | None:
     return None
 
 
+# How long Ray Train waits for a worker group's CPUs and GPUs before it tries again: its
+# 60 s default runs out on a busy two-core machine while the last trial's workers let go.
+WORKER_GROUP_START_TIMEOUT_S = 180
+START_TIMEOUT_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Worker groups that could not start before the run fails; Ray's default tries for ever.
+WORKER_GROUP_START_TRIES = 3
+
+
 def fit_trainer(trainer):
-    """``trainer.fit()``'s Result; a divergence the workers returned is raised as itself."""
-    result = trainer.fit()
+    """``trainer.fit()``'s Result; a divergence the workers returned is raised as itself, and
+    workers that did not start after every try fail in one line."""
+    from ray.train import ControllerError
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+
+    try:
+        result = trainer.fit()
+    except ControllerError as err:
+        if not isinstance(err.controller_failure, WorkerGroupStartupTimeoutError):
+            raise
+        scaling = trainer.scaling_config
+        each = " + ".join(f"{amount:g} {name}" for name, amount in scaling.resources_per_worker.items())
+        wait_s = float(os.environ.get(START_TIMEOUT_VAR, WORKER_GROUP_START_TIMEOUT_S))
+        raise ValueError(
+            f"Ray Train workers did not start: {scaling.num_workers} x ({each}) were not free in "
+            f"{WORKER_GROUP_START_TRIES} tries of {wait_s:g} s (run {trainer.run_config.name!r}); free them or ask "
+            f"for less ({START_TIMEOUT_VAR} sets the wait)"
+        ) from None
     if result.return_value:
         raise DivergenceError(result.return_value)
     return result
@@ -90,25 +114,54 @@ def local_scaling(workers: int | None, use_gpu: bool, cpus: float | None) -> Sca
 
 
 def connect(storage: Storage) -> None:
-    """Start local Ray, or join $RAY_ADDRESS (set under `ray job submit`); a clear error
-    naming the address when it cannot be reached, or when ``storage`` is a folder that
+    """Join $RAY_ADDRESS (set under `ray job submit`), or start a local Ray of this process's
+    own: never one found by looking, such as a cluster from cluster/local_cluster.sh. A clear
+    error naming the address when it cannot be reached, or when ``storage`` is a folder that
     the cluster's other nodes cannot see."""
     import ray
 
     address = os.environ.get("RAY_ADDRESS")
-    if address and ":" in address and "://" not in address:  # host:port of a GCS: Ray would retry for minutes
-        host, _, port = address.rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=10).close()
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {err}") from None
-    try:
-        ray.init(address=address, log_to_driver=True, configure_logging=False)
-    except ConnectionError as err:
+    if address and address.startswith(("http://", "https://")):  # what .ray-local/env sets for `ray job submit`
         raise ValueError(
-            f"cannot reach the Ray cluster at RAY_ADDRESS={os.environ.get('RAY_ADDRESS')}: {err}"
-        ) from None
+            f"RAY_ADDRESS={address} is a dashboard address, for `ray job submit`: submit this command with it, "
+            "set RAY_ADDRESS to the cluster's host:port (6379), or unset it to run on a local Ray of its own"
+        )
+    if not address:
+        start_local_ray()
+    else:
+        if ":" in address and "://" not in address:  # host:port of a GCS: Ray would retry for minutes
+            host, _, port = address.rpartition(":")
+            try:
+                socket.create_connection((host, int(port)), timeout=10).close()
+            except (OSError, ValueError) as err:
+                raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {err}") from None
+        try:
+            ray.init(address=address, log_to_driver=True, configure_logging=False)
+        except ConnectionError as err:
+            raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {err}") from None
     storage.check_cluster(sum(1 for node in ray.nodes() if node["Alive"]))
+
+
+def start_local_ray() -> None:
+    """A new local Ray whose processes are told its address. Ray's own helpers inside it (the
+    placement-group cleaner of every Train run, Train's state actor) otherwise look for a Ray
+    on this machine and, finding two, fail ("Found multiple active Ray instances"): the
+    workers of trials that Tune stopped then keep their CPUs and later trials never start."""
+    import ray
+
+    with socket.socket() as sock:  # the dashboard answers Ray's state queries
+        sock.bind(("127.0.0.1", 0))
+        dashboard_port = sock.getsockname()[1]
+    saved = os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"  # inherited by Ray's processes
+    try:
+        ray.init(address="local", dashboard_host="127.0.0.1", dashboard_port=dashboard_port, log_to_driver=True,
+                 configure_logging=False)  # fmt: skip
+    finally:
+        if saved is None:
+            del os.environ["RAY_API_SERVER_ADDRESS"]
+        else:
+            os.environ["RAY_API_SERVER_ADDRESS"] = saved
 
 
 def check_resources(scaling: Scaling) -> None:
@@ -151,6 +204,8 @@ def make_trainer(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train reads the wait from the environment of the process that calls fit().
+    os.environ.setdefault(START_TIMEOUT_VAR, str(WORKER_GROUP_START_TIMEOUT_S))
     return TorchTrainer(
         train_worker,
         train_loop_config={"config": cfg.to_json(), "tracking": tracking, "member": member, "resume_from": resume_from},
@@ -170,7 +225,9 @@ def make_trainer(
             checkpoint_config=CheckpointConfig(
                 num_to_keep=keep_checkpoints, checkpoint_score_attribute="fid", checkpoint_score_order="min"
             ),
-            failure_config=FailureConfig(max_failures=max_failures),
+            failure_config=FailureConfig(
+                max_failures=max_failures, controller_failure_limit=WORKER_GROUP_START_TRIES - 1
+            ),
             callbacks=callbacks,
             worker_runtime_env={
                 "env_vars": {
