@@ -140,13 +140,16 @@ def run(args: argparse.Namespace, base, space, plan: plans.Plan, storage: Storag
         )
     if parent is None:
         return 0
+    from gan.registry.promotion import trust_flags
+
     uri, model = redact_uri(parent.target.uri), args.model_name  # printed: no password
+    trusted = f"{trust_flags(base)} " if trust_flags(base) else ""
     if published.registered:
         print(f"registered models:/{published.registered} (run {published.run_id})")
     print(
         f"MLflow: experiment {args.experiment!r} at {uri}, parent run {name!r}\n"
         f"  review: {redact_uri(ui_link(parent.target, parent.run_id))}\nnext:\n"
-        f"  python pipelines/promote.py --sweep {name} --experiment {args.experiment} --model-name {model} "
+        f"  python pipelines/promote.py --sweep {name} --experiment {args.experiment} --model-name {model} {trusted}"
         f"--tracking-uri {uri}\n"
         f"  python pipelines/sample.py --model models:/{model}@champion --grid grid.png --tracking-uri {uri}\n"
         f"  MLFLOW_TRACKING_URI={uri} mlflow models serve -m models:/{model}@champion --env-manager local -p 5001",

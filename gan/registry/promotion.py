@@ -206,6 +206,17 @@ class Trusted:
             )
 
 
+def trust_flags(cfg) -> str:
+    """The promote.py flags that trust what ``cfg`` reads: printed for the user who trained it."""
+    data, ev = cfg.data, cfg.eval
+    flags = [] if data.uri.startswith("embedded:") else ["--data", data.uri]
+    for flag, value in (("--labels-uri", data.labels_uri), ("--data-options", data.storage_options),
+                        ("--backbone-uri", ev.backbone_uri), ("--backbone-sha256", ev.backbone_sha256)):  # fmt: skip
+        if value:
+            flags += [flag, value]
+    return shlex.join(flags)
+
+
 class Scorer:
     """FID with an interval on fresh seeds. Every model is scored with one evaluation config,
     the first model's (the candidate's, with ``num_samples``): FIDs on other sample counts
