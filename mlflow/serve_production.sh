@@ -28,11 +28,18 @@ admin_username = ${MLFLOW_AUTH_ADMIN_USERNAME//\%/%%}
 admin_password = ${MLFLOW_AUTH_ADMIN_PASSWORD//\%/%%}
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
-export MLFLOW_AUTH_CONFIG_PATH=$config
+# The server is exec'd (below), so no trap can remove the file afterwards: it is removed
+# now and read through a descriptor this process (the server, once exec'd) keeps open, so
+# nothing secret is left on disk, even after a kill -9. Server workers, restarted ones too,
+# open it by the server's pid.
+exec 3<"$config"
+rm -f "$config"
+export MLFLOW_AUTH_CONFIG_PATH=/proc/$$/fd/3
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}
 # The backend URI holds the database password: through the environment (mlflow server reads
 # MLFLOW_BACKEND_STORE_URI), never the command line, where every user sees it in ps.
 export MLFLOW_BACKEND_STORE_URI=$MLFLOW_BACKEND_URI
-mlflow server --app-name basic-auth \
+# exec: the server takes this pid, so a SIGTERM to it (Kubernetes, systemd) stops the server.
+exec mlflow server --app-name basic-auth \
   --artifacts-destination "$MLFLOW_ARTIFACTS_DESTINATION" \
   --host "${HOST:-0.0.0.0}" --port "${PORT:-5000}" --workers "${WORKERS:-4}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -131,6 +133,15 @@ def test_production_server_requires_authentication(postgres, bucket, s3_server, 
         assert len(server) >= 2  # the launcher and mlflow's server processes
         for process in server:  # what any user on the machine sees in ps
             assert not any(db_password in arg for arg in process.info["cmdline"] or []), process.info["cmdline"]
+        assert not list(Path("/tmp").glob("mlflow-auth-*.ini"))  # the server reads it by a descriptor
+        os.kill(proc.pid, signal.SIGTERM)  # the script's own pid, as Kubernetes or systemd stop it
+        proc.wait(timeout=60)
+        deadline = time.monotonic() + 60  # a guard: the server's workers stop first
+        while _alive_in_group(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not _alive_in_group(proc.pid), "the server outlived the script's SIGTERM"
+        with pytest.raises(ConnectionRefusedError):  # the port is free
+            socket.create_connection(("127.0.0.1", int(env["PORT"])), timeout=5).close()
     finally:
         stop_server(proc)
     assert password not in (tmp_path / "prod.log").read_text()
@@ -175,6 +186,13 @@ def _in_group(process, pgid: int) -> bool:
         return os.getpgid(process.pid) == pgid
     except ProcessLookupError:
         return False
+
+
+def _alive_in_group(pgid: int) -> bool:
+    import psutil
+
+    processes = psutil.process_iter(["status"])
+    return any(_in_group(p, pgid) and p.info["status"] != psutil.STATUS_ZOMBIE for p in processes)
 
 
 def test_training_goes_on_while_the_server_is_down(bucket, s3_server, postgres, tmp_path):

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +147,7 @@ def ui_link(target: TrackingTarget, run_id: str | None = None) -> str:
     from mlflow.tracking import MlflowClient
 
     try:
+        check_reachable(target.uri, PROBE_TIMEOUT_S)  # one short wait, not MLflow's retries
         experiment = MlflowClient(target.uri).get_experiment_by_name(target.experiment)
     except Exception:  # only a pointer: an unreachable server must not fail a finished run
         return target.uri
@@ -162,8 +164,13 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         return
     import requests
 
+    # MLflow's own TLS settings, as its client uses them: a private CA's bundle, a client
+    # certificate, or (never in production) no checks at all.
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1")
+    verify = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or not insecure
+    cert = os.environ.get("MLFLOW_TRACKING_CLIENT_CERT_PATH") or None
     try:
-        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout_s, verify=verify, cert=cert)
     except requests.RequestException as err:
         raise TrackingError(
             f"cannot reach the MLflow tracking server at {redact_uri(uri)}: {type(err).__name__}"
@@ -219,17 +226,27 @@ def source_tags(entry_point: str) -> tuple[tuple[str, str], ...]:
 
 # A server that goes away mid-run must not stall training for minutes per call
 # (MLflow's defaults retry 7 times with exponential backoff). Users can override these.
+# MLflow 3 sends log_batch and proxied artefact uploads (images, models) through the same
+# HTTP client, so these bound both; the timeout is per socket wait, so a large upload
+# that makes progress is never cut.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "15",
 }
+PROBE_TIMEOUT_S = 5.0
+"""While the server is away, one /health request this long at most asks whether it is back."""
+RETRY_UNANSWERED_S = 60.0
+"""How long log calls are only queued after a failure that waited out its timeout: a server
+that drops packets would otherwise cost every log call, and so training, that wait."""
 
 
 class MLflowTracker(Tracker):
     """Logs one run. A call that fails (server unreachable) is queued and retried before
     the next one, so a gap is filled once the server is back; what is still unsent when
-    the run closes is reported, never dropped silently (checkpoints keep the history)."""
+    the run closes is reported, never dropped silently (checkpoints keep the history).
+    While the server is away, the next log call first asks /health, briefly; after a failure
+    that timed out (not refused), only every RETRY_UNANSWERED_S."""
 
     def __init__(
         self,
@@ -247,6 +264,10 @@ class MLflowTracker(Tracker):
             wait_until_reachable(target.uri, wait_s)
         self.target = target
         self.pending: list[tuple[str, Any, tuple]] = []
+        self.away = False
+        """A log call failed and the server has not answered since."""
+        self.retry_at = 0.0
+        """time.monotonic() before which nothing is sent while the server is away."""
         self.refused = ""
         """Why the server refused this run's credentials (401/403): tracking has stopped."""
         self.dropped: list[str] = []
@@ -381,9 +402,13 @@ class MLflowTracker(Tracker):
     def close(self, status: str) -> None:
         if status not in STATUSES:
             raise ValueError(f"status {status!r}: choose one of {STATUSES}")
+        self.retry_at = 0.0  # one last try (a /health request first) whatever the wait
         self._flush_curves()
         if self.monitor is not None:
-            self.monitor.finish()
+            if self.away:  # its thread would wait out the server's timeouts: it ends without us
+                threading.Thread(target=self.monitor.finish, daemon=True).start()
+            else:
+                self.monitor.finish()
         self._call("status", self.client.set_terminated, self.run_id, status)
         if self.pending or self.dropped:
             lost = ", ".join([what for what, _, _ in self.pending] + self.dropped)
@@ -400,22 +425,43 @@ class MLflowTracker(Tracker):
             self.dropped.append(what)
             return
         self.pending.append((what, fn, (args, kwargs)))
+        if self.away:
+            if time.monotonic() < self.retry_at:
+                return
+            asked = time.monotonic()
+            try:
+                check_reachable(self.target.uri, PROBE_TIMEOUT_S)
+            except TrackingError:
+                self._wait_if_slow(asked)
+                return
         while self.pending:
             label, call, (call_args, call_kwargs) = self.pending[0]
+            started = time.monotonic()
             try:
                 call(*call_args, **call_kwargs)
             except Exception as err:  # unreachable server, 5xx, store errors: keep for later
                 if status := _refusal(err):
                     self._stop(status)
                     return
-                print(
-                    f"warning: MLflow at {redact_uri(self.target.uri)} failed ({type(err).__name__}); "
-                    f"{len(self.pending)} log call(s) queued, retried at the next log",
-                    file=sys.stderr,
-                    flush=True,
-                )
+                if not self.away:
+                    print(
+                        f"warning: MLflow at {redact_uri(self.target.uri)} failed ({type(err).__name__}); "
+                        "training goes on, log calls are queued and sent once it answers again",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                self.away = True
+                self._wait_if_slow(started)
                 return
             self.pending.pop(0)
+        self.away = False
+
+    def _wait_if_slow(self, started: float) -> None:
+        """A failure that took a timeout's wait (a server that accepts and never answers,
+        or drops packets) is not tried again for a while; a quick one (refused) is, at the
+        next log call."""
+        if time.monotonic() - started >= PROBE_TIMEOUT_S:
+            self.retry_at = time.monotonic() + RETRY_UNANSWERED_S
 
     def _stop(self, status: str) -> None:
         self.refused = status
