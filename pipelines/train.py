@@ -28,7 +28,6 @@ from gan.registry.tracking import (
     TrackingTarget,
     prepare_experiment,
     resolve_uri,
-    run_id_of,
     source_tags,
     ui_link,
 )
@@ -96,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if target is not None:
         print(
             f"MLflow run {name!r} in experiment {target.experiment!r} at {redact_uri(target.uri)}\n"
-            f"  review: {redact_uri(ui_link(target, run_id_of(target)))}"
+            f"  review: {redact_uri(ui_link(target, find_run=True))}"
         )
     return 0
 

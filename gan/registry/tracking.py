@@ -141,14 +141,19 @@ def prepare_experiment(target: TrackingTarget) -> None:
         ) from None
 
 
-def ui_link(target: TrackingTarget, run_id: str | None = None) -> str:
-    """Where to review a run (or the experiment's runs) in the MLflow UI. MLflow 3's UI opens
-    on GenAI pages unless the link asks for the model-training view."""
+def ui_link(target: TrackingTarget, run_id: str | None = None, *, find_run: bool = False) -> str:
+    """Where to review a run (or the experiment's runs) in the MLflow UI; ``find_run`` looks
+    up the run named ``target.run_name``. MLflow 3's UI opens on GenAI pages unless the link
+    asks for the model-training view."""
     from mlflow.tracking import MlflowClient
 
     try:
         check_reachable(target.uri, PROBE_TIMEOUT_S)  # one short wait, not MLflow's retries
-        experiment = MlflowClient(target.uri).get_experiment_by_name(target.experiment)
+        client = MlflowClient(target.uri)
+        experiment = client.get_experiment_by_name(target.experiment)
+        if find_run:
+            found = _find_run(client, experiment.experiment_id, target)
+            run_id = found[0].info.run_id if found else None
     except Exception:  # only a pointer: an unreachable server must not fail a finished run
         return target.uri
     page = f"#/experiments/{experiment.experiment_id}" + (f"/runs/{run_id}" if run_id else "/runs")
