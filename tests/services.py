@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -101,3 +102,33 @@ class FlakyS3:
         time.sleep(seconds)
         self.start()
         return time.time() - start
+
+
+@contextlib.contextmanager
+def served(url: str, model_uri: str, log_path):
+    """`mlflow models serve` on loopback in its own process group; yields its base URL."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    log = open(log_path, "w")
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        env=env, stdout=log, stderr=log, start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            assert server.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()

@@ -3,17 +3,14 @@ a real MLflow server (PostgreSQL, artefacts in the S3 server on 127.0.0.1)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import requests
-from services import ROOT, free_port
+from services import ROOT, served
 
 from gan.core.config import override, preset
 
@@ -316,36 +313,6 @@ def test_a_tampered_model_runs_no_code_where_it_is_sampled_or_promoted(registry,
                    "--dry-run", url=url, check_rc=0)  # fmt: skip
     assert "PROMOTE" in promoted.stdout
     assert not marker.exists(), "the model's own code ran while sampling or promoting it"
-
-
-@contextlib.contextmanager
-def served(url: str, model_uri: str, log_path):
-    """`mlflow models serve` on loopback in its own process group; yields its base URL."""
-    port = free_port()
-    env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
-    log = open(log_path, "w")
-    server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        env=env, stdout=log, stderr=log, start_new_session=True,
-    )  # fmt: skip
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            assert server.poll() is None, log_path.read_text()[-3000:]
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
 
 
 def test_mlflow_models_serve_answers_with_images(registry, tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import requests
 import torch
-from test_registry import served
+from services import served
 
 from gan.core.config import preset
 from gan.core.models import build_models
