@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import requests
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,3 +133,40 @@ def served(url: str, model_uri: str, log_path):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
         log.close()
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+@contextlib.contextmanager
+def local_cluster(state_dir: Path):
+    """cluster/local_cluster.sh on free ports (a head and a worker node, 1 CPU each, token auth
+    on); yields the environment its env file gives a user. Stopped by the script; whatever its
+    nodes' sessions left is killed by id, and the test fails on it."""
+    env = {**os.environ, "STATE_DIR": str(state_dir), "RAY_PORT": str(free_port()),
+           "DASHBOARD_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
+    script = ["bash", "cluster/local_cluster.sh"]
+    sessions = []
+    try:
+        started = subprocess.run([*script, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+        sessions = [int(p.read_text()) for p in (state_dir / "head.pid", state_dir / "worker.pid") if p.exists()]
+        assert started.returncode == 0, started.stdout + started.stderr
+        for line in (state_dir / "env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            env[key] = value
+        yield env
+    finally:
+        subprocess.run([*script, "stop"], cwd=ROOT, env=env, capture_output=True, timeout=180)
+        left = [p for sid in sessions for p in session_processes(sid)]
+        for proc in left:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        assert not left, f"cluster/local_cluster.sh stop left {left}"

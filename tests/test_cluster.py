@@ -4,7 +4,6 @@ and token auth on a real local cluster (cluster/local_cluster.sh)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
@@ -13,11 +12,10 @@ import sys
 from pathlib import Path
 
 import kubernetes_validate
-import psutil
 import pytest
 import ray
 import yaml
-from services import ROOT, free_port
+from services import ROOT, local_cluster
 
 K8S_VERSION = "1.37.0"
 CLUSTER = ROOT / "cluster"
@@ -213,43 +211,6 @@ def test_the_launchers_token_command_reads_the_secret_and_fails_without_it(s3_se
                           timeout=120)  # fmt: skip
     assert done.returncode != 0 and "ResourceNotFoundException" in done.stderr, done.stderr
     assert not (home / ".ray" / "auth_token").exists()
-
-
-def session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                found.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
-@contextlib.contextmanager
-def local_cluster(state_dir: Path):
-    """cluster/local_cluster.sh on free ports (a head and a worker node, 1 CPU each, token auth
-    on); yields the environment its env file gives a user. Stopped by the script; whatever its
-    nodes' sessions left is killed by id, and the test fails on it."""
-    env = {**os.environ, "STATE_DIR": str(state_dir), "RAY_PORT": str(free_port()),
-           "DASHBOARD_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
-    script = ["bash", "cluster/local_cluster.sh"]
-    sessions = []
-    try:
-        started = subprocess.run([*script, "start"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
-        sessions = [int(p.read_text()) for p in (state_dir / "head.pid", state_dir / "worker.pid") if p.exists()]
-        assert started.returncode == 0, started.stdout + started.stderr
-        for line in (state_dir / "env").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value
-        yield env
-    finally:
-        subprocess.run([*script, "stop"], cwd=ROOT, env=env, capture_output=True, timeout=180)
-        left = [p for sid in sessions for p in session_processes(sid)]
-        for proc in left:
-            with contextlib.suppress(psutil.Error):
-                proc.kill()
-        assert not left, f"cluster/local_cluster.sh stop left {left}"
 
 
 def test_a_job_without_the_clusters_token_is_refused(tmp_path):

@@ -14,8 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 from entry import call
-from services import ROOT, free_port
-from test_cluster import local_cluster, session_processes
+from services import ROOT, free_port, local_cluster, session_processes
 
 pytestmark = pytest.mark.integration
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50", "--no-tracking"]
