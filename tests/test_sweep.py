@@ -284,3 +284,22 @@ assert not any(m.split(".")[0] in ("ray", "torch") for m in sys.modules)
     assert result.returncode == 0, result.stderr
     count, name, rounds = result.stdout.split()
     assert count == "3" and name.startswith("sweep-dcgan-") and float(rounds) == 6.0
+
+
+def test_a_resumed_sweep_killed_before_tune_wrote_its_state_starts_afresh(tmp_path, capsys):
+    """A start killed between its claim and Tune's first state file leaves only `.claim`:
+    `--resume` begins the sweep instead of failing inside Tuner.restore."""
+    import ray
+
+    from gan.data.storage import CLAIM_FILE, Storage
+    from gan.sweeps import ray_tune
+
+    storage = Storage.parse(str(tmp_path))
+    (tmp_path / "sweep-x").mkdir()
+    (tmp_path / "sweep-x" / CLAIM_FILE).write_text("{}")
+    plan = plans.Plan(trials=1, rounds=1)
+    setup = ray_tune.TrialSetup(preset("debug").to_json(), plan, "sweep-x", storage, None)
+    space = spaces.build_space(preset("debug"), {"optim.lr_g": {"choice": [1e-4, 2e-4]}})
+    ray_tune.make_tuner(lambda config: None, setup, space, 1, resume=True)  # Tuner.restore would raise
+    assert "holds no sweep state yet: starting the sweep" in capsys.readouterr().out
+    assert not ray.is_initialized()

@@ -154,6 +154,10 @@ def run_trials(setup: TrialSetup, space: dict[str, Dimension], max_concurrent: i
 def make_tuner(trainable, setup: TrialSetup, space: dict[str, Dimension], max_concurrent: int, resume: bool):
     """A new Tuner for the sweep, or the interrupted one restored from its storage."""
     storage_path, filesystem = setup.storage.ray_args()
+    if resume and not tune.Tuner.can_restore(f"{storage_path}/{setup.sweep}", storage_filesystem=filesystem):
+        # A start killed before Tune wrote its state leaves only the claim: begin it again.
+        print(f"{setup.storage.join(setup.sweep)} holds no sweep state yet: starting the sweep", flush=True)
+        resume = False
     if resume:
         tuner = tune.Tuner.restore(
             f"{storage_path}/{setup.sweep}", trainable, resume_unfinished=True, resume_errored=False,
