@@ -170,3 +170,20 @@ def local_cluster(state_dir: Path):
             with contextlib.suppress(psutil.Error):
                 proc.kill()
         assert not left, f"cluster/local_cluster.sh stop left {left}"
+
+
+class CrashingClient:
+    """A real MLflow client whose process dies after ``writes`` alias writes (a crash between
+    the writes of a promotion or rollback)."""
+
+    def __init__(self, client, writes: int) -> None:
+        self.client, self.writes = client, writes
+
+    def set_registered_model_alias(self, *args) -> None:
+        if self.writes == 0:
+            raise KeyboardInterrupt
+        self.writes -= 1
+        self.client.set_registered_model_alias(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)

@@ -15,7 +15,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
-from services import ROOT
+from services import ROOT, CrashingClient
 
 from gan.core.config import override, preset
 from gan.core.models import build_models
@@ -249,22 +249,6 @@ def test_two_promote_processes_at_once_end_with_one_champion_and_one_refusal(sto
     (version,) = client.search_model_versions(f"name = '{name}'")  # the loser registered nothing
     assert version.run_id == runs[winner] and aliases(store, name) == {"champion": "1"}
     assert not client.search_registered_models(f"name = '{name}{promotion.LOCK_SUFFIX}'")  # the lock is released
-
-
-class CrashingClient:
-    """The process dies after ``writes`` alias writes."""
-
-    def __init__(self, client, writes: int) -> None:
-        self.client, self.writes = client, writes
-
-    def set_registered_model_alias(self, *args) -> None:
-        if self.writes == 0:
-            raise KeyboardInterrupt
-        self.writes -= 1
-        self.client.set_registered_model_alias(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
 
 
 def crashed_rollback(store, name: str) -> None:

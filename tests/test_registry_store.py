@@ -6,6 +6,7 @@ that compare."""
 from __future__ import annotations
 
 import pytest
+from services import CrashingClient
 
 from gan.core.config import override, preset
 from gan.core.models import build_models
@@ -91,22 +92,6 @@ def test_a_champion_that_moves_while_a_candidate_is_scored_is_not_overwritten(st
         promotion.promote(client, candidate, "moving", scorer, margin=0.0, max_copy_share=1.0, dry_run=False)
     assert aliases(store, "moving") == {"champion": "2"}  # the other user's promotion stands
     assert len(client.search_model_versions("name = 'moving'")) == 2  # nothing registered
-
-
-class CrashingClient:
-    """The promoting process dies after ``writes`` alias writes."""
-
-    def __init__(self, client, writes: int) -> None:
-        self.client, self.writes = client, writes
-
-    def set_registered_model_alias(self, *args) -> None:
-        if self.writes == 0:
-            raise KeyboardInterrupt
-        self.writes -= 1
-        self.client.set_registered_model_alias(*args)
-
-    def __getattr__(self, name):
-        return getattr(self.client, name)
 
 
 @pytest.mark.parametrize("writes", [0, 1, 2])

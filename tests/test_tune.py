@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import ROOT, free_port
+from services import ROOT, free_port, session_processes
 
 pytestmark = pytest.mark.integration
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
@@ -44,7 +44,7 @@ def two_node_cluster(tmp_path, s3_server):
     finally:
         subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=180, capture_output=True)
     # A leftover Ray instance breaks later ones (Ray's clean-up actors refuse to pick one).
-    assert not [p for sid in sessions for p in _session_processes(sid)], "the local cluster left processes"
+    assert not [p for sid in sessions for p in session_processes(sid)], "the local cluster left processes"
 
 
 def child_runs(client, experiment: str):
@@ -114,25 +114,14 @@ def test_sweep_submitted_as_a_job_runs_across_two_nodes(two_node_cluster, mlflow
     assert f"[digits-e2e version {version.version}](#/models/digits-e2e/versions/{version.version})" in description
 
 
-def _session_processes(sid: int) -> list[psutil.Process]:
-    found = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getsid(proc.pid) == sid:
-                found.append(proc)
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return found
-
-
 def _kill_session(sid: int) -> None:
     """The driver and the local Ray it started (Ray's workers keep the session)."""
-    for proc in _session_processes(sid):
+    for proc in session_processes(sid):
         try:
             proc.kill()
         except psutil.Error:
             pass
-    psutil.wait_procs(_session_processes(sid), timeout=30)
+    psutil.wait_procs(session_processes(sid), timeout=30)
 
 
 def _trial_statuses(sweep_dir: Path) -> dict[str, str]:
