@@ -304,3 +304,30 @@ def test_a_prepared_dataset_with_a_special_shard_is_refused(tmp_path):
     shard.symlink_to("/dev/zero")
     unconditional = ("--set", "model.num_classes=0", "--set", "loss.class_weight=0")
     train(tmp_path, dest, *unconditional).one_line(f"error: {shard}: this shard is not a regular file: not opened")
+
+
+def test_a_file_swapped_for_a_fifo_after_listing_is_not_waited_on(tmp_path):
+    """Between the listing's lstat and the read, a file can become a FIFO: the read opens it
+    without blocking and refuses it by what fstat says."""
+    import threading
+
+    import fsspec
+
+    from gan.data.sources import _fetch_many
+
+    (tmp_path / "ok.png").write_bytes(png())
+    os.mkfifo(tmp_path / "x.png")
+    result = []
+    reader = threading.Thread(
+        target=lambda: result.extend(_fetch_many(fsspec.filesystem("file"), [str(tmp_path / "ok.png"),
+                                                                            str(tmp_path / "x.png")], 1 << 20)),
+        daemon=True,
+    )  # fmt: skip
+    reader.start()
+    reader.join(30)
+    if reader.is_alive():  # let the blocked open return, so the thread ends
+        with open(os.open(tmp_path / "x.png", os.O_WRONLY | os.O_NONBLOCK), "wb"):
+            pass
+        pytest.fail("the read blocked on a FIFO")
+    assert result[0] == png()
+    assert isinstance(result[1], OSError) and "a FIFO, not a regular file" in str(result[1])

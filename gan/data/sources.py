@@ -462,9 +462,13 @@ def _fetch_many(fs, files: list[str], max_bytes: int) -> list[bytes | BaseExcept
         payloads: list[bytes | BaseException] = []
         for file in files:
             try:
-                with open(file, "rb") as handle:
+                # O_NONBLOCK: a file swapped for a FIFO since it was listed opens at once, and fstat says so.
+                with open(os.open(file, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+                    st = os.fstat(handle.fileno())
+                    if not stat.S_ISREG(st.st_mode):
+                        raise OSError(f"{_special(st.st_mode)}, not a regular file: not read")
                     # read(n) allocates n bytes first: ask for no more than the file holds.
-                    payloads.append(handle.read(min(os.fstat(handle.fileno()).st_size, max_bytes) + 1))
+                    payloads.append(handle.read(min(st.st_size, max_bytes) + 1))
             except OSError as err:
                 payloads.append(err)
         return payloads
