@@ -44,7 +44,7 @@ def preflight(
             if uri and not uri.startswith("embedded:"):
                 check_uri_form(uri, field, ConfigError)
         if workers is not None:
-            check_split(cfg.train, workers)
+            check_split(cfg, workers)
         check_backbone(cfg.eval, cfg.data)
         if not classes_vary:
             check_classes_before_loading(cfg.model.num_classes, cfg.data)

@@ -52,6 +52,8 @@ def _positive(name: str, value: float, *, zero_ok: bool = False) -> None:
     _check(ok, name, "must be >= 0" if zero_ok else "must be > 0", value)
 
 
+MINIBATCH_STD_GROUP = 4
+"""Samples per group of D's minibatch-std feature (groups of consecutive samples)."""
 RESOLUTIONS = (28, 32, 64, 128)
 """Sides in pixels that every model family builds at: what data.resolution and the dataset tool accept."""
 MAX_TRAIN_SEED = 2**32 - 1
@@ -71,10 +73,18 @@ def check_num_samples(name: str, value: int) -> None:
     _check(low <= value <= high, name, f"must be in [{low}, {high}]", value)
 
 
-def check_split(train: TrainConfig, workers: int) -> None:
+def check_split(cfg: Config, workers: int) -> None:
     """The global batch is split evenly over the workers; say so before any worker starts."""
     _check(workers >= 1, "--workers", "must be at least 1", workers)
+    train = cfg.train
     rest = train.batch_size % workers
+    local = train.batch_size // workers
+    if not rest and train.d_one_call and cfg.model.minibatch_std and local % MINIBATCH_STD_GROUP:
+        raise ConfigError(
+            f"train.d_one_call=true needs a batch per worker that is a multiple of {MINIBATCH_STD_GROUP} (D's "
+            f"minibatch-std groups would mix real and generated images); {train.batch_size} over {workers} "
+            f"worker(s) is {local}: change train.batch_size or set train.d_one_call=false"
+        )
     if rest:
         sizes = [size for size in (train.batch_size - rest, train.batch_size + workers - rest) if size >= 1]
         raise ConfigError(
@@ -264,6 +274,17 @@ class TrainConfig:
     cudnn_benchmark: bool = True
     """GPU only: let cuDNN time its convolution algorithms once and keep the fastest
     (results can then differ in the last bits between runs)."""
+    d_one_call: bool = False
+    """D scores the real and the generated images of a D step in one call instead of two:
+    half the kernel launches of D's forward and backward. Needs a D without batch norm
+    (minibatch-std groups stay within real or generated images when the batch per worker
+    is a multiple of its group of 4). Spectral norm then takes one power iteration per D step,
+    not two; the same maths otherwise, in other last bits."""
+    capture: bool = False
+    """CUDA only, not yet measured on a GPU: run the D step and the G step each as one
+    replayed CUDA graph (capturable Adam, learning rates, betas and EMA decay held as device
+    tensors); the R1 steps and WGAN-GP stay eager. Where the step cannot be captured (a CPU,
+    torch.compile, WGAN-GP) the run says why in one line and trains eager."""
 
     def __post_init__(self) -> None:
         _check(1 <= self.batch_size <= 65536, "train.batch_size", "must be in [1, 65536]", self.batch_size)
@@ -336,6 +357,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
+        if self.train.d_one_call and self.model.d_norm == "batch":
+            raise ConfigError(
+                "train.d_one_call=true with model.d_norm='batch' is not allowed: batch norm would mix "
+                "real and generated images in one batch; use 'spectral' or 'none', or train.d_one_call=false"
+            )
+        check_split(self, 1)
         if self.loss.kind == "wgan-gp" and self.model.d_norm == "batch":
             raise ConfigError(
                 "loss.kind='wgan-gp' with model.d_norm='batch' is not allowed: the gradient "

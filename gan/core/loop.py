@@ -155,7 +155,8 @@ class GANLoop:
         # One generator for everything random in a step, in the same state on every rank.
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
         self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
-        self.loss = GANLoss(cfg.loss, DiffAugment(cfg.loss.augment, self.rng, rank, world_size), self.autocast)
+        augment = DiffAugment(cfg.loss.augment, self.rng, rank, world_size)
+        self.loss = GANLoss(cfg.loss, augment, self.autocast, one_call=cfg.train.d_one_call)
         self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
         self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)

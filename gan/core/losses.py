@@ -55,17 +55,20 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, labels, alpha: t
 
 class GANLoss:
     """``autocast`` wraps the adversarial forward passes (bf16); penalties and every
-    backward run in float32."""
+    backward run in float32. With ``one_call`` D scores a D step's real and generated
+    images in one call (D must hold no batch statistics across them)."""
 
     def __init__(
         self,
         cfg: LossConfig,
         augment: Augment | None = None,
         autocast: Callable[[], AbstractContextManager] | None = None,
+        one_call: bool = False,
     ) -> None:
         self.cfg = cfg
         self.augment = augment or (lambda x: x)
         self.autocast = autocast or contextlib.nullcontext
+        self.one_call = one_call
 
     def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None, D_penalty=None) -> dict[str, torch.Tensor]:
         """D on real vs (detached) fake images; WGAN-GP adds its penalty here, through
@@ -73,8 +76,13 @@ class GANLoss:
         With ``class_weight`` D also learns to classify the real images."""
         stats = {}
         with self.autocast():
-            real_logits, class_term = self._logits(D, real, real_labels, stats, "loss/d/class")
-            fake_logits = D(self.augment(fake), fake_labels).float()
+            if self.one_call:
+                real_logits, fake_logits, class_term = self._logits_together(
+                    D, real, real_labels, fake, fake_labels, stats
+                )
+            else:
+                real_logits, class_term = self._logits(D, real, real_labels, stats, "loss/d/class")
+                fake_logits = D(self.augment(fake), fake_labels).float()
         loss = d_adversarial(self.cfg.kind, real_logits, fake_logits) + class_term
         stats |= {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
         if self.cfg.kind == "wgan-gp":
@@ -100,6 +108,21 @@ class GANLoss:
         loss = g_adversarial(self.cfg.kind, logits) + class_term
         loss.backward()
         return stats | {"loss/g": loss.detach()}
+
+    def _logits_together(self, D, real, real_labels, fake, fake_labels, stats):
+        """``_logits`` of the real images and D's logits of the generated ones, from one call
+        of D on both (augmented in the same order as two calls would draw)."""
+        images = torch.cat([self.augment(real), self.augment(fake)])
+        labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
+        n = real.shape[0]
+        if not self.cfg.class_weight:
+            logits = D(images, labels).float()
+            return logits[:n], logits[n:], 0.0
+        logits, scores = D(images, labels, classes=True)
+        class_loss = F.cross_entropy(scores[:n].float(), real_labels)
+        stats["loss/d/class"] = class_loss.detach()
+        logits = logits.float()
+        return logits[:n], logits[n:], self.cfg.class_weight * class_loss
 
     def _logits(self, D, images, labels, stats, name) -> tuple[torch.Tensor, torch.Tensor | float]:
         """D's logits, and the weighted cross-entropy of its class scores (recorded in

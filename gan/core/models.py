@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan.core.config import RESOLUTIONS, ModelConfig
+from gan.core.config import MINIBATCH_STD_GROUP, RESOLUTIONS, ModelConfig
 
 
 def stages(resolution: int) -> tuple[int, int]:
@@ -88,7 +88,7 @@ class MinibatchStd(nn.Module):
     """Appends the mean std of features over groups of samples (ProGAN/StyleGAN): D sees
     a batch's diversity, so a generator that ignores z is easy to tell from data."""
 
-    def __init__(self, group: int = 4) -> None:
+    def __init__(self, group: int = MINIBATCH_STD_GROUP) -> None:
         super().__init__()
         self.group = group
 

@@ -262,7 +262,7 @@ def train_on_ray(
 
     connect(storage)
     scaling = local_scaling(workers, use_gpu, cpus_per_worker)
-    check_split(cfg.train, scaling.workers)
+    check_split(cfg, scaling.workers)
     check_resources(scaling)
     print(
         f"Ray Train run {name!r}: {scaling.workers} worker(s) x {scaling.cpus_per_worker:g} CPU"
