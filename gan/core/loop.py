@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from gan.core.augment import DiffAugment
+from gan.core.capture import CapturedStep, capturable_adam, capture_blocker
 from gan.core.config import Config
 from gan.core.losses import GANLoss
 from gan.data.datasets import Dataset, MappedDataset, class_shares
@@ -131,7 +132,9 @@ class GANLoop:
         world_size: int = 1,
         all_gather: Gather = lambda t: t,
         device: torch.device | str = "cpu",
+        emulate_capture: bool = False,
     ) -> None:
+        """``emulate_capture``: the captured step's code without CUDA graphs (tests on a CPU)."""
         if cfg.train.batch_size % world_size:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {world_size} workers")
         if cfg.train.batch_size > len(data):
@@ -154,12 +157,25 @@ class GANLoop:
         self.class_shares = class_shares(data.labels, self.num_classes).to(self.device) if self.num_classes else None
         # One generator for everything random in a step, in the same state on every rank.
         self.rng = torch.Generator(device=self.device).manual_seed(cfg.train.seed)
-        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16)
+        capture = emulate_capture or (cfg.train.capture and not self._capture_refused())
+        # A graph must not hold autocast's cache of casts from the capture.
+        self.autocast = lambda: torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16, cache_enabled=not capture
+        )
         augment = DiffAugment(cfg.loss.augment, self.rng, rank, world_size)
         self.loss = GANLoss(cfg.loss, augment, self.autocast, one_call=cfg.train.d_one_call)
-        self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
-        self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        self.captured: CapturedStep | None = None
+        if capture:
+            make = lambda params, lr: capturable_adam(params, cfg.optim, lr, self.device, emulate_capture)  # noqa: E731
+            self.opt_g, self.opt_d = (
+                make(nets.G.parameters(), cfg.optim.lr_g),
+                make(nets.D.parameters(), cfg.optim.lr_d),
+            )
+            self.captured = CapturedStep(self, emulate=emulate_capture)
+        else:
+            self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
+            self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.lr_scale = 1.0
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.step = 0
@@ -176,13 +192,29 @@ class GANLoop:
         self.cfg = cfg
         self.scale_learning_rates(self.lr_scale)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        if self.captured is not None:
+            self.captured.set_ema_beta(self.beta)
+
+    def _capture_refused(self) -> bool:
+        """Whether train.capture cannot hold for this run; says why (rank 0, one line)."""
+        blocker = capture_blocker(self.cfg, self.device)
+        if blocker and self.rank == 0:
+            print(f"warning: train.capture is off for this run: {blocker}; training eager", flush=True)
+        return blocker is not None
 
     def scale_learning_rates(self, scale: float) -> None:
         """Train on at ``scale`` times the configured learning rates (the decay's share)."""
         self.lr_scale = scale
-        for opt, lr in ((self.opt_g, self.cfg.optim.lr_g), (self.opt_d, self.cfg.optim.lr_d)):
+        optim = self.cfg.optim
+        for opt, lr in ((self.opt_g, optim.lr_g), (self.opt_d, optim.lr_d)):
             for group in opt.param_groups:
-                group.update(lr=lr * scale, betas=(self.cfg.optim.beta1, self.cfg.optim.beta2))
+                if torch.is_tensor(group["lr"]):  # held by a captured step: refilled, not replaced
+                    for tensor, value in zip(
+                        (group["lr"], *group["betas"]), (lr * scale, optim.beta1, optim.beta2), strict=True
+                    ):
+                        tensor.fill_(value)
+                else:
+                    group.update(lr=lr * scale, betas=(optim.beta1, optim.beta2))
 
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -213,8 +245,10 @@ class GANLoop:
     def train_step(self) -> None:
         """One G update after ``optim.d_steps`` D updates. Queues work on the device and
         returns without waiting for it; ``read_stats`` reads the statistics."""
+        if self.captured is not None:
+            self.captured.step()
+            return
         n = self.nets
-        D_reg = n.D_reg or n.D_train
         stats: dict[str, torch.Tensor] = {}
         # Gradient norms cost a pass over every gradient: only for the step that is logged.
         log_step = (self.step + 1) % self.cfg.train.log_every_steps == 0
@@ -222,23 +256,42 @@ class GANLoop:
         n.D.requires_grad_(True)
         for _ in range(self.cfg.optim.d_steps):
             real, labels = self._real_batch()
-            z, fake_labels = self._latents()
-            alpha = None
-            if self.cfg.loss.kind == "wgan-gp":
-                alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng, device=self.device)[self.rows]
-            with torch.no_grad(), self.autocast():
-                fake = n.G_train(z, fake_labels).float()
-            self.opt_d.zero_grad(set_to_none=True)
-            stats.update(self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha, D_penalty=D_reg))
-            if self.cfg.loss.r1_gamma > 0 and self.step % self.cfg.loss.r1_every == 0:
-                stats.update(self.loss.d_reg(D_reg, real, labels))
-            if log_step:
-                stats["grad_norm/d"] = grad_norm(n.D)
-            self.opt_d.step()
+            stats.update(self.d_phase(real, labels, penalty=self.penalty_due(), grad_norms=log_step))
             self.images_seen += self.global_batch
-
         n.D.requires_grad_(False)
         n.G.requires_grad_(True)
+        stats.update(self.g_phase(grad_norms=log_step))
+        n.D.requires_grad_(True)
+        update_ema(n.G_ema, n.G, self.beta, foreach=self.cfg.train.foreach_ema)
+        self.step += 1
+        self._watch(stats)
+
+    def penalty_due(self) -> bool:
+        """Whether this step's D phase takes the lazy R1 penalty."""
+        return self.cfg.loss.r1_gamma > 0 and self.step % self.cfg.loss.r1_every == 0
+
+    def d_phase(self, real, labels, *, penalty: bool, grad_norms: bool) -> dict[str, torch.Tensor]:
+        """One D update on ``real`` against images G draws now: its statistics."""
+        n = self.nets
+        z, fake_labels = self._latents()
+        alpha = None
+        if self.cfg.loss.kind == "wgan-gp":
+            alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng, device=self.device)[self.rows]
+        with torch.no_grad(), self.autocast():
+            fake = n.G_train(z, fake_labels).float()
+        self.opt_d.zero_grad(set_to_none=True)
+        D_reg = n.D_reg or n.D_train
+        stats = self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha, D_penalty=D_reg)
+        if penalty:
+            stats.update(self.loss.d_reg(D_reg, real, labels))
+        if grad_norms:
+            stats["grad_norm/d"] = grad_norm(n.D)
+        self.opt_d.step()
+        return stats
+
+    def g_phase(self, *, grad_norms: bool) -> dict[str, torch.Tensor]:
+        """One G update against D as it is: its statistics."""
+        n = self.nets
         z, fake_labels = self._latents()
         self.opt_g.zero_grad(set_to_none=True)
         # D takes no gradient in this phase: no_sync keeps DDP from waiting for one.
@@ -246,14 +299,11 @@ class GANLoop:
         with no_sync:
             with self.autocast():
                 fake = n.G_train(z, fake_labels)
-            stats.update(self.loss.g_main(n.D_train, fake, fake_labels))
-        if log_step:
+            stats = self.loss.g_main(n.D_train, fake, fake_labels)
+        if grad_norms:
             stats["grad_norm/g"] = grad_norm(n.G)
         self.opt_g.step()
-        n.D.requires_grad_(True)
-        update_ema(n.G_ema, n.G, self.beta, foreach=self.cfg.train.foreach_ema)
-        self.step += 1
-        self._watch(stats)
+        return stats
 
     def _watch(self, stats: dict[str, torch.Tensor]) -> None:
         """Keep the step's statistics and remember, on the device, the first bad step."""
@@ -303,6 +353,8 @@ class GANLoop:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.perm = self._permutation(self.epoch)
+        if self.captured is not None:
+            self.captured.reset()
         try:
             self.rng.set_state(state["rng"])
         except RuntimeError:
