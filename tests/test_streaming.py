@@ -4,6 +4,7 @@ budget far below the dataset's size trains and resumes without holding it."""
 
 from __future__ import annotations
 
+import copy
 import io
 import json
 import os
@@ -59,10 +60,10 @@ def small(tmp_path) -> Path:
     return prepared(tmp_path / "small", 100, shard_size=15)
 
 
-def make_loop(cfg, data, rank=0, world_size=1):
+def make_loop(cfg, data, rank=0, world_size=1, read_ahead=None):
     torch.manual_seed(0)
     G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
-    return GANLoop(cfg, Nets(G, D, make_ema(G), G, D), data, rank=rank, world_size=world_size)
+    return GANLoop(cfg, Nets(G, D, make_ema(G), G, D), data, rank=rank, world_size=world_size, read_ahead=read_ahead)
 
 
 def test_streamed_rows_and_training_equal_in_memory(tiny_cfg, small):
@@ -99,6 +100,30 @@ def test_streamed_rows_and_training_equal_in_memory(tiny_cfg, small):
     # FID's real statistics are read in batches from the shards, and equal.
     eval_cfg = override(tiny_cfg, ["eval.num_samples=40", "eval.kid_subset_size=20"]).eval
     assert torch.equal(Evaluator(eval_cfg, streamed).real_features, Evaluator(eval_cfg, loaded).real_features)
+
+
+def test_reading_one_batch_ahead_trains_and_resumes_as_reading_on_demand(tiny_cfg, small):
+    """What a GPU run does with streamed data (pinned copies on a side stream, one step
+    ahead), in its CPU form: the same batches, and a checkpoint names the batch the next
+    step trains on, not the one read ahead."""
+    streamed = load(small, budget_mb=0.05)
+    on_demand, ahead = make_loop(tiny_cfg, streamed), make_loop(tiny_cfg, streamed, read_ahead=True)
+    assert on_demand.read_ahead is None and ahead.read_ahead is not None
+    for step in range(9):  # 100 images, batch 16: an epoch ends at the 7th
+        on_demand.train_step()
+        ahead.train_step()
+        if step == 5:  # the batch read ahead starts the next epoch
+            state = copy.deepcopy(ahead.state_dict())
+            assert (state["epoch"], state["cursor"]) == (on_demand.epoch, on_demand.cursor) == (0, 96)
+            assert (ahead.epoch, ahead.cursor) == (1, 16)
+    resumed = make_loop(tiny_cfg, streamed, read_ahead=True)
+    resumed.load_state_dict(state)
+    for _ in range(3):
+        resumed.train_step()
+    for loop in (ahead, resumed):
+        for net in ("G", "D", "G_ema"):
+            mine, reference = getattr(loop.nets, net).state_dict(), getattr(on_demand.nets, net).state_dict()
+            assert all(torch.equal(mine[key], value) for key, value in reference.items()), net
 
 
 def test_shards_are_hashed_once_per_node_and_a_changed_one_is_caught(small, monkeypatch):

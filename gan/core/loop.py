@@ -107,6 +107,41 @@ def make_ema(G: nn.Module) -> nn.Module:
     return copy.deepcopy(G).eval().requires_grad_(False)
 
 
+class ReadAhead:
+    """Batches from host memory, read one step ahead: the next batch's rows go to pinned
+    memory and are copied to the GPU on a side stream while the current step trains (on a
+    CPU, the same order of reads without the copy)."""
+
+    def __init__(self, loop: GANLoop) -> None:
+        self.loop = loop
+        self.stream = torch.cuda.Stream(loop.device) if loop.device.type == "cuda" else None
+        self.pending: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.pending_position = {"epoch": 0, "cursor": 0}
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.pending is None:
+            self.pending = self._read()
+        batch = self.pending
+        if self.stream is not None:
+            current = torch.cuda.current_stream(self.loop.device)
+            current.wait_stream(self.stream)
+            for tensor in filter(None, batch):
+                tensor.record_stream(current)  # its memory is not reused before this step is done with it
+        self.pending = self._read()
+        return batch
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        loop = self.loop
+        self.pending_position = {"epoch": loop.epoch, "cursor": loop.cursor}
+        if self.stream is None:
+            return loop._rows(loop.device)
+        real, labels = loop._rows(torch.device("cpu"))
+        with torch.cuda.stream(self.stream):
+            real = real.pin_memory().to(loop.device, non_blocking=True)
+            labels = None if labels is None else labels.pin_memory().to(loop.device, non_blocking=True)
+        return real, labels
+
+
 @dataclass
 class Nets:
     """Unwrapped modules (for EMA and checkpoints) and the ones to call (maybe DDP)."""
@@ -133,8 +168,11 @@ class GANLoop:
         all_gather: Gather = lambda t: t,
         device: torch.device | str = "cpu",
         emulate_capture: bool = False,
+        read_ahead: bool | None = None,
     ) -> None:
-        """``emulate_capture``: the captured step's code without CUDA graphs (tests on a CPU)."""
+        """``emulate_capture``: the captured step's code without CUDA graphs (tests on a CPU).
+        ``read_ahead``: read each batch one step ahead (None: where the device is a GPU and
+        the data stays on the host)."""
         if cfg.train.batch_size % world_size:
             raise ValueError(f"train.batch_size={cfg.train.batch_size} must divide evenly over {world_size} workers")
         if cfg.train.batch_size > len(data):
@@ -183,6 +221,9 @@ class GANLoop:
         self.epoch = 0
         self.cursor = 0
         self.perm = self._permutation(0)
+        if read_ahead is None:
+            read_ahead = self.device.type == "cuda" and self.data_device.type == "cpu"
+        self.read_ahead = ReadAhead(self) if read_ahead else None
         self._last: dict[str, torch.Tensor] = {}
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
@@ -222,15 +263,20 @@ class GANLoop:
         return torch.randperm(self.num_images, generator=g, device=self.data_device)
 
     def _real_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        real, labels = self.read_ahead.take() if self.read_ahead is not None else self._rows(self.device)
+        real = real.float().div_(127.5).sub_(1.0).contiguous(memory_format=self.memory_format)
+        return real, labels
+
+    def _rows(self, to: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next batch's uint8 rows and labels, moved ``to`` (without waiting for the copy)."""
         if self.cursor + self.global_batch > len(self.perm):  # drop the ragged tail
             self.epoch += 1
             self.cursor = 0
             self.perm = self._permutation(self.epoch)
         idx = self.perm[self.cursor : self.cursor + self.global_batch][self.rows]
         self.cursor += self.global_batch
-        real = (self.data.rows(idx) if self.streamed else self.images[idx]).to(self.device, non_blocking=True)
-        real = real.float().div_(127.5).sub_(1.0).contiguous(memory_format=self.memory_format)
-        labels = self.labels[idx].to(self.device, non_blocking=True) if self.num_classes else None
+        real = (self.data.rows(idx) if self.streamed else self.images[idx]).to(to, non_blocking=True)
+        labels = self.labels[idx].to(to, non_blocking=True) if self.num_classes else None
         return real, labels
 
     def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,10 +385,15 @@ class GANLoop:
             "opt_d": self.opt_d.state_dict(),
             "step": self.step,
             "images_seen": self.images_seen,
-            "epoch": self.epoch,
-            "cursor": self.cursor,
+            **self._position(),
             "rng": self.rng.get_state(),
         }
+
+    def _position(self) -> dict[str, int]:
+        """Where the next batch a step trains on starts: before the one read ahead, if any."""
+        if self.read_ahead is not None and self.read_ahead.pending is not None:
+            return dict(self.read_ahead.pending_position)
+        return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict) -> None:
         self.nets.G.load_state_dict(state["G"])
@@ -353,6 +404,8 @@ class GANLoop:
         self.step, self.images_seen = int(state["step"]), int(state["images_seen"])
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self.perm = self._permutation(self.epoch)
+        if self.read_ahead is not None:
+            self.read_ahead.pending = None
         if self.captured is not None:
             self.captured.reset()
         try:
