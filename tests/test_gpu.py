@@ -121,3 +121,37 @@ def test_default_preset_for_a_minute_with_gpu(tmp_path):
     G, _ = load_generator(f"models:/gpu-generator/{version.version}")
     images, _ = sample(G, 5, seed=0)
     assert images.shape == (5, 28, 28)
+
+
+def test_the_captured_step_replays_cuda_graphs_and_trains_as_the_eager_one(capsys):
+    """train.capture on a GPU: past the warm-up each phase is a CUDAGraph replay, and the
+    weights follow the eager step's (TF32 off on both; kernels may differ in the last bits)."""
+    from test_capture import SETS
+
+    from gan.core.config import override, preset
+    from gan.core.loop import GANLoop, Nets, make_ema
+    from gan.core.models import build_models
+    from gan.data.datasets import load_dataset
+
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+
+    def build(capture: bool) -> GANLoop:
+        cfg = override(preset("debug"), [*SETS, f"train.capture={capture}"])
+        torch.manual_seed(0)
+        G, D = (net.cuda() for net in build_models(cfg.model, 28, 1))
+        return GANLoop(cfg, Nets(G, D, make_ema(G), G, D), load_dataset(cfg.data), device="cuda")
+
+    eager, captured = build(False), build(True)
+    for _ in range(10):
+        eager.train_step()
+        captured.train_step()
+    assert "train.capture" not in capsys.readouterr().out  # neither refused nor broken
+    assert all(isinstance(replay.__self__, torch.cuda.CUDAGraph) for replay in captured.captured.graphs.values())
+    assert set(captured.captured.graphs) == {"d", "g"}
+    for net in ("G", "D", "G_ema"):
+        reference = getattr(eager.nets, net).state_dict()
+        for key, value in getattr(captured.nets, net).state_dict().items():
+            torch.testing.assert_close(
+                value, reference[key], rtol=1e-3, atol=1e-4, msg=lambda m, k=f"{net}.{key}": f"{k}: {m}"
+            )
+    assert captured.read_stats().keys() >= eager.read_stats().keys()
