@@ -85,8 +85,15 @@ def ddp_wrap(module: nn.Module, device: torch.device, *, sync_bn: bool = False) 
         sync_batchnorm(module, device)
     for buffer in module.buffers():
         dist.broadcast(buffer.data, src=0)
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=device_ids, broadcast_buffers=False)
+    if device.type != "cuda":
+        return nn.parallel.DistributedDataParallel(module, broadcast_buffers=False)
+    # Built on a side stream, so that a captured step (train.capture) may hold its all-reduce.
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        wrapped = nn.parallel.DistributedDataParallel(module, device_ids=[device.index], broadcast_buffers=False)
+    torch.cuda.current_stream(device).wait_stream(side)  # the weights rank 0 broadcast are there
+    return wrapped
 
 
 def _for_backend(values: torch.Tensor, device: torch.device) -> torch.Tensor:
