@@ -22,9 +22,12 @@ Benchmarks (each also runs alone with --only):
             about the same worker-seconds): best FID and worker-seconds
   eval      FID evaluation time as a share of training time at the default interval, and
             peak memory of the default training job
-  gpu       where a CUDA GPU is present: the default preset's img/s and step time at batch
-            64, 256 and 1024, fp32 and bf16, compile off and on; seconds to evaluate 10k
-            samples; and a profile of the step that says what bounds it
+  gpu       where a CUDA GPU is present: every preset's training step at batch 64, 256 and 1024
+            (quick: 64 and 1024), eager against captured (train.capture): img/s, ms per step, the
+            GPU's busy share (torch.profiler) and model FLOPs utilisation (FLOPs per image from
+            torch.utils.flop_counter x img/s, against the card's dense peak; GAN_GPU_PEAK_TFLOPS
+            sets it); seconds to evaluate 10k samples. benchmarks/gpu_check.py runs it on a GPU
+            machine with the GPU tests and a 4-minute emoji training
   tracking  img/s in-process with MLflow tracking to a local `mlflow server` vs without
   s3reads   bytes a sweep on a two-node local cluster reads from an S3 server on 127.0.0.1:
             the digits as one .npz (read whole by every trial) vs as a prepared dataset
@@ -46,6 +49,7 @@ import argparse
 import collections
 import contextlib
 import functools
+import gc
 import json
 import logging
 import math
@@ -110,10 +114,26 @@ SCREEN64_SETTINGS = {  # each spelled out, so that the screen does not move with
     "DiffAugment, learning rates halved": [DIFFAUGMENT, "loss.r1_gamma=0", "optim.lr_g=5e-4", "optim.lr_d=3e-4"],
     "DiffAugment, learning rates doubled": [DIFFAUGMENT, "loss.r1_gamma=0", "optim.lr_g=2e-3", "optim.lr_d=1.2e-3"],
 }
+# Every preset: the default first, then the RGB ones meant for GPUs, so a budget cuts the rest.
+GPU_PRESETS = ("dcgan", "dcgan-64", "resnet-64", "dcgan-32", "dcgan-64-cond", "dcgan-cond", "resnet", "textbook", "mlp")
 GPU_BATCHES = ((64, 256, 1024), (64, 1024))  # (full, quick)
-GPU_SECONDS = (1.0, 0.5)  # per timed round
-GPU_BUDGET_S = (240, 120)  # compiled settings past this are reported as not run
+GPU_SECONDS = (1.0, 0.3)  # per timed round
+GPU_PROFILE_STEPS = (20, 5)
+GPU_BUDGET_S = (900, 100)  # settings reached past this are reported as not run
 GPU_EVAL_SAMPLES = 10_000
+# Dense (no sparsity) peaks of the matrix units in TFLOP/s by precision, from NVIDIA's datasheets;
+# cards by the name CUDA reports, first match wins (NVL boards run at other clocks: unknown).
+PRECISIONS = ("bf16", "tf32", "fp32")
+GPU_PEAKS = {
+    "H100 SXM": (989.4, 494.7, 66.9),
+    "H100 PCIe": (756.5, 378.0, 51.2),
+    "H200": (989.4, 494.7, 66.9),
+    "A100": (312.0, 156.0, 19.5),
+    "L4": (121.0, 60.0, 30.3),
+}
+GPU_MODELS = ((r"NVL", None), (r"H200", "H200"), (r"H100.*PCIe", "H100 PCIe"), (r"H100", "H100 SXM"),
+              (r"A100", "A100"), (r"\bL4\b", "L4"))  # fmt: skip
+PEAK_ENV = "GAN_GPU_PEAK_TFLOPS"  # TFLOP/s MFU is measured against, for any card and precision
 BENCH_CACHE = Path(os.environ.get("GAN_BENCH_CACHE", Path.home() / ".cache" / "gan-bench"))
 
 
@@ -320,9 +340,8 @@ def eval_cost(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 
 def gpu(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
-    """The default preset's training step on the CUDA GPU at each batch size, fp32 and bf16,
-    compile off and on; evaluation of 10k samples; and the profile that says what bounds
-    the step. Profiles are written to BENCH_CACHE/gpu-profiles."""
+    """Every preset's training step on the CUDA GPU, eager against captured, at each batch
+    size; evaluation of 10k samples. Profiles are written to BENCH_CACHE/gpu-profiles."""
     import torch
 
     if not torch.cuda.is_available():
@@ -330,50 +349,210 @@ def gpu(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     return gpu_rows("cuda", quick, repeats, BENCH_CACHE / "gpu-profiles")
 
 
-def gpu_rows(device: str, quick: bool, repeats: int, profiles: Path) -> list[tuple[str, str, str]]:
-    import gc
-
+def gpu_rows(
+    device: str,
+    quick: bool,
+    repeats: int,
+    profiles: Path,
+    presets: tuple[str, ...] = GPU_PRESETS,
+    batches: tuple[int, ...] | None = None,
+    budget_s: float | None = None,
+) -> list[tuple[str, str, str]]:
+    """A row per preset, batch and step (eager, captured): img/s, ms per step, the GPU's busy
+    share and MFU. Each setting's Trainer is built as a run builds it (only the training step
+    is timed, so every setting takes the committed digits evaluator at its smallest) and freed
+    before the next. On a CPU (a smoke run) the step runs eager either way and the busy share
+    is n/a. Settings reached past ``budget_s`` are reported as not run; each row is also
+    printed to stderr as it comes, so a run stopped from outside still says what it measured."""
     import torch
 
     from gan.core.config import preset
+
+    batches = batches or GPU_BATCHES[quick]
+    budget_s = GPU_BUDGET_S[quick] if budget_s is None else budget_s
+    profiles.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    card = torch.cuda.get_device_name() if device == "cuda" else device
+    rows = [("device", card, f"peak TFLOP/s (dense) {peak_tflops(card, 'tf32')[1]}; MFU = FLOPs per image of a "
+                             "training step (torch.utils.flop_counter) x img/s / peak")]  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="gan-bench-gpu-") as tmp:
+        loaded: dict = {}
+        for name in presets:
+            for batch in batches:
+                labels = [f"{name}, batch {batch}, {mode}" for mode in ("eager", "captured")]
+                if time.monotonic() - started > budget_s:
+                    pair = [(f"img/s, {label}", "not run", f"past the {budget_s:.0f}s budget") for label in labels]
+                else:
+                    pair = eager_and_captured(preset(name), batch, labels, card, device, quick, repeats, profiles,
+                                              tmp, loaded, max(batches))  # fmt: skip
+                for row in pair:
+                    print(f"    {row[0]}: {row[1]}", file=sys.stderr, flush=True)
+                rows += pair
+        if device == "cuda" and time.monotonic() - started < budget_s:
+            rows.append(eval_row(loaded, f"{tmp}/eval", device, repeats))
+    return rows
+
+
+def eager_and_captured(base, batch: int, labels: list[str], card: str, device: str, quick: bool, repeats: int,
+                       profiles: Path, tmp: str, loaded: dict, data_count: int) -> list[tuple[str, str, str]]:  # fmt: skip
+    """The rows of a preset at a batch size: its eager step, then its captured step, which
+    takes the eager step's FLOPs (a replayed graph runs outside the counter). A setting that
+    fails (out of memory, say) is one row saying why."""
+    import torch
+
+    rows, flops = [], None
+    for captured, label in zip((False, True), labels, strict=True):
+        try:
+            uri, about, data = speed_data(base.data, tmp, data_count, loaded)
+            sets = [f"data.uri={uri}", f"train.batch_size={batch}", f"train.capture={captured}", *SPEED_EVAL]
+            name = label.replace(", ", "-").replace(" ", "")
+            m = measure_step(base, sets, data, f"{tmp}/{name}", device, quick, repeats, profiles / f"{name}.txt", flops)
+        except Exception as err:
+            rows.append((f"img/s, {label}", "failed", f"{type(err).__name__}: {str(err).splitlines()[0]}"))
+        else:
+            flops = m["flops_per_image"]
+            rows.append(gpu_row(label, captured, m, about, peak_tflops(card, m["precision"])[0]))
+        gc.collect()  # the next setting gets the device's memory
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+SPEED_EVAL = ["eval.backbone=digits", "eval.backbone_uri=", "eval.backbone_sha256=", "eval.num_samples=10",
+              "eval.kid_subset_size=10"]  # fmt: skip
+"""Speed rows time the training step only: the smallest evaluator that needs no file."""
+
+
+def measure_step(base, sets: list[str], data, folder: str, device: str, quick: bool, repeats: int, profile: Path,
+                 flops_per_image: float | None = None) -> dict:  # fmt: skip
+    """One setting: img/s and ms per step, FLOPs per image (counted here unless given; None
+    for a captured step, whose replays the counter cannot see) and, on CUDA, the profile."""
+    trainer, warm_s = warmed_trainer(base, sets, folder, data, device)
+    loop = trainer.loop
+    captured = getattr(loop, "captured", None) is not None
+    rates, step_ms = timed_steps(loop, repeats, GPU_SECONDS[quick])
+    if flops_per_image is None and not captured:
+        flops_per_image = step_flops_per_image(loop)
+    busy = profile_step(loop, profile, median(step_ms), GPU_PROFILE_STEPS[quick]) if device == "cuda" else None
+    return {"img_per_s": median(rates), "rates": rates, "step_ms": median(step_ms), "warm_s": warm_s,
+            "flops_per_image": flops_per_image, "busy": busy, "precision": step_precision(trainer.cfg, device),
+            "captured": captured}  # fmt: skip
+
+
+def gpu_row(label: str, captured: bool, m: dict, about: str, peak: float | None) -> tuple[str, str, str]:
+    """img/s, then: ms/step, GPU busy, GFLOP/img, MFU (fixed order: tests read them back)."""
+    busy, flops = m["busy"], m["flops_per_image"]
+    mfu = "unknown" if peak is None or flops is None else f"{flops * m['img_per_s'] / (peak * 1e12):.2%}"
+    how = ("" if not captured else "; the step replays its CUDA graphs" if m["captured"]
+           else "; not captured: the loop said why and trained eager")  # fmt: skip
+    profile = (f"; {busy['kernels']:.0f} kernels/step, {busy['kernel_ms']:.2f} ms in kernels, matrix share "
+               f"{busy['matrix']:.0%}: bound by {busy['bound']} ({busy['file']})") if busy else ""  # fmt: skip
+    return (f"img/s, {label}", f"{m['img_per_s']:.0f}",
+            f"{m['step_ms']:.2f} ms/step, GPU busy {'n/a' if busy is None else format(busy['share'], '.0%')}, "
+            f"{'unknown' if flops is None else format(flops / 1e9, '.4g')} GFLOP/img, MFU {mfu}; {about}{how}; rounds "
+            f"{[round(r) for r in m['rates']]}; build + 5 steps {m['warm_s']:.0f}s{profile}")  # fmt: skip
+
+
+def speed_data(data_cfg, folder: str, min_count: int, loaded: dict) -> tuple[str, str, object]:
+    """(data.uri, what it is, the dataset) for a preset's speed rows, each dataset loaded once
+    into ``loaded``: the digits as embedded; for RGB the emoji set where
+    benchmarks/emoji_data.py prepared it under BENCH_CACHE, else noise prepared in ``folder``
+    (a step's speed does not depend on what the images show)."""
+    from dataclasses import replace
+
     from gan.data.datasets import load_dataset
 
+    res = data_cfg.resolution
+    if data_cfg.channels == 1:
+        uri, about = data_cfg.uri, "the embedded digits"
+    elif (BENCH_CACHE / f"emoji-twitter-{res}" / "manifest.json").exists():
+        uri, about = str(BENCH_CACHE / f"emoji-twitter-{res}"), "the emoji set"
+    else:
+        uri, about = f"{folder}/noise-{res}", f"RGB noise (no emoji set prepared at {res} px in {BENCH_CACHE})"
+    key = (uri, res, data_cfg.channels)  # textbook reads the digits at 32 px
+    if key not in loaded:
+        if uri.startswith(f"{folder}/noise-"):
+            synthetic_rgb(uri, res, min_count)
+        loaded[key] = load_dataset(replace(data_cfg, uri=uri))
+    return uri, about, loaded[key]
+
+
+def synthetic_rgb(dest: str, resolution: int, count: int) -> None:
+    """A prepared dataset of ``count`` RGB noise images in 10 classes at ``resolution``."""
+    import io
+
+    import numpy as np
+
+    from gan.data.prepare import PrepareConfig, prepare
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(count, resolution, resolution, 3), dtype=np.uint8)
+    np.savez(f"{dest}.npz", images=images, labels=np.arange(count) % 10)
+    prepare(PrepareConfig(source=f"{dest}.npz", dest=dest, resolution=resolution, channels=3), log=io.StringIO())
+    os.remove(f"{dest}.npz")
+
+
+def eval_row(loaded: dict, folder: str, device: str, repeats: int) -> tuple[str, str, str]:
+    """Seconds the default preset's evaluator takes for GPU_EVAL_SAMPLES samples."""
+    from gan.core.config import preset
+
     base = preset("dcgan")
-    data = load_dataset(base.data)
-    profiles.mkdir(parents=True, exist_ok=True)
-    started, rows = time.monotonic(), []
-    settings = [(c, bf16, b) for c in (False, True) for bf16 in (False, True) for b in GPU_BATCHES[quick]]
-    with tempfile.TemporaryDirectory(prefix="gan-bench-gpu-") as tmp:
-        for i, (compiled, bf16, batch) in enumerate(settings):
-            name = f"batch {batch}, {'bf16' if bf16 else 'fp32'}, compile {'on' if compiled else 'off'}"
-            if compiled and time.monotonic() - started > GPU_BUDGET_S[quick]:
-                rows.append((f"img/s, {name}", "not run", f"past the {GPU_BUDGET_S[quick]}s budget"))
-                continue
-            sets = [f"train.batch_size={batch}", f"train.bf16={bf16}", f"train.compile={compiled}"]
-            trainer, warm_s = warmed_trainer(base, sets, f"{tmp}/{i}", data, device)
-            loop = trainer.loop
-            rates, step_ms = timed_steps(loop, repeats, GPU_SECONDS[quick])
-            rows.append((f"img/s, {name}", f"{median(rates):.0f}",
-                         f"{median(step_ms):.2f} ms/step, rounds {[round(r) for r in rates]}; "
-                         f"build + 5 steps {warm_s:.0f}s"))  # fmt: skip
-            if not bf16 and (not compiled or batch == GPU_BATCHES[quick][0]):  # fp32 eager, and compiled once
-                path = profiles / f"step-{batch}-{'compiled' if compiled else 'eager'}.txt"
-                rows.append(profile_row(loop, name, path, median(step_ms)))
-            del trainer, loop  # the next setting gets the GPU's memory
-            gc.collect()
-            if device == "cuda":
-                torch.cuda.empty_cache()
-        trainer, _ = warmed_trainer(base, [f"eval.num_samples={GPU_EVAL_SAMPLES}"], f"{tmp}/eval", data, device)
-        G = trainer.nets.G_ema
-        seconds = []
-        for _ in range(1 + repeats):  # the first pays cuDNN's choice of kernels
-            start = time.monotonic()
-            scores = trainer.evaluator(G, trainer.cfg.model.num_classes)
-            seconds.append(time.monotonic() - start)
-        rows.append((f"seconds to evaluate {GPU_EVAL_SAMPLES} samples", f"{median(seconds[1:]):.2f}",
-                     f"first {seconds[0]:.2f}s; {trainer.evaluator.num_real} real images in the reference; "
-                     f"FID {scores['fid']:.1f} (G after 5 steps)"))  # fmt: skip
-    return rows
+    _, _, data = speed_data(base.data, folder, base.train.batch_size, loaded)
+    trainer, _ = warmed_trainer(base, [f"eval.num_samples={GPU_EVAL_SAMPLES}"], folder, data, device)
+    G = trainer.nets.G_ema
+    seconds = []
+    for _ in range(1 + repeats):  # the first pays cuDNN's choice of kernels
+        start = time.monotonic()
+        scores = trainer.evaluator(G, trainer.cfg.model.num_classes)
+        seconds.append(time.monotonic() - start)
+    return (f"seconds to evaluate {GPU_EVAL_SAMPLES} samples", f"{median(seconds[1:]):.2f}",
+            f"first {seconds[0]:.2f}s; {trainer.evaluator.num_real} real images in the reference; "
+            f"FID {scores['fid']:.1f} (G after 5 steps)")  # fmt: skip
+
+
+def step_precision(cfg, device: str) -> str:
+    """The precision of a step's matrix work, whose peak MFU is measured against."""
+    if cfg.train.bf16:
+        return "bf16"
+    return "tf32" if device == "cuda" and cfg.train.tf32 else "fp32"
+
+
+def peak_tflops(card: str, precision: str) -> tuple[float | None, str]:
+    """(the card's dense peak in TFLOP/s at ``precision``, where it comes from): $GAN_GPU_PEAK_TFLOPS
+    when set, else GPU_PEAKS by the name CUDA reports ('NVIDIA H100 80GB HBM3'); None if unknown."""
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]), f"{os.environ[PEAK_ENV]}, from {PEAK_ENV}"
+    model = next((model for pattern, model in GPU_MODELS if re.search(pattern, card, re.IGNORECASE)), None)
+    if model is None:
+        return None, f"unknown for {card!r}: MFU unknown (set {PEAK_ENV})"
+    peaks = GPU_PEAKS[model]
+    return peaks[PRECISIONS.index(precision)], f"{model}: " + ", ".join(
+        f"{p} {v:g}" for p, v in zip(PRECISIONS, peaks, strict=True)
+    )
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of the matrix multiplications and convolutions ``fn()`` runs, forward and
+    backward, as torch.utils.flop_counter counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def step_flops_per_image(loop) -> float:
+    """FLOPs of one training step per image, over one lazy-R1 period when R1 is on (one D
+    step in ``r1_every`` adds the penalty's double backward): their mean per step."""
+    steps = loop.cfg.loss.r1_every if loop.cfg.loss.r1_gamma > 0 else 1
+
+    def run() -> None:
+        for _ in range(steps):
+            loop.train_step()
+
+    flops = counted_flops(run)
+    loop.read_stats()
+    return flops / (steps * loop.global_batch)
 
 
 def warmed_trainer(base, sets: list[str], folder: str, data, device: str = "cpu"):
@@ -411,11 +590,11 @@ def timed_steps(loop, repeats: int, seconds: float) -> tuple[list[float], list[f
     return rates, step_ms
 
 
-def profile_row(loop, name: str, path: Path, step_ms: float, steps: int = 20) -> tuple[str, str, str]:
+def profile_step(loop, path: Path, step_ms: float, steps: int) -> dict:
     """What bounds a step: the share of its time (``step_ms``, timed without the profiler,
     which slows the host) the GPU spends in kernels (low: the host cannot launch kernels
     fast enough), the kernels per step, and the share of kernel time in matrix units
-    (convolutions, GEMMs) against elementwise and reductions."""
+    (convolutions, GEMMs) against elementwise and reductions. The profile goes to ``path``."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -430,20 +609,19 @@ def profile_row(loop, name: str, path: Path, step_ms: float, steps: int = 20) ->
     matrix = ("gemm", "conv", "xmma", "cutlass", "sm90", "wgrad", "dgrad", "fprop", "implicit")
     matrix_us = sum(e.device_time_total for e in kernels if any(k in e.name.lower() for k in matrix))
     path.write_text(
-        f"{name}: {steps} steps, wall {wall_us / 1000:.1f} ms, kernels {len(kernels)}, GPU busy {busy_us / 1000:.1f} ms\n\n"
+        f"{path.stem}: {steps} steps, wall {wall_us / 1000:.1f} ms, kernels {len(kernels)}, GPU busy {busy_us / 1000:.1f} ms\n\n"
         + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30)
     )
-    busy = busy_us / steps / 1000 / step_ms
+    share = busy_us / steps / 1000 / step_ms
     bound = (
         "kernel launches (host)"
-        if busy < 0.5
+        if share < 0.5
         else "matrix units"
         if matrix_us > busy_us / 2
         else "memory (elementwise)"
     )
-    return (f"profile, {name}", f"GPU busy {busy:.0%}",
-            f"{len(kernels) / steps:.0f} kernels/step, {busy_us / steps / 1000:.2f} ms kernel time/step, "
-            f"matrix share {matrix_us / max(busy_us, 1):.0%}: bound by {bound}; {path.name}")  # fmt: skip
+    return {"share": share, "kernels": len(kernels) / steps, "kernel_ms": busy_us / steps / 1000,
+            "matrix": matrix_us / max(busy_us, 1), "bound": bound, "file": path.name}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -807,9 +985,11 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {', '.join(BENCHMARKS)}")
     repeats = args.repeats or (1 if args.quick else 3)
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-    ).stdout.strip()
+    try:  # a GPU machine may get the working tree without git or its history
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
+    except OSError:
+        head = ""
+    commit = head.strip() or "unknown"
     print(f"commit {commit}, {'quick' if args.quick else 'full'} budgets, {repeats} run(s) per measurement", flush=True)
     table: dict[str, list] = {}
     for name in names:
