@@ -9,6 +9,7 @@ streamed dataset's memory-mapped shards, which are page cache shared by the node
     python benchmarks/train_once.py --preset dcgan --kimg 20 --ray-workers 2
     python benchmarks/train_once.py --seconds 40 --ray-default     # what `python pipelines/train.py` reserves
     python benchmarks/train_once.py --preset dcgan-64 --seconds 1800 --out runs/emoji  # keeps checkpoints and grids
+    python3 benchmarks/train_once.py --preset dcgan-64 --seconds 240 --device cuda --progress --set data.uri=DIR
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ def main() -> int:
     parser.add_argument("--ray-default", action="store_true", help="Ray Train with pipelines/train.py's defaults")
     parser.add_argument("--tracking-uri", help="in-process: track the run there, as pipelines/train.py does")
     parser.add_argument("--out", help="keep the run's checkpoints and sample grids here")
+    parser.add_argument("--device", default="cpu", help="in-process: 'cpu' or 'cuda' (default cpu)")
+    parser.add_argument("--progress", action="store_true", help="in-process: print progress and evaluation lines")
     args = parser.parse_args()
+    if args.device != "cpu" and (args.ray_workers or args.ray_default):
+        parser.error("--device is for in-process runs; Ray Train workers train on the CPU here")
     if args.out and Path(args.out).exists() and any(Path(args.out).iterdir()):
         parser.error(f"--out {args.out} is not empty: name a new folder")
     sets = list(args.overrides)
@@ -59,7 +64,7 @@ def main() -> int:
             history = with_ray(override(preset(args.preset), sets), args.ray_workers, args.threads, tmp)
         else:
             cfg = override(preset(args.preset), [*sets, f"train.threads={args.threads}"])
-            history, wall_s = in_process(cfg, tmp, args.tracking_uri)
+            history, wall_s = in_process(cfg, tmp, args.tracking_uri, args.device, quiet=not args.progress)
     last = history[-1]
     peak_kib = max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -120,7 +125,9 @@ class AnonPeak:
         self.peak_kib = max(self.peak_kib, self.read_kib())
 
 
-def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dict], float]:
+def in_process(
+    cfg, out: str, tracking_uri: str | None = None, device: str = "cpu", quiet: bool = True
+) -> tuple[list[dict], float]:
     import time
 
     from gan.registry.tracking import MLflowTracker, TrackingTarget
@@ -130,7 +137,7 @@ def in_process(cfg, out: str, tracking_uri: str | None = None) -> tuple[list[dic
     tracker = None
     if tracking_uri:
         tracker = MLflowTracker(TrackingTarget(tracking_uri, "bench", f"bench-{time.time_ns()}"), system_metrics=True)
-    trainer = Trainer(cfg, LocalSession(out, quiet=True), tracker=tracker)
+    trainer = Trainer(cfg, LocalSession(out, device=device, quiet=quiet), tracker=tracker)
     started = time.monotonic()
     history = trainer.train().history
     return history, time.monotonic() - started
