@@ -239,9 +239,10 @@ class AdaptiveAugment:
         inverse = inverse @ _affine(one, one, -shift[:, 0] * w, -shift[:, 1] * h)
         # affine_grid (align_corners=False) takes coordinates where the image spans [-1, 1].
         theta = _affine(one * (2 / w), one * (2 / h)) @ inverse @ _affine(one * (w / 2), one * (h / 2))
-        theta = theta[:, :2].to(x.device, x.dtype)
-        grid = F.affine_grid(theta, [n, c, h, w], align_corners=False)
-        moved = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+        # Sampling positions in at least float32: in bfloat16 they would miss by a fraction of a pixel.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        grid = F.affine_grid(theta[:, :2].to(x.device, dtype), [n, c, h, w], align_corners=False)
+        moved = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
         # Images left alone skip the resampling, so p = 0 returns the input exactly.
         any_taken = torch.stack(taken).any(0).to(x.device).view(n, 1, 1, 1)
         return torch.where(any_taken, moved.to(x.dtype), x)
