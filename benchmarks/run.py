@@ -453,11 +453,11 @@ def gpu_row(label: str, captured: bool, m: dict, about: str, peak: float | None)
             f"{[round(r) for r in m['rates']]}; build + 5 steps {m['warm_s']:.0f}s{profile}")  # fmt: skip
 
 
-def speed_data(data_cfg, folder: str, min_count: int, loaded: dict) -> tuple[str, str, object]:
+def speed_data(data_cfg, folder: str, largest_batch: int, loaded: dict) -> tuple[str, str, object]:
     """(data.uri, what it is, the dataset) for a preset's speed rows, each dataset loaded once
     into ``loaded``: the digits as embedded; for RGB the emoji set where
-    benchmarks/emoji_data.py prepared it under BENCH_CACHE, else noise prepared in ``folder``
-    (a step's speed does not depend on what the images show)."""
+    benchmarks/emoji_data.py prepared it under BENCH_CACHE, else noise in 10 classes prepared in
+    ``folder``, twice the largest batch (a step's speed does not depend on what images show)."""
     from dataclasses import replace
 
     from gan.data.datasets import load_dataset
@@ -472,7 +472,7 @@ def speed_data(data_cfg, folder: str, min_count: int, loaded: dict) -> tuple[str
     key = (uri, res, data_cfg.channels)  # textbook reads the digits at 32 px
     if key not in loaded:
         if uri.startswith(f"{folder}/noise-"):
-            synthetic_rgb(uri, res, min_count)
+            synthetic_rgb(uri, res, max(2 * largest_batch, 100))
         loaded[key] = load_dataset(replace(data_cfg, uri=uri))
     return uri, about, loaded[key]
 
@@ -531,12 +531,22 @@ def peak_tflops(card: str, precision: str) -> tuple[float | None, str]:
     )
 
 
+class _NoModuleTracker(contextlib.nullcontext):
+    """Stands in for the module tracker of FlopCounterMode, whose hooks refuse autograd.grad
+    with a module's leaf input (pytorch#131753: R1 on resnet-64, whose real images reach D
+    unaugmented); only the total is read, so every FLOP counts under 'Global'."""
+
+    parents = frozenset({"Global"})
+
+
 def counted_flops(fn) -> int:
     """FLOPs of the matrix multiplications and convolutions ``fn()`` runs, forward and
     backward, as torch.utils.flop_counter counts them."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    counter = FlopCounterMode(display=False)
+    counter.mod_tracker = _NoModuleTracker()
+    with counter:
         fn()
     return counter.get_total_flops()
 
