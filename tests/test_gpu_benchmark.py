@@ -159,6 +159,16 @@ def carry(emoji_like, tmp_path_factory):
     return carry
 
 
+def test_rgb_presets_take_the_emoji_set_where_it_is_prepared(bench, emoji_like, tmp_path, monkeypatch):
+    from gan.core.config import preset
+
+    monkeypatch.setattr(bench, "BENCH_CACHE", emoji_like.parent)  # as gpu_check links the carried set
+    uri, about, data = bench.speed_data(preset("dcgan-64").data, str(tmp_path), 8, {})
+    assert (uri, about, len(data)) == (str(emoji_like), "the emoji set", 20)
+    uri, about, data = bench.speed_data(preset("dcgan-32").data, str(tmp_path), 8, {})  # none at 32 px
+    assert uri == f"{tmp_path}/noise-32" and about.startswith("RGB noise") and len(data) == 100
+
+
 def test_prepare_carries_the_emoji_set_and_the_digits_reader(carry, emoji_like):
     for name in ("manifest.json", "evaluator.pt"):
         assert (carry / "emoji-twitter-64" / name).read_bytes() == (emoji_like / name).read_bytes()
