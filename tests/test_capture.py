@@ -39,7 +39,8 @@ def build(sets, *, emulate: bool = False, rank: int = 0, world: int = 1, ddp: bo
     torch.manual_seed(rank)
     G, D = build_models(cfg.model, 28, 1)
     wrap = (lambda m: ddp_wrap(m, torch.device("cpu"))) if ddp else (lambda m: m)
-    nets = Nets(G, D, make_ema(G), wrap(G), wrap(D))
+    G_train, D_train = wrap(G), wrap(D)  # before the EMA copy: DDP has broadcast rank 0's weights
+    nets = Nets(G, D, make_ema(G), G_train, D_train)
     return GANLoop(cfg, nets, load_dataset(cfg.data), rank=rank, world_size=world, emulate_capture=emulate)
 
 

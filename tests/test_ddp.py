@@ -33,6 +33,7 @@ NO_BN = (
         "model.d_norm=spectral",
         "loss.augment=translation,cutout,color,flip",
         "loss.class_weight=1",
+        "loss.r1_gamma=1",  # R1 in the first step: every parameter of D must take part in its backward
     ],
 )
 # The default preset (batch norm in G) at a smaller batch. D barely moves in the D phase,

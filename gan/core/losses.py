@@ -46,6 +46,14 @@ def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor, gamma: floa
     return 0.5 * gamma * input_gradient_sq_norm(real_logits, real_inputs).mean()
 
 
+def every_parameter(*logits: torch.Tensor) -> torch.Tensor:
+    """Zero, through every parameter the logits came from: added to a penalty, it makes each of
+    D's parameters take part in its backward (with a zero gradient where the input gradient
+    misses it, as it does D's last bias), as DistributedDataParallel needs to finish its
+    all-reduce; the gradients keep their values to the bit."""
+    return sum(x.sum() for x in logits) * 0
+
+
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, labels, alpha: torch.Tensor, weight: float):
     """Gulrajani et al. 2017: weight * E (||grad D(x_hat)|| - 1)^2 on interpolates."""
     x_hat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
@@ -96,8 +104,9 @@ class GANLoss:
     def d_reg(self, D, real, real_labels) -> dict[str, torch.Tensor]:
         """Lazy R1 (StyleGAN2): every r1_every D steps, scaled by r1_every."""
         real = real.detach().requires_grad_(True)
-        penalty = r1_penalty(D(self.augment(real), real_labels), real, self.cfg.r1_gamma)
-        (penalty * self.cfg.r1_every).backward()
+        logits = D(self.augment(real), real_labels)
+        penalty = r1_penalty(logits, real, self.cfg.r1_gamma)
+        (penalty * self.cfg.r1_every + every_parameter(logits)).backward()
         return {"loss/d/r1": penalty.detach()}
 
     def g_main(self, D, fake, fake_labels) -> dict[str, torch.Tensor]:
