@@ -64,6 +64,16 @@ MUTABLE = ("optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_
 """Settings a running loop can change (GANLoop.set_hyperparameters): what PBT perturbs."""
 
 
+def stage_sides(resolution: int) -> tuple[int, ...]:
+    """Sides of a modern G's stages, from its learned input (7 px for 28, else 4 px) up to
+    ``resolution`` (D's, in reverse): 28 -> (7, 14, 28), 64 -> (4, 8, 16, 32, 64)."""
+    side = 7 if resolution % 7 == 0 else 4
+    sides = [side]
+    while sides[-1] < resolution:
+        sides.append(sides[-1] * 2)
+    return tuple(sides)
+
+
 def check_seed(name: str, value: int) -> None:
     _check(0 <= value <= MAX_TRAIN_SEED, name, f"must be in [0, {MAX_TRAIN_SEED}]", value)
 
@@ -148,14 +158,19 @@ class DataConfig:
 class ModelConfig:
     family: str = "dcgan"
     """Architecture family of G and D: 'mlp' (the seed's fully connected GAN), 'dcgan'
-    (transposed/strided convolutions), 'resnet' (residual blocks, spectral norm in D)."""
+    (transposed/strided convolutions), 'resnet' (residual blocks, spectral norm in D),
+    'modern' (R3GAN, Huang et al. 2024: residual blocks of a 1x1 expansion, a grouped 3x3 and
+    a 1x1 with leaky ReLU and no normalisation, fix-up initialised, [1,2,1]-filtered resampling;
+    takes g_norm and d_norm 'none' and no minibatch_std)."""
     z_dim: int = 64
     """Size of the latent vector z."""
     width: int = 64
     """Base width (DCGAN's ngf/ndf): channels of the highest-resolution hidden stage, doubling
-    at each lower stage; for mlp, units of the narrowest hidden layer."""
+    at each lower stage; for mlp, units of the narrowest hidden layer; for modern, what
+    model.stage_widths defaults to by the same rule."""
     depth: int = 0
-    """Extra 3x3 conv layers (or residual blocks) per resolution stage; hidden layers for mlp."""
+    """Extra 3x3 conv layers (or residual blocks) per resolution stage; hidden layers for mlp;
+    residual blocks per stage for modern (at least 1; R3GAN: 2)."""
     g_norm: str = "batch"
     """Normalisation in G: 'batch' or 'none'."""
     d_norm: str = "spectral"
@@ -165,27 +180,98 @@ class ModelConfig:
     num_classes: int = 0
     """Number of classes for class-conditional G (conditional BN) and projection D;
     0 = unconditional."""
+    stage_widths: str = ""
+    """Modern family only: channels of each stage, comma-separated, from the lowest resolution
+    (7 px at 28, else 4 px) up to the full one: 3 widths at 28 px, 4 at 32, 5 at 64, 6 at 128
+    (D mirrors G). '' = model.width at full resolution, doubling at each lower stage."""
+    stage_blocks: str = ""
+    """Modern family only: residual blocks of each stage, comma-separated in the order of
+    model.stage_widths (R3GAN: 2 at every stage); '' = model.depth at every stage. A CPU recipe
+    can leave the full-resolution stage without blocks, where they cost the most."""
+    group_width: int = 16
+    """Modern family only: channels per group of a block's grouped 3x3 convolution, so a
+    block of C channels has C * expansion / group_width groups (R3GAN: 16, e.g. 96 groups of
+    1536 channels)."""
+    expansion: int = 2
+    """Modern family only: a block's 1x1 expansion, inner channels per stage channel (R3GAN: 2)."""
 
     def __post_init__(self) -> None:
-        _choice("model.family", self.family, ("mlp", "dcgan", "resnet"))
+        _choice("model.family", self.family, ("mlp", "dcgan", "resnet", "modern"))
         _check(1 <= self.z_dim <= 1024, "model.z_dim", "must be in [1, 1024]", self.z_dim)
         _check(4 <= self.width <= 1024, "model.width", "must be in [4, 1024]", self.width)
         _check(0 <= self.depth <= 4, "model.depth", "must be in [0, 4]", self.depth)
         _choice("model.g_norm", self.g_norm, ("batch", "none"))
         _choice("model.d_norm", self.d_norm, ("spectral", "batch", "none"))
         _check(0 <= self.num_classes <= 1000, "model.num_classes", "must be in [0, 1000]", self.num_classes)
+        _check(1 <= self.group_width <= 1024, "model.group_width", "must be in [1, 1024]", self.group_width)
+        _check(1 <= self.expansion <= 8, "model.expansion", "must be in [1, 8]", self.expansion)
+        widths, blocks = self._parse("stage_widths", 4, 4096), self._parse("stage_blocks", 0, 8)
+        if self.family != "modern":
+            for name, given in (("stage_widths", widths), ("stage_blocks", blocks)):
+                _check(not given, f"model.{name}", f"is for model.family='modern', not {self.family!r}", getattr(self, name))  # fmt: skip
+            return
+        if (self.g_norm, self.d_norm, self.minibatch_std) != ("none", "none", False):
+            raise ConfigError(
+                "model.family='modern' has no normalisation layers and no minibatch-std: set model.g_norm=none "
+                "model.d_norm=none model.minibatch_std=false, or start from a modern-* preset"
+            )
+        if not blocks:
+            _check(self.depth >= 1, "model.depth", "must be >= 1 for model.family='modern' (residual blocks per stage)", self.depth)  # fmt: skip
+        _check(sum(blocks) >= 1 or not blocks, "model.stage_blocks", "must hold at least one block", self.stage_blocks)  # fmt: skip
+        self._check_groups(widths)
+
+    def _parse(self, name: str, low: int, high: int) -> tuple[int, ...]:
+        """A comma-separated list of whole numbers in [low, high]; () for ''."""
+        raw = getattr(self, name)
+        if not raw.strip():
+            return ()
+        try:
+            values = tuple(int(v) for v in raw.split(","))
+        except ValueError:
+            raise ConfigError(
+                f"model.{name}={raw!r} is not allowed: give whole numbers separated by commas, e.g. 128,128,64,32"
+            ) from None
+        _check(all(low <= v <= high for v in values), f"model.{name}", f"each must be in [{low}, {high}]", raw)
+        return values
+
+    def _check_groups(self, widths: tuple[int, ...]) -> None:
+        for w in widths:
+            if w * self.expansion % self.group_width:
+                raise ConfigError(
+                    f"model.group_width={self.group_width} does not divide a stage's {w} x model.expansion="
+                    f"{self.expansion} inner channels: choose widths and a group width that divide evenly"
+                )
+
+    def modern_stages(self, resolution: int) -> tuple[tuple[int, int], ...]:
+        """(channels, residual blocks) of each modern stage at ``resolution``, lowest resolution first."""
+        sides = stage_sides(resolution)
+        widths = self._parse("stage_widths", 4, 4096) or tuple(self.width * 2 ** (len(sides) - 1 - i) for i in range(len(sides)))  # fmt: skip
+        blocks = self._parse("stage_blocks", 0, 8) or (self.depth,) * len(sides)
+        for name, given in (("stage_widths", widths), ("stage_blocks", blocks)):
+            if len(given) != len(sides):
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)!r} has {len(given)} values but {resolution} px has "
+                    f"{len(sides)} stages ({', '.join(map(str, sides))} px): give {len(sides)}, lowest resolution first"
+                )
+        self._check_groups(widths)
+        return tuple(zip(widths, blocks, strict=True))
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class LossConfig:
     kind: str = "ns"
-    """Adversarial loss: 'ns' (non-saturating BCE), 'hinge' or 'wgan-gp'."""
+    """Adversarial loss: 'ns' (non-saturating BCE), 'hinge', 'wgan-gp' or 'rpgan' (relativistic
+    pairing, R3GAN: softplus(D(fake) - D(real)) for D, its mirror for G, each real image paired
+    with one generated; give it R1 and R2, without which it has no local convergence guarantee)."""
     gp_weight: float = 10.0
     """Gradient-penalty weight for 'wgan-gp'."""
     r1_gamma: float = 0.0
-    """R1 penalty weight on real images (0 = off)."""
+    """R1 penalty weight on real images (0 = off): gamma/2 E ||grad_x D(x)||^2."""
+    r2_gamma: float = 0.0
+    """R2 penalty weight on generated images (0 = off): the same zero-centred penalty at G's
+    samples, in R1's pass (so it needs loss.r1_gamma > 0); R3GAN uses R1's gamma."""
     r1_every: int = 4
-    """Apply R1 every this many D steps (lazy regularisation), scaled to compensate."""
+    """Apply R1 (and R2) every this many D steps (lazy regularisation), scaled to compensate."""
     augment: str = ""
     """Differentiable augmentation before D, comma-separated from 'translation', 'cutout',
     'color' (brightness, saturation, contrast) and 'flip' (left-right; only where the domain
@@ -197,10 +283,16 @@ class LossConfig:
     class; 0 = off."""
 
     def __post_init__(self) -> None:
-        _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp"))
+        _choice("loss.kind", self.kind, ("ns", "hinge", "wgan-gp", "rpgan"))
         _positive("loss.class_weight", self.class_weight, zero_ok=True)
         _positive("loss.gp_weight", self.gp_weight, zero_ok=True)
         _positive("loss.r1_gamma", self.r1_gamma, zero_ok=True)
+        _positive("loss.r2_gamma", self.r2_gamma, zero_ok=True)
+        if self.r2_gamma and not self.r1_gamma:
+            raise ConfigError(
+                f"loss.r2_gamma={self.r2_gamma:g} needs loss.r1_gamma > 0: R2 runs in R1's pass every loss.r1_every "
+                "D steps (R3GAN gives both the same gamma)"
+            )
         _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1", self.r1_every)
         for policy in filter(None, self.augment.split(",")):
             _choice("loss.augment", policy.strip(), ("translation", "cutout", "color", "flip"))
@@ -363,11 +455,14 @@ class Config:
                 "real and generated images in one batch; use 'spectral' or 'none', or train.d_one_call=false"
             )
         check_split(self, 1)
-        if self.loss.kind == "wgan-gp" and self.model.d_norm == "batch":
+        if self.loss.kind in ("wgan-gp", "rpgan") and self.model.d_norm == "batch":
             raise ConfigError(
-                "loss.kind='wgan-gp' with model.d_norm='batch' is not allowed: the gradient "
-                "penalty is per sample and batch norm mixes samples; use 'none' or 'spectral'"
+                f"loss.kind={self.loss.kind!r} with model.d_norm='batch' is not allowed: its "
+                f"{'gradient penalty' if self.loss.kind == 'wgan-gp' else 'pairing'} is per sample and batch norm "
+                "mixes samples; use 'none' or 'spectral'"
             )
+        if self.model.family == "modern":
+            self.model.modern_stages(self.data.resolution)
         if self.loss.class_weight and not self.model.num_classes:
             raise ConfigError(
                 f"loss.class_weight={self.loss.class_weight:g} needs a class-conditional model: set "
@@ -594,6 +689,113 @@ def _rgb(cfg: Config, name: str, resolution: int) -> Config:
     )
 
 
+def modern_32() -> Config:
+    """R3GAN's modern GAN (RpGAN + R1 + R2, no normalisation) on RGB at 32 px, sized for 2 CPU cores."""
+    return _modern("modern-32", 32)
+
+
+def modern_32_cond() -> Config:
+    """Class-conditional modern-32 (10 classes): class embedding in G, projection D."""
+    return _conditional(modern_32(), "modern-32-cond", class_weight=0.0)
+
+
+def modern_64() -> Config:
+    """R3GAN's modern GAN on RGB at 64 px, sized for 2 CPU cores: stages of 64 down to 8 channels."""
+    return _modern("modern-64", 64)
+
+
+def modern_64_cond() -> Config:
+    """Class-conditional modern-64 (10 classes): class embedding in G, projection D."""
+    return _conditional(modern_64(), "modern-64-cond", class_weight=0.0)
+
+
+def modern_128() -> Config:
+    """R3GAN's modern GAN on RGB at 128 px, sized for 2 CPU cores: stages of 64 down to 4 channels."""
+    return _modern("modern-128", 128)
+
+
+def modern_128_cond() -> Config:
+    """Class-conditional modern-128 (10 classes): class embedding in G, projection D."""
+    return _conditional(modern_128(), "modern-128-cond", class_weight=0.0)
+
+
+def modern_32_gpu() -> Config:
+    """modern-32 at the paper's CIFAR-10 widths for GPUs: 4 stages of 768, 2 blocks each, gamma 0.05."""
+    return _modern_gpu(modern_32(), "modern-32-gpu", "768,768,768,768", gamma=0.05, batch_size=256)
+
+
+def modern_32_cond_gpu() -> Config:
+    """modern-32-cond at the paper's CIFAR-10 widths (its class-conditional recipe) for GPUs."""
+    return _modern_gpu(modern_32_cond(), "modern-32-cond-gpu", "768,768,768,768", gamma=0.05, batch_size=256)
+
+
+def modern_64_gpu() -> Config:
+    """modern-64 at the paper's FFHQ-64 widths for GPUs: 768 down to 384 at 64 px, gamma 2."""
+    return _modern_gpu(modern_64(), "modern-64-gpu", "768,768,768,768,384", gamma=2.0, batch_size=256)
+
+
+def modern_64_cond_gpu() -> Config:
+    """modern-64-cond at the paper's FFHQ-64 widths for GPUs."""
+    return _modern_gpu(modern_64_cond(), "modern-64-cond-gpu", "768,768,768,768,384", gamma=2.0, batch_size=256)
+
+
+def modern_128_gpu() -> Config:
+    """modern-128 at the paper's FFHQ-256 widths up to 128 px (768 down to 192) for GPUs."""
+    return _modern_gpu(modern_128(), "modern-128-gpu", "768,768,768,768,384,192", gamma=37.5, batch_size=64)
+
+
+def modern_128_cond_gpu() -> Config:
+    """modern-128-cond at the paper's FFHQ-256 widths up to 128 px for GPUs."""
+    return _modern_gpu(modern_128_cond(), "modern-128-cond-gpu", "768,768,768,768,384,192", gamma=37.5, batch_size=64)
+
+
+MODERN_CPU_STAGES = {
+    32: ("64,32,16,8", "1,1,1,1"),
+    64: ("64,32,16,8,8", "1,1,1,1,1"),
+    128: ("64,32,16,8,8,4", "1,1,1,1,1,1"),
+}
+"""(model.stage_widths, model.stage_blocks) of the CPU modern presets by resolution."""
+
+
+def _modern(name: str, resolution: int) -> Config:
+    """The modern family at ``resolution`` for 2 CPU cores: R3GAN's loss, blocks and optimiser,
+    narrow stages, lazy R1 + R2 and dcgan-64's DiffAugment, scored by the data's evaluator."""
+    widths, blocks = MODERN_CPU_STAGES[resolution]
+    cfg = _rgb(dcgan(), name, resolution)
+    # R1 and R2 share one gamma (R3GAN), scaled with the pixels as _rgb's R1 (StyleGAN2-ADA).
+    gamma = cfg.loss.r1_gamma
+    return replace(
+        cfg,
+        model=ModelConfig(
+            family="modern",
+            z_dim=64,
+            stage_widths=widths,
+            stage_blocks=blocks,
+            group_width=8,
+            expansion=2,
+            g_norm="none",
+            d_norm="none",
+            minibatch_std=False,
+        ),  # fmt: skip
+        loss=replace(cfg.loss, kind="rpgan", r1_gamma=gamma, r2_gamma=gamma, augment="color,translation,cutout"),
+        # R3GAN's Adam: beta1 0, beta2 0.9 at the start of its schedule, 2e-4 for both networks.
+        optim=OptimConfig(lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9),
+    )
+
+
+def _modern_gpu(cfg: Config, name: str, widths: str, *, gamma: float, batch_size: int) -> Config:
+    """``cfg`` at the paper's widths: 2 blocks per stage, 16 channels per group (its 96 groups of
+    1,536), R1 and R2 at every D step with the paper's gamma at the start of its schedule."""
+    stages = len(widths.split(","))
+    return replace(
+        cfg,
+        name=name,
+        model=replace(cfg.model, stage_widths=widths, stage_blocks=",".join(["2"] * stages), group_width=16),
+        loss=replace(cfg.loss, r1_gamma=gamma, r2_gamma=gamma, r1_every=1),
+        train=replace(cfg.train, batch_size=batch_size),
+    )
+
+
 def debug() -> Config:
     """Tiny and fast: for unit tests, smoke runs and --dry-run checks."""
     return Config(
@@ -613,6 +815,18 @@ PRESETS: dict[str, Callable[[], Config]] = {
     "dcgan-64": dcgan_64,
     "dcgan-64-cond": dcgan_64_cond,
     "resnet-64": resnet_64,
+    "modern-32": modern_32,
+    "modern-32-cond": modern_32_cond,
+    "modern-64": modern_64,
+    "modern-64-cond": modern_64_cond,
+    "modern-128": modern_128,
+    "modern-128-cond": modern_128_cond,
+    "modern-32-gpu": modern_32_gpu,
+    "modern-32-cond-gpu": modern_32_cond_gpu,
+    "modern-64-gpu": modern_64_gpu,
+    "modern-64-cond-gpu": modern_64_cond_gpu,
+    "modern-128-gpu": modern_128_gpu,
+    "modern-128-cond-gpu": modern_128_cond_gpu,
     "textbook": textbook,
     "debug": debug,
 }
@@ -625,4 +839,4 @@ def preset(name: str) -> Config:
 
 
 def describe_presets() -> str:
-    return "\n".join(f"  {name:13s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PRESETS.items())
+    return "\n".join(f"  {name:19s} {(fn.__doc__ or '').split(chr(10))[0]}" for name, fn in PRESETS.items())

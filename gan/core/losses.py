@@ -1,6 +1,10 @@
 """Adversarial losses and penalties. The loss owns the maths; the loop owns the order.
 
-Each phase computes its loss, calls backward, and returns detached statistics.
+Each phase computes its loss, calls backward, and returns detached statistics. The
+relativistic pairing loss ('rpgan', Huang et al. 2024, after Jolicoeur-Martineau 2019) scores
+each generated image against the real image at the same row of its batch, so its phases
+take both; with R1 and R2 (zero-centred gradient penalties on real and on generated images,
+Mescheder et al. 2018) it is the R3GAN objective.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ Augment = Callable[[torch.Tensor], torch.Tensor]
 
 
 def d_adversarial(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    if kind == "rpgan":  # softplus(-(D(real) - D(fake))), pair by pair
+        return F.softplus(fake_logits - _paired(real_logits, fake_logits)).mean()
     if kind == "ns":
         return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
     if kind == "hinge":
@@ -27,12 +33,26 @@ def d_adversarial(kind: str, real_logits: torch.Tensor, fake_logits: torch.Tenso
     raise ValueError(f"unknown loss kind {kind!r}")
 
 
-def g_adversarial(kind: str, fake_logits: torch.Tensor) -> torch.Tensor:
+def g_adversarial(kind: str, fake_logits: torch.Tensor, real_logits: torch.Tensor | None = None) -> torch.Tensor:
+    """``real_logits``: D's logits of the real images paired with the generated ones ('rpgan' only)."""
+    if kind == "rpgan":  # the mirror: softplus(-(D(fake) - D(real)))
+        if real_logits is None:
+            raise ValueError("loss.kind='rpgan' pairs each generated image with a real one: pass real_logits")
+        return F.softplus(_paired(real_logits, fake_logits) - fake_logits).mean()
     if kind == "ns":
         return F.softplus(-fake_logits).mean()
     if kind in ("hinge", "wgan-gp"):
         return -fake_logits.mean()
     raise ValueError(f"unknown loss kind {kind!r}")
+
+
+def _paired(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    if real_logits.shape != fake_logits.shape:
+        raise ValueError(
+            f"relativistic pairing needs as many real as generated images: {tuple(real_logits.shape)} real "
+            f"logits against {tuple(fake_logits.shape)} generated"
+        )
+    return real_logits
 
 
 def input_gradient_sq_norm(outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -42,8 +62,13 @@ def input_gradient_sq_norm(outputs: torch.Tensor, inputs: torch.Tensor) -> torch
 
 
 def r1_penalty(real_logits: torch.Tensor, real_inputs: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Mescheder et al. 2018: gamma/2 * E ||grad_x D(x)||^2 on real data."""
+    """Mescheder et al. 2018: gamma/2 * E ||grad_x D(x)||^2 on real data (R1); the same at
+    generated images is R2."""
     return 0.5 * gamma * input_gradient_sq_norm(real_logits, real_inputs).mean()
+
+
+r2_penalty = r1_penalty
+"""R2: R1's zero-centred penalty, taken at generated images."""
 
 
 def every_parameter(*logits: torch.Tensor) -> torch.Tensor:
@@ -101,26 +126,55 @@ class GANLoss:
         stats["loss/d"] = loss.detach()
         return stats
 
-    def d_reg(self, D, real, real_labels) -> dict[str, torch.Tensor]:
-        """Lazy R1 (StyleGAN2): every r1_every D steps, scaled by r1_every."""
+    def d_reg(self, D, real, real_labels, fake=None, fake_labels=None) -> dict[str, torch.Tensor]:
+        """Lazy R1 (StyleGAN2) and, with ``loss.r2_gamma``, R2 at the generated images ``fake``
+        (R3GAN): every r1_every D steps, scaled by r1_every. Through the augmentation, by the
+        gradient at the images before it. ``D`` must be eager: the penalties differentiate twice."""
         real = real.detach().requires_grad_(True)
-        logits = D(self.augment(real), real_labels)
-        penalty = r1_penalty(logits, real, self.cfg.r1_gamma)
-        (penalty * self.cfg.r1_every + every_parameter(logits)).backward()
-        return {"loss/d/r1": penalty.detach()}
+        if not self.cfg.r2_gamma:
+            logits = D(self.augment(real), real_labels)
+            penalty = r1_penalty(logits, real, self.cfg.r1_gamma)
+            (penalty * self.cfg.r1_every + every_parameter(logits)).backward()
+            return {"loss/d/r1": penalty.detach()}
+        if fake is None:
+            raise ValueError("loss.r2_gamma > 0 penalises D at the generated images: pass them to d_reg as fake=")
+        fake = fake.detach().requires_grad_(True)
+        if self.one_call:
+            labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
+            real_logits, fake_logits = D(torch.cat([self.augment(real), self.augment(fake)]), labels).chunk(2)
+        else:
+            real_logits, fake_logits = D(self.augment(real), real_labels), D(self.augment(fake), fake_labels)
+        # One backward for both: each image's gradient comes from its own logit.
+        r1 = r1_penalty(real_logits, real, self.cfg.r1_gamma)
+        r2 = r2_penalty(fake_logits, fake, self.cfg.r2_gamma)
+        ((r1 + r2) * self.cfg.r1_every + every_parameter(real_logits, fake_logits)).backward()
+        return {"loss/d/r1": r1.detach(), "loss/d/r2": r2.detach()}
 
-    def g_main(self, D, fake, fake_labels) -> dict[str, torch.Tensor]:
-        """With ``class_weight`` G is also pushed to draw what D classifies as the label."""
+    def g_main(self, D, fake, fake_labels, real=None, real_labels=None) -> dict[str, torch.Tensor]:
+        """With ``class_weight`` G is also pushed to draw what D classifies as the label.
+        'rpgan' scores ``fake`` against the paired real images ``real`` (the D phase's)."""
         stats = {}
+        real_logits = None
         with self.autocast():
-            logits, class_term = self._logits(D, fake, fake_labels, stats, "loss/g/class")
-        loss = g_adversarial(self.cfg.kind, logits) + class_term
+            if self.cfg.kind != "rpgan":
+                logits, class_term = self._logits(D, fake, fake_labels, stats, "loss/g/class")
+            elif real is None:
+                raise ValueError("loss.kind='rpgan' pairs each generated image with a real one: pass g_main real=")
+            elif self.one_call:
+                real_logits, logits, class_term = self._logits_together(
+                    D, real.detach(), real_labels, fake, fake_labels, stats, classify_fake=True
+                )
+            else:
+                real_logits = D(self.augment(real.detach()), real_labels).float()
+                logits, class_term = self._logits(D, fake, fake_labels, stats, "loss/g/class")
+        loss = g_adversarial(self.cfg.kind, logits, real_logits) + class_term
         loss.backward()
         return stats | {"loss/g": loss.detach()}
 
-    def _logits_together(self, D, real, real_labels, fake, fake_labels, stats):
-        """``_logits`` of the real images and D's logits of the generated ones, from one call
-        of D on both (augmented in the same order as two calls would draw)."""
+    def _logits_together(self, D, real, real_labels, fake, fake_labels, stats, classify_fake=False):
+        """``_logits`` of the real images (of the generated ones with ``classify_fake``, G's
+        phase) and D's logits of the others, from one call of D on both (augmented in the
+        same order as two calls would draw)."""
         images = torch.cat([self.augment(real), self.augment(fake)])
         labels = None if real_labels is None else torch.cat([real_labels, fake_labels])
         n = real.shape[0]
@@ -128,8 +182,9 @@ class GANLoss:
             logits = D(images, labels).float()
             return logits[:n], logits[n:], 0.0
         logits, scores = D(images, labels, classes=True)
-        class_loss = F.cross_entropy(scores[:n].float(), real_labels)
-        stats["loss/d/class"] = class_loss.detach()
+        scored, wanted = (scores[n:], fake_labels) if classify_fake else (scores[:n], real_labels)
+        class_loss = F.cross_entropy(scored.float(), wanted)
+        stats["loss/g/class" if classify_fake else "loss/d/class"] = class_loss.detach()
         logits = logits.float()
         return logits[:n], logits[n:], self.cfg.class_weight * class_loss
 

@@ -1,8 +1,8 @@
 """Generator and discriminator families. Architecture only: no I/O, optimizers or DDP.
 
 G(z, labels) -> images in [-1, 1], N x C x R x R.   D(x, labels) -> logits, N.
-Class-conditional models embed the label into G's input and use a projection
-discriminator (Miyato & Koyama 2018): logit = psi(h) + <embed(y), h>.
+Class-conditional models embed the label into G's input (conditional BN in dcgan's G
+instead) and use a projection discriminator (Miyato & Koyama 2018): logit = psi(h) + <embed(y), h>.
 D(x, labels, classes=True) -> (logits, <embed(k), h> for every class k: N x classes).
 """
 
@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan.core.config import MINIBATCH_STD_GROUP, RESOLUTIONS, ModelConfig
+from gan.core.config import MINIBATCH_STD_GROUP, RESOLUTIONS, ModelConfig, stage_sides
 
 
 def stages(resolution: int) -> tuple[int, int]:
@@ -337,10 +337,191 @@ class ResNetDiscriminator(nn.Module):
         return self.head(h, labels, classes)
 
 
+# --- modern (R3GAN, Huang et al. 2024) -------------------------------------------------
+LRELU_GAIN = math.sqrt(2 / (1 + 0.2**2))
+"""Gain that keeps the variance of a signal through leaky ReLU (slope 0.2) and a fan-in initialised layer."""
+RESAMPLE_FILTER = (1.0, 2.0, 1.0)
+"""Low-pass filter of modern up- and down-sampling, per axis (R3GAN's default)."""
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """F.conv2d (stride 1) whose input gradient is a transposed convolution that autograd
+    records, as StyleGAN2's conv2d_gradfix: R1 and R2 then differentiate twice through the
+    ordinary convolution kernels. torch's own double backward takes a weight gradient as a
+    convolution whose kernel is the whole image, once per group: 20 s for one penalty pass
+    of a 64-px D on 2 CPU cores."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding: int, groups: int):
+        ctx.save_for_backward(x, weight)
+        ctx.padding, ctx.groups, ctx.has_bias = padding, groups, bias is not None
+        return F.conv2d(x, weight, bias, padding=padding, groups=groups)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if torch.is_grad_enabled() and want_x:  # create_graph: this gradient is differentiated again
+            grad_x = F.conv_transpose2d(grad, weight, padding=ctx.padding, groups=ctx.groups)
+            want_x = False
+        if want_x or want_w:
+            grad_x_, grad_w = torch.ops.aten.convolution_backward(
+                grad,
+                x,
+                weight,
+                None,
+                [1, 1],
+                [ctx.padding] * 2,
+                [1, 1],
+                False,
+                [0, 0],
+                ctx.groups,
+                [want_x, want_w, False],
+            )[:2]
+            grad_x = grad_x if grad_x is not None else grad_x_
+        if ctx.has_bias and want_b:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (stride 1, 'same' padding) through ``_Conv2dFn``: fast to differentiate twice."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Conv2dFn.apply(x, self.weight, self.bias, self.padding[0], self.groups)
+
+
+def msr_init(layer: nn.Conv2d | nn.Linear, gain: float = 1.0) -> nn.Module:
+    """Weights ~ N(0, gain^2 / fan_in), bias 0 (He et al. 2015; R3GAN's MSR initialisation)."""
+    fan_in = layer.weight[0].numel()
+    nn.init.normal_(layer.weight, 0.0, gain / math.sqrt(fan_in))
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
+    return layer
+
+
+def resample_kernel(filter_: tuple[float, ...] = RESAMPLE_FILTER) -> torch.Tensor:
+    """The 2-D kernel of a 2x resampling with ``filter_``: the filter convolved with the 2-tap
+    box of nearest-neighbour up-sampling (or 2x2 average pooling), outer product, sum 1.
+    [1,2,1] -> [1,3,3,1] x [1,3,3,1] / 64."""
+    taps = torch.tensor(filter_, dtype=torch.float64)
+    taps = F.conv1d(F.pad(taps.view(1, 1, -1), (1, 1)), torch.ones(1, 1, 2, dtype=torch.float64)).flatten()
+    kernel = taps[:, None] * taps[None, :]
+    return (kernel / kernel.sum()).float()
+
+
+class Resample(nn.Module):
+    """2x up- or down-sampling through the low-pass filter, per channel: nearest-neighbour
+    up-sampling then the [1,2,1] blur, or the blur then 2x2 average pooling, each as one
+    stride-2 4x4 filter. Zero padding at the border, as R3GAN's upfirdn2d."""
+
+    def __init__(self, up: bool) -> None:
+        super().__init__()
+        self.up = up
+        self.register_buffer("kernel", resample_kernel().view(1, 1, 4, 4), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Depthwise: the fixed kernel takes no gradient, so differentiating twice (R1, R2) adds
+        # no per-channel weight gradients, and this is the fastest form on a CPU.
+        c = x.shape[1]
+        kernel = self.kernel.to(x.dtype).expand(c, 1, 4, 4)
+        if self.up:  # x4: the kernel's sum of 1 spread over the four outputs of each input
+            return F.conv_transpose2d(x, kernel * 4, stride=2, padding=1, groups=c)
+        return F.conv2d(x, kernel, stride=2, padding=1, groups=c)
+
+
+class ModernBlock(nn.Module):
+    """x + conv1x1(lrelu(grouped conv3x3(lrelu(conv1x1(x))))): expand, mix in groups, project
+    back. Fix-up initialisation: the last layer starts at zero, so the block starts as the
+    identity, and the others' gains shrink with the network's number of blocks (R3GAN)."""
+
+    def __init__(self, channels: int, expansion: int, group_width: int, num_blocks: int) -> None:
+        super().__init__()
+        inner = channels * expansion
+        # Variance scaling for a residual branch of 3 layers: gain * L^(-1/(2*3 - 2)).
+        gain = LRELU_GAIN * num_blocks ** (-1 / 4)
+        self.expand = msr_init(Conv2d(channels, inner, 1), gain)
+        self.mix = msr_init(Conv2d(inner, inner, 3, padding=1, groups=inner // group_width), gain)
+        self.project = Conv2d(inner, channels, 1, bias=False)
+        nn.init.zeros_(self.project.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.leaky_relu(self.expand(x), 0.2)
+        h = F.leaky_relu(self.mix(h), 0.2)
+        return x + self.project(h)
+
+
+def _transition(in_ch: int, out_ch: int) -> nn.Module:
+    """The 1x1 convolution between stages of different widths (identity when equal)."""
+    return msr_init(Conv2d(in_ch, out_ch, 1, bias=False)) if in_ch != out_ch else nn.Identity()
+
+
+class ModernGenerator(Generator):
+    """A learned base_side^2 input per channel, scaled by a linear map of (z, class
+    embedding); then per stage: a 1x1 to the stage's width, 2x up-sampling, residual blocks;
+    a 1x1 to the image's channels and tanh. At initialisation every block is the identity,
+    so G is linear in (z, embedding) up to the tanh."""
+
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
+        stages_ = cfg.modern_stages(resolution)
+        base = stage_sides(resolution)[0]
+        total = sum(blocks for _, blocks in stages_)
+        self.cond = _Conditioning(cfg.z_dim, cfg.num_classes)
+        self.basis = nn.Parameter(torch.randn(stages_[0][0], base, base))
+        self.scale = msr_init(nn.Linear(self.cond.out_dim, stages_[0][0], bias=False))
+        layers: list[nn.Module] = []
+        for i, (width, blocks) in enumerate(stages_):
+            stage = [] if i == 0 else [_transition(stages_[i - 1][0], width), Resample(up=True)]
+            stage += [ModernBlock(width, cfg.expansion, cfg.group_width, total) for _ in range(blocks)]
+            layers.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*layers)
+        self.out = msr_init(Conv2d(stages_[-1][0], channels, 1))
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.basis * self.scale(self.cond(z, labels))[:, :, None, None]
+        return torch.tanh(self.out(self.stages(h)))
+
+
+class ModernDiscriminator(nn.Module):
+    """G mirrored: a 1x1 from the image's channels; per stage: residual blocks, 2x
+    down-sampling, a 1x1 to the next width; at base_side, a learned base_side^2 filter per
+    channel and the projection head. At initialisation D is linear in its input."""
+
+    def __init__(self, cfg: ModelConfig, resolution: int, channels: int) -> None:
+        super().__init__()
+        stages_ = cfg.modern_stages(resolution)[::-1]
+        base = stage_sides(resolution)[0]
+        total = sum(blocks for _, blocks in stages_)
+        self.extract = msr_init(Conv2d(channels, stages_[0][0], 1, bias=False))
+        layers: list[nn.Module] = []
+        for i, (width, blocks) in enumerate(stages_):
+            stage: list[nn.Module] = [ModernBlock(width, cfg.expansion, cfg.group_width, total) for _ in range(blocks)]
+            if i + 1 < len(stages_):
+                stage += [Resample(up=False), _transition(width, stages_[i + 1][0])]
+            layers.append(nn.Sequential(*stage))
+        self.stages = nn.Sequential(*layers)
+        width = stages_[-1][0]
+        # A learned base x base filter per channel, summed: a depthwise convolution without
+        # padding, as a product (which differentiates twice without a loop over channels).
+        self.basis = nn.Parameter(torch.randn(width, base, base) / base)
+        self.head = _Projection(width, cfg.num_classes, lambda m: m)
+        msr_init(self.head.linear)
+        if self.head.embed is not None:  # the class term starts at the scale of the linear one
+            nn.init.normal_(self.head.embed.weight, 0.0, 1 / math.sqrt(width))
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None, classes: bool = False) -> Logits:
+        h = (self.stages(self.extract(x)) * self.basis).sum((2, 3))
+        return self.head(h, labels, classes)
+
+
 FAMILIES = {
     "mlp": (MLPGenerator, MLPDiscriminator),
     "dcgan": (DCGANGenerator, DCGANDiscriminator),
     "resnet": (ResNetGenerator, ResNetDiscriminator),
+    "modern": (ModernGenerator, ModernDiscriminator),
 }
 
 

@@ -35,6 +35,13 @@ from gan.evaluation.stats import (
 )
 
 COPY_REFERENCE = 10_000  # training images a sample is compared with, at most (memory: x feature size)
+GENERATE_BATCH = 500
+"""Images G draws at once for an evaluation, up to 64 px; fewer above, at the same pixels per
+batch (125 at 128 px), so a wide 128-px G's activations stay within a GPU's memory."""
+
+
+def generate_batch(height: int, width: int) -> int:
+    return max(1, min(GENERATE_BATCH, GENERATE_BATCH * 64 * 64 // (height * width)))
 
 
 def split_real(n_images: int, num_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,6 +111,7 @@ class Evaluator:
         self.num_real = len(ref_idx)
         self.kid_subset = min(cfg.kid_subset_size, self.num_real)
         self.data_labels = data.labels  # a conditional G is scored in the data's class mix
+        self.batch = generate_batch(*data.shape[1:])
         self.real_labels = None if data.labels is None else data.labels[ref_idx].to(self.device)
         self.real_features = self.real_features_of(data, ref_idx)
         self.real_gaussian = gaussian(self.real_features)
@@ -170,7 +178,9 @@ class Evaluator:
         n = self.cfg.num_samples
         shares = class_shares(self.data_labels, num_classes) if num_classes else None
         labels = None if shares is None else proportional_labels(shares, n).to(self.device)
-        images = generate(G, n, seed=seed, labels=labels, device=self.device, rank=rank, world_size=world_size)
+        images = generate(
+            G, n, seed=seed, labels=labels, batch=self.batch, device=self.device, rank=rank, world_size=world_size
+        )
         G.train(was_training)
         if world_size == 1:
             return self.score_features(self.features(images), labels)
