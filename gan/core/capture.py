@@ -97,11 +97,11 @@ class CapturedStep:
             n.G.requires_grad_(False)
             n.D.requires_grad_(True)
             for _ in range(loop.cfg.optim.d_steps):
-                real, labels = loop._real_batch()
+                # Staged on every D update: the G graph reads its paired real images ('rpgan') there.
+                self._stage(*loop._real_batch())
                 if eager or loop.penalty_due():
-                    self._keep(loop.d_phase(real, labels, penalty=loop.penalty_due(), grad_norms=True))
+                    self._keep(loop.d_phase(self.real, self.labels, penalty=loop.penalty_due(), grad_norms=True))
                 else:
-                    self._stage(real, labels)
                     self._run("d", self._d_graph_body)
                 loop.images_seen += loop.global_batch
             n.D.requires_grad_(False)

@@ -203,6 +203,7 @@ class GANLoop:
         augment = DiffAugment(cfg.loss.augment, self.rng, rank, world_size)
         self.loss = GANLoss(cfg.loss, augment, self.autocast, one_call=cfg.train.d_one_call)
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
+        self.paired_real: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.captured: CapturedStep | None = None
         if capture:
             make = lambda params, lr: capturable_adam(params, cfg.optim, lr, self.device, emulate_capture)  # noqa: E731
@@ -329,7 +330,8 @@ class GANLoop:
         D_reg = n.D_reg or n.D_train
         stats = self.loss.d_main(n.D_train, real, labels, fake, fake_labels, alpha, D_penalty=D_reg)
         if penalty:
-            stats.update(self.loss.d_reg(D_reg, real, labels))
+            stats.update(self.loss.d_reg(D_reg, real, labels, fake=fake, fake_labels=fake_labels))
+        self.paired_real = (real, labels)  # what a relativistic G phase scores its images against
         if grad_norms:
             stats["grad_norm/d"] = grad_norm(n.D)
         self.opt_d.step()
@@ -345,7 +347,8 @@ class GANLoop:
         with no_sync:
             with self.autocast():
                 fake = n.G_train(z, fake_labels)
-            stats = self.loss.g_main(n.D_train, fake, fake_labels)
+            real, labels = self.paired_real if self.cfg.loss.kind == "rpgan" else (None, None)
+            stats = self.loss.g_main(n.D_train, fake, fake_labels, real=real, real_labels=labels)
         if grad_norms:
             stats["grad_norm/g"] = grad_norm(n.G)
         self.opt_g.step()
