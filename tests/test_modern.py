@@ -315,24 +315,6 @@ def test_the_gpu_presets_hold_the_papers_networks():
 
 
 # --- training ------------------------------------------------------------------------------
-def _paired_loop() -> None:
-    """Skip where gan/core/loop.py does not yet hand the loss the paired images 'rpgan' and R2
-    need (real images to g_main, generated ones to d_reg): found by running one tiny step."""
-    from gan.core.loop import GANLoop, Nets, make_ema
-    from gan.data.datasets import ImageDataset
-
-    cfg = override(preset("debug"), [*R3GAN, "model.width=4", "model.group_width=4", "model.z_dim=8"])
-    G, D = build_models(cfg.model, 28, 1)
-    data = ImageDataset(torch.zeros(16, 1, 28, 28, dtype=torch.uint8), torch.arange(16) % 10, "probe", "probe")
-    loop = GANLoop(cfg, Nets(G=G, D=D, G_ema=make_ema(G), G_train=G, D_train=D), data)
-    try:
-        loop.train_step()
-    except ValueError as err:
-        if "pass g_main real=" in str(err) or "as fake=" in str(err):
-            pytest.skip(f"the loop does not pass rpgan's paired images yet: {err}")
-        raise
-
-
 TINY_DIGITS = [*R3GAN, "model.stage_widths=32,16,8", "model.stage_blocks=1,1,1", "model.group_width=8",
                "model.z_dim=32", "train.batch_size=32", "optim.lr_g=1e-3", "optim.lr_d=1e-3", "optim.beta1=0",
                "optim.beta2=0.9", "train.ema_half_life_kimg=0.5", "eval.num_samples=500",
@@ -341,9 +323,9 @@ TINY_DIGITS = [*R3GAN, "model.stage_widths=32,16,8", "model.stage_blocks=1,1,1",
 
 def test_a_tiny_conditional_modern_gan_learns_the_digits_and_their_classes(tiny_cfg, digits, tmp_path):
     """200 steps of batch 32 (6.4 kimg): FID of the EMA generator falls to under half its value
-    at initialisation (measured: 1,400 -> 620) and the digit classifier reads the asked class
-    in well over a tenth of the samples (measured: 0.31 against chance 0.10)."""
-    _paired_loop()
+    at initialisation (measured at seeds 0, 1, 2: 2,075 -> 623, 2,428 -> 648, 2,376 -> 531) and
+    the digit classifier reads the asked class in over a fifth of the samples (0.31, 0.42, 0.36;
+    chance 0.10). A G that ignores its class fails here (FID 2,311 -> 1,589)."""
     cfg = override(tiny_cfg, [*TINY_DIGITS, "train.total_kimg=6.4", "eval.every_kimg=6.4"])
     assert cfg.model.num_classes == 10
     trainer = Trainer(cfg, LocalSession(str(tmp_path), quiet=True), data=digits)
@@ -358,7 +340,6 @@ def test_a_tiny_conditional_modern_gan_learns_the_digits_and_their_classes(tiny_
 def test_compiled_training_takes_the_same_r1_and_r2_as_eager(tiny_cfg, digits, tmp_path):
     """train.compile compiles G and D for the adversarial passes; R1 and R2 differentiate twice
     and go through the eager D. The first step's penalties (same weights, same images) agree."""
-    _paired_loop()
     stats = {}
     for compiled in (False, True):
         cfg = override(tiny_cfg, [*TINY_DIGITS, "train.total_kimg=0.032", "train.log_every_steps=1",
