@@ -378,15 +378,14 @@ def discs128(tmp_path_factory) -> str:
 
 
 def test_modern_128_trains_scores_samples_and_serves_at_128_px(discs128, tmp_path):
-    """The preset's config, the prepared data, the evaluator beside it, the sample grid and the
-    served model, all at 128 px (the loss switched to 'ns' so that this holds whatever the loop
-    passes to rpgan's phases)."""
+    """The preset (rpgan with R1 and R2 at both steps), the prepared data, the evaluator beside
+    it, the sample grid and the served model, all at 128 px."""
     from gan.core.sampling import class_grid, png_bytes
     from gan.evaluation.evaluator import generate_batch
     from gan.registry.models import GENERATOR_FILE, GeneratorModel
 
     cfg = override(preset("modern-128-cond"), [
-        f"data.uri={discs128}", "model.num_classes=3", "loss.kind=ns", "loss.r2_gamma=0", "loss.r1_every=1",
+        f"data.uri={discs128}", "model.num_classes=3", "loss.r1_every=1", "train.log_every_steps=1",
         "train.batch_size=8", "train.total_kimg=0.016", "eval.every_kimg=0.016", "eval.num_samples=30",
         "eval.kid_subset_size=10"])  # fmt: skip
     trainer = Trainer(cfg, LocalSession(str(tmp_path / "run"), quiet=True))
@@ -394,6 +393,7 @@ def test_modern_128_trains_scores_samples_and_serves_at_128_px(discs128, tmp_pat
     assert [generate_batch(side, side) for side in (28, 32, 64)] == [500] * 3
     last = trainer.train().history[-1]
     assert last["step"] == 2 and math.isfinite(last["fid"]) and 0 <= last["class_accuracy"] <= 1
+    assert last["loss/d/r2"] > 0 and math.isfinite(last["loss/g"])
     images, columns = class_grid(trainer.nets.G_ema, per_class=2)
     assert images.shape == (6, 128, 128, 3) and png_bytes(images, columns).startswith(b"\x89PNG")
 
