@@ -115,7 +115,8 @@ SCREEN64_SETTINGS = {  # each spelled out, so that the screen does not move with
     "DiffAugment, learning rates doubled": [DIFFAUGMENT, "loss.r1_gamma=0", "optim.lr_g=2e-3", "optim.lr_d=1.2e-3"],
 }
 # Every preset: the default first, then the RGB ones meant for GPUs, so a budget cuts the rest.
-GPU_PRESETS = ("dcgan", "dcgan-64", "resnet-64", "dcgan-32", "dcgan-64-cond", "dcgan-cond", "resnet", "textbook", "mlp")
+GPU_PRESETS = ("dcgan", "dcgan-64", "modern-64-gpu", "resnet-64", "dcgan-32", "modern-32-gpu", "dcgan-64-cond",
+               "dcgan-cond", "resnet", "textbook", "mlp", "modern-128-gpu")  # fmt: skip
 GPU_BATCHES = ((64, 256, 1024), (64, 1024))  # (full, quick)
 GPU_SECONDS = (1.0, 0.3)  # per timed round
 GPU_PROFILE_STEPS = (20, 5)

@@ -3,7 +3,7 @@ after a change that must not change training (a refactor, an option that stays o
 compare. Digit presets train on the embedded digits, RGB presets on seeded random images of
 their resolution (the maths, not the data, is what is compared), each at batch 16.
 
-  python benchmarks/same_steps.py              # every preset, 12 steps
+  python benchmarks/same_steps.py              # every preset but the -gpu ones, 12 steps
   python benchmarks/same_steps.py --steps 4 dcgan dcgan-64
 """
 
@@ -46,7 +46,8 @@ def digest(name: str, steps: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("presets", nargs="*", default=list(PRESETS))
+    cpu_sized = [name for name in PRESETS if not name.endswith("-gpu")]
+    parser.add_argument("presets", nargs="*", default=cpu_sized, help="default: every preset but the -gpu ones")
     parser.add_argument("--steps", type=int, default=12)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one thread: the same summation order on any machine's core count
