@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gan.core.config import DataConfig, debug
+# Two lanes share two cores, and a Ray Train worker takes both: more of PyTorch's OpenMP threads
+# are busy than there are cores. libgomp's threads spin while they wait for each other, and a
+# step beside the other lane took 3 to 5 times as long as alone; passive threads sleep instead.
+# Set before torch is imported; every process the tests start (Ray's too) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from gan.core.config import DataConfig, debug  # noqa: E402
 from gan.data.datasets import load_dataset
 
 # Modules that start a local Ray: one lane runs them, one test at a time. With two Ray
