@@ -71,7 +71,7 @@ class CapturedStep:
         self.broken: str | None = None
         device = loop.device
         self.step_t = torch.zeros((), dtype=torch.long, device=device)
-        self.ema_weight = torch.tensor(1.0 - loop.beta, device=device)
+        self.ema_beta = torch.tensor(loop.beta, device=device)
         self.real: torch.Tensor | None = None
         self.labels: torch.Tensor | None = None
         self.stats: dict[str, torch.Tensor] = {}
@@ -87,7 +87,7 @@ class CapturedStep:
         self.warmed = 0
 
     def set_ema_beta(self, beta: float) -> None:
-        self.ema_weight.fill_(1.0 - beta)
+        self.ema_beta.fill_(beta)
 
     # --- one step -------------------------------------------------------------------
     def step(self) -> None:
@@ -119,13 +119,11 @@ class CapturedStep:
         self._keep(self.loop.d_phase(self.real, self.labels, penalty=False, grad_norms=True))
 
     def _g_graph_body(self) -> None:
+        from gan.core.loop import update_ema  # the loop module imports this one
+
         loop = self.loop
         self._keep(loop.g_phase(grad_norms=True))
-        params = [p.detach() for p in loop.nets.G.parameters()]
-        torch._foreach_lerp_(list(loop.nets.G_ema.parameters()), params, self.ema_weight)
-        buffers = list(loop.nets.G.buffers())
-        if buffers:
-            torch._foreach_copy_(list(loop.nets.G_ema.buffers()), buffers)
+        update_ema(loop.nets.G_ema, loop.nets.G, self.ema_beta, foreach=True)
         finite = torch.isfinite(torch.stack([v.float() for v in self.stats.values()])).all()
         loop._first_bad.copy_(torch.where(~finite & (loop._first_bad < 0), self.step_t, loop._first_bad))
         self.step_t.add_(1)

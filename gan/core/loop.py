@@ -58,7 +58,8 @@ def lr_scale(progress: float, decay_start: float) -> float:
 
 
 @torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, beta: float, foreach: bool = False) -> None:
+def update_ema(ema: nn.Module, model: nn.Module, beta: float | torch.Tensor, foreach: bool = False) -> None:
+    """``beta`` may be a device tensor (a captured step's), with ``foreach``."""
     ema_params, params = list(ema.parameters()), [p.detach() for p in model.parameters()]
     ema_buffers, buffers = list(ema.buffers()), list(model.buffers())
     if len(ema_params) != len(params) or len(ema_buffers) != len(buffers):
