@@ -227,3 +227,99 @@ def test_p_rises_on_a_tiny_dataset_d_memorises_and_stays_near_zero_on_a_large_on
     tiny, large = memorising_run(16), memorising_run(8192)
     assert tiny[-1] >= 0.15, f"p on 16 images ended at {tiny[-1]}"
     assert max(large) <= 0.05, f"p on 8192 images reached {max(large)}"
+
+
+# --- through the training loop (loss.ada) ---------------------------------------------------
+def ada_loop(sets, data, seed=0):
+    from gan.core.config import debug, override
+    from gan.core.loop import GANLoop, Nets, make_ema
+    from gan.core.models import build_models
+
+    cfg = override(debug(), sets)
+    torch.manual_seed(seed)
+    G, D = build_models(cfg.model, cfg.data.resolution, cfg.data.channels)
+    return GANLoop(cfg, Nets(G, D, make_ema(G), G, D), data)
+
+
+ADA = ["loss.ada=blit,geom,color", "loss.ada_speed_kimg=0.5"]
+
+
+def test_the_loop_steers_p_logs_it_and_d_sees_augmented_images(digits, one_thread):
+    loop = ada_loop(ADA, digits)
+    seen = []
+    original = loop.nets.D_train.forward
+    loop.nets.D_train.forward = lambda x, *a, **k: (seen.append(x.detach().clone()), original(x, *a, **k))[1]
+    for _ in range(12):
+        loop.train_step()
+    stats = loop.read_stats()
+    # D wins at the end, so r_t is above the target and p has risen, in steps of 16 x 4 / 500 images.
+    assert stats["augment/rt"] > 0.6
+    steps = stats["augment/p"] / (64 / 500)
+    assert stats["augment/p"] > 0 and steps == pytest.approx(round(steps), abs=1e-5)
+    assert loop.ada.p.item() == stats["augment/p"]
+    # Every image D scored was one of the dataset's pixel values (-1..1 in 1/127.5 steps) before
+    # augmentation; once p > 0 the geometric and colour transforms leave that grid.
+    off_grid = [(x * 127.5 + 127.5 - (x * 127.5 + 127.5).round()).abs().max().item() for x in seen[-4:]]
+    assert max(off_grid) > 0.01
+
+
+def test_ada_p_and_its_signal_resume_bit_for_bit(digits, one_thread):
+    sets = ADA + ["loss.ada_p=0.3", "loss.r1_gamma=1", "loss.r1_every=3"]
+    reference = ada_loop(sets, digits)
+    for _ in range(6):
+        reference.train_step()
+    saved_p = reference.ada.p.item()
+    buffer = io.BytesIO()
+    torch.save(reference.state_dict(), buffer)
+    for _ in range(7):
+        reference.train_step()
+    resumed = ada_loop(sets, digits, seed=5)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.ada.p.item() == saved_p != 0.3
+    for _ in range(7):
+        resumed.train_step()
+    assert torch.equal(resumed.ada.p, reference.ada.p) and torch.equal(resumed.ada.rt, reference.ada.rt)
+    for name in ("G", "D", "G_ema"):
+        a, b = getattr(reference.nets, name), getattr(resumed.nets, name)
+        assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+
+
+def test_fixed_p_ramps_over_its_images(digits, one_thread):
+    loop = ada_loop(["loss.ada=color", "loss.ada_target=0", "loss.ada_p=0.5", "loss.ada_ramp_kimg=0.32"], digits)
+    for _ in range(10):  # 160 of the 320 images
+        loop.train_step()
+    assert loop.ada.p.item() == pytest.approx(0.25)
+    for _ in range(20):
+        loop.train_step()
+    assert loop.ada.p.item() == pytest.approx(0.5)
+
+
+def test_relativistic_signal_is_the_paired_difference():
+    seen = []
+    from gan.core.config import LossConfig
+    from gan.core.losses import GANLoss
+
+    loss = GANLoss(LossConfig(kind="rpgan"), observe=seen.append)
+    D = lambda x, labels=None: x.flatten(1).mean(1, keepdim=True)  # noqa: E731
+    real, fake = torch.full((4, 1, 2, 2), 2.0, requires_grad=True), torch.full((4, 1, 2, 2), 3.0)
+    loss.d_main(D, real, None, fake, None)
+    assert torch.equal(seen[0], torch.full((4, 1), -1.0))
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["loss.ada=blit,warp"], "loss.ada='warp'"),
+        (["loss.ada=blit", "loss.augment=translation"], "choose one"),
+        (["loss.ada=blit", "loss.ada_target=1"], "loss.ada_target"),
+        (["loss.ada=blit", "loss.ada_p=1.5"], "loss.ada_p"),
+        (["loss.ada=blit", "loss.ada_speed_kimg=0"], "loss.ada_speed_kimg"),
+    ],
+)
+def test_bad_ada_settings_are_refused_in_one_line(sets, message):
+    from gan.core.config import ConfigError, debug, override
+
+    with pytest.raises(ConfigError, match=message) as err:
+        override(debug(), sets)
+    assert "\n" not in str(err.value)

@@ -55,8 +55,14 @@ def assert_trains_alike(a: GANLoop, b: GANLoop) -> None:
         torch.testing.assert_close(wb[key], wa[key], rtol=1e-4, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
 
 
-def test_the_captured_step_trains_as_the_eager_one():
-    eager, captured = build(SETS), build(SETS, emulate=True)
+ADA_SETS = [s for s in SETS if not s.startswith("loss.augment")] + [
+    "loss.ada=blit,geom,color", "loss.ada_p=0.2", "loss.ada_speed_kimg=0.5", "loss.kind=rpgan",
+    "loss.r2_gamma=1", "model.num_classes=0", "loss.class_weight=0"]  # fmt: skip
+
+
+@pytest.mark.parametrize("sets", [SETS, ADA_SETS], ids=["diffaugment", "ada-rpgan"])
+def test_the_captured_step_trains_as_the_eager_one(sets):
+    eager, captured = build(sets), build(sets, emulate=True)
     for _ in range(8):  # warm-up, then the graphs; R1 every third step stays eager
         eager.train_step()
         captured.train_step()
@@ -64,8 +70,10 @@ def test_the_captured_step_trains_as_the_eager_one():
     assert (captured.step, captured.images_seen) == (eager.step, eager.images_seen)
     assert_trains_alike(eager, captured)
     stats, reference = captured.read_stats(), eager.read_stats()
-    for key in ("loss/d", "loss/g", "d/real", "d/fake", "loss/d/class", "loss/g/class"):
-        assert stats[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-5), key
+    for key in ("loss/d", "loss/g", "d/real", "d/fake", "loss/d/class", "loss/g/class", "augment/p", "augment/rt"):
+        if key in reference:
+            assert stats[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-5), key
+    assert ("augment/p" in stats) == ("augment/p" in reference) == ("loss.ada" in str(sets))
     assert stats["loss/d/r1"] > 0 and stats["grad_norm/g"] > 0  # kept in their fixed tensors
 
 

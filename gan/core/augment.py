@@ -19,6 +19,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from gan.core.config import ADA_GROUPS
+
 TRANSLATE_RATIO = 1 / 12  # up to 2 px at 28x28: a digit stays the same digit
 CUTOUT_RATIO = 0.15  # a 5x5 hole at 28x28: small enough to keep a digit readable
 
@@ -98,7 +100,6 @@ def flip(x: torch.Tensor, draw) -> torch.Tensor:
 # transforms, each applied to an image with the same probability p, which AugmentController
 # steers from how sure D is of the real images. Ranges and distributions are the paper's.
 
-ADA_GROUPS = ("blit", "geom", "color")
 BLIT_SHIFT = 0.125  # integer translation up to 1/8 of the side
 SCALE_STD = 0.2  # log2 std of isotropic scaling
 ANISO_STD = 0.2  # log2 std of anisotropic scaling

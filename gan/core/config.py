@@ -60,6 +60,8 @@ MAX_TRAIN_SEED = 2**32 - 1
 """Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
 NUM_SAMPLES_RANGE = (10, 100_000)
 """Images per FID/KID evaluation, in training and when promotion scores a model again."""
+ADA_GROUPS = ("blit", "geom", "color")
+"""Groups of adaptive augmentation's transforms (loss.ada)."""
 MUTABLE = ("optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_half_life_kimg")
 """Settings a running loop can change (GANLoop.set_hyperparameters): what PBT perturbs."""
 
@@ -276,6 +278,25 @@ class LossConfig:
     """Differentiable augmentation before D, comma-separated from 'translation', 'cutout',
     'color' (brightness, saturation, contrast) and 'flip' (left-right; only where the domain
     allows: never digits, text, arrows or flags); '' = off."""
+    ada: str = ""
+    """Adaptive augmentation (StyleGAN2-ADA) of every image D sees, penalties included:
+    comma-separated groups from 'blit' (integer translation), 'geom' (isotropic and anisotropic
+    scale, rotation, fractional translation) and 'color' (brightness, contrast, luma flip, hue,
+    saturation), each transform applied with probability p; '' = off. Instead of loss.augment."""
+    ada_target: float = 0.6
+    """ADA's target for D's overfitting signal r_t, the mean sign of D on real images (with
+    'rpgan', of D(real) - D(paired fake)): p rises while r_t is above it and falls while it is
+    below; 0 = no steering, p follows loss.ada_p."""
+    ada_speed_kimg: float = 500.0
+    """Thousands of images over which a steered p can move from 0 to 1 (the paper's 500)."""
+    ada_p: float = 0.0
+    """p at the start; with loss.ada_target=0, the fixed p (reached over loss.ada_ramp_kimg)."""
+    ada_ramp_kimg: float = 0.0
+    """With loss.ada_target=0: p rises linearly from 0 to loss.ada_p over this many thousand
+    images (0 = loss.ada_p from the start): a fixed schedule."""
+    ada_flips: bool = False
+    """x-flips and quarter turns among ADA's blits: only for domains whose images stay valid
+    mirrored or turned (never digits, text, emoji or flags)."""
     class_weight: float = 0.0
     """Class-conditional models only: weight of an auxiliary classification loss (AC-GAN,
     with D's classifier trained on real images only). D's projection embedding also
@@ -296,6 +317,17 @@ class LossConfig:
         _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1", self.r1_every)
         for policy in filter(None, self.augment.split(",")):
             _choice("loss.augment", policy.strip(), ("translation", "cutout", "color", "flip"))
+        for group in filter(None, self.ada.split(",")):
+            _choice("loss.ada", group.strip(), ADA_GROUPS)
+        if self.ada.strip() and self.augment.strip():
+            raise ConfigError(
+                f"loss.ada={self.ada!r} and loss.augment={self.augment!r} are two augmentations of D's images: "
+                "choose one (set the other to '')"
+            )
+        _check(0 <= self.ada_target < 1, "loss.ada_target", "must be in [0, 1) (0 = p not steered)", self.ada_target)
+        _positive("loss.ada_speed_kimg", self.ada_speed_kimg)
+        _check(0 <= self.ada_p <= 1, "loss.ada_p", "must be in [0, 1]", self.ada_p)
+        _positive("loss.ada_ramp_kimg", self.ada_ramp_kimg, zero_ok=True)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

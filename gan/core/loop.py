@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from gan.core.augment import DiffAugment
+from gan.core.augment import AdaptiveAugment, AugmentController, DiffAugment
 from gan.core.capture import CapturedStep, capturable_adam, capture_blocker
 from gan.core.config import Config
 from gan.core.losses import GANLoss
@@ -201,8 +201,14 @@ class GANLoop:
         self.autocast = lambda: torch.autocast(
             self.device.type, dtype=torch.bfloat16, enabled=cfg.train.bf16, cache_enabled=not capture
         )
-        augment = DiffAugment(cfg.loss.augment, self.rng, rank, world_size)
-        self.loss = GANLoss(cfg.loss, augment, self.autocast, one_call=cfg.train.d_one_call)
+        augment, self.ada = self._augmentation()
+        self.loss = GANLoss(
+            cfg.loss,
+            augment,
+            self.autocast,
+            one_call=cfg.train.d_one_call,
+            observe=None if self.ada is None else self.ada.observe,
+        )
         self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
         self.paired_real: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)
         self.captured: CapturedStep | None = None
@@ -228,6 +234,32 @@ class GANLoop:
         self.read_ahead = ReadAhead(self) if read_ahead else None
         self._last: dict[str, torch.Tensor] = {}
         self._first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
+
+    def _augmentation(self) -> tuple[DiffAugment | AdaptiveAugment, AugmentController | None]:
+        """D's augmentation, and for adaptive augmentation (loss.ada) the controller of its p."""
+        loss = self.cfg.loss
+        if not loss.ada:
+            return DiffAugment(loss.augment, self.rng, self.rank, self.world_size), None
+        augment = AdaptiveAugment(
+            self.rng,
+            self.rank,
+            self.world_size,
+            p=torch.full((), loss.ada_p, device=self.device),
+            groups=loss.ada,
+            flips=loss.ada_flips,
+        )
+        ramp = None
+        if not loss.ada_target and loss.ada_ramp_kimg:
+            ramp = lambda seen: loss.ada_p * min(1.0, seen / (loss.ada_ramp_kimg * 1000))  # noqa: E731
+        controller = AugmentController(
+            augment.p,
+            self.global_batch,
+            target=loss.ada_target or None,
+            speed_kimg=loss.ada_speed_kimg,
+            schedule=ramp,
+            all_gather=self.all_gather,
+        )
+        return augment, controller
 
     def set_hyperparameters(self, cfg: Config) -> None:
         """Train on with ``cfg``'s learning rates, betas and EMA half-life (config.MUTABLE):
@@ -281,10 +313,15 @@ class GANLoop:
         labels = self.labels[idx].to(to, non_blocking=True) if self.num_classes else None
         return real, labels
 
-    def _latents(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _latents(self, paired_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """z and class labels for this rank's generated images. A relativistic loss gives each
+        generated image the class of the real image it is paired with (as R3GAN does), so a
+        pair differs in how real it looks, not in what it shows."""
         z = torch.randn(self.global_batch, self.cfg.model.z_dim, generator=self.rng, device=self.device)[self.rows]
         labels = None
-        if self.num_classes:
+        if self.num_classes and paired_labels is not None and self.cfg.loss.kind == "rpgan":
+            labels = paired_labels
+        elif self.num_classes:
             labels = torch.multinomial(self.class_shares, self.global_batch, replacement=True, generator=self.rng)
             labels = labels[self.rows]
         return z, labels
@@ -295,7 +332,12 @@ class GANLoop:
         returns without waiting for it; ``read_stats`` reads the statistics."""
         if self.captured is not None:
             self.captured.step()
-            return
+        else:
+            self._eager_step()
+        if self.ada is not None:
+            self.ada.step(self.images_seen)
+
+    def _eager_step(self) -> None:
         n = self.nets
         stats: dict[str, torch.Tensor] = {}
         # Gradient norms cost a pass over every gradient: only for the step that is logged.
@@ -321,7 +363,7 @@ class GANLoop:
     def d_phase(self, real, labels, *, penalty: bool, grad_norms: bool) -> dict[str, torch.Tensor]:
         """One D update on ``real`` against images G draws now: its statistics."""
         n = self.nets
-        z, fake_labels = self._latents()
+        z, fake_labels = self._latents(labels)
         alpha = None
         if self.cfg.loss.kind == "wgan-gp":
             alpha = torch.rand(self.global_batch, 1, 1, 1, generator=self.rng, device=self.device)[self.rows]
@@ -341,14 +383,14 @@ class GANLoop:
     def g_phase(self, *, grad_norms: bool) -> dict[str, torch.Tensor]:
         """One G update against D as it is: its statistics."""
         n = self.nets
-        z, fake_labels = self._latents()
+        real, labels = self.paired_real if self.cfg.loss.kind == "rpgan" else (None, None)
+        z, fake_labels = self._latents(labels)
         self.opt_g.zero_grad(set_to_none=True)
         # D takes no gradient in this phase: no_sync keeps DDP from waiting for one.
         no_sync = n.D_train.no_sync() if hasattr(n.D_train, "no_sync") else contextlib.nullcontext()
         with no_sync:
             with self.autocast():
                 fake = n.G_train(z, fake_labels)
-            real, labels = self.paired_real if self.cfg.loss.kind == "rpgan" else (None, None)
             stats = self.loss.g_main(n.D_train, fake, fake_labels, real=real, real_labels=labels)
         if grad_norms:
             stats["grad_norm/g"] = grad_norm(n.G)
@@ -364,8 +406,9 @@ class GANLoop:
     def read_stats(self) -> dict[str, float]:
         """The last step's statistics, averaged over ranks: one gather, one device read.
         Raises DivergenceError naming the first step (on any rank) where one went NaN/Inf."""
-        names = sorted(self._last)
-        local = torch.stack([self._last[k].float() for k in names] + [self._first_bad.float()])
+        last = self._last | (self.ada.stats() if self.ada is not None else {})
+        names = sorted(last)
+        local = torch.stack([last[k].float() for k in names] + [self._first_bad.float()])
         ranks = self.all_gather(local.unsqueeze(0)).double().tolist()
         bad_steps = [int(row[-1]) for row in ranks if row[-1] >= 0]
         if bad_steps:
@@ -391,6 +434,7 @@ class GANLoop:
             "images_seen": self.images_seen,
             **self._position(),
             "rng": self.rng.get_state(),
+            **({"augment": self.ada.state_dict()} if self.ada is not None else {}),
         }
 
     def _position(self) -> dict[str, int]:
@@ -412,6 +456,8 @@ class GANLoop:
             self.read_ahead.pending = None
         if self.captured is not None:
             self.captured.reset()
+        if self.ada is not None and "augment" in state:
+            self.ada.load_state_dict(state["augment"])
         try:
             self.rng.set_state(state["rng"])
         except RuntimeError:

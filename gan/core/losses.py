@@ -97,11 +97,16 @@ class GANLoss:
         augment: Augment | None = None,
         autocast: Callable[[], AbstractContextManager] | None = None,
         one_call: bool = False,
+        observe: Callable[[torch.Tensor], None] | None = None,
     ) -> None:
+        """``observe`` takes D's overfitting signal from every main D update (adaptive
+        augmentation): its logits on the real images, or with 'rpgan' each real logit minus
+        its paired generated one, whose sign is what the relativistic loss rewards."""
         self.cfg = cfg
         self.augment = augment or (lambda x: x)
         self.autocast = autocast or contextlib.nullcontext
         self.one_call = one_call
+        self.observe = observe
 
     def d_main(self, D, real, real_labels, fake, fake_labels, gp_alpha=None, D_penalty=None) -> dict[str, torch.Tensor]:
         """D on real vs (detached) fake images; WGAN-GP adds its penalty here, through
@@ -118,6 +123,8 @@ class GANLoss:
                 fake_logits = D(self.augment(fake), fake_labels).float()
         loss = d_adversarial(self.cfg.kind, real_logits, fake_logits) + class_term
         stats |= {"d/real": real_logits.detach().mean(), "d/fake": fake_logits.detach().mean()}
+        if self.observe is not None:
+            self.observe(real_logits - fake_logits if self.cfg.kind == "rpgan" else real_logits)
         if self.cfg.kind == "wgan-gp":
             penalty = gradient_penalty(D_penalty or D, real, fake, real_labels, gp_alpha, self.cfg.gp_weight)
             stats["loss/d/gp"] = penalty.detach()
