@@ -336,6 +336,23 @@ def test_a_tiny_conditional_modern_gan_learns_the_digits_and_their_classes(tiny_
     assert after["class_accuracy"] > 0.2 and before["class_accuracy"] < 0.15, (before, after)
 
 
+def test_relativistic_pairs_share_their_class(tiny_cfg, digits, tmp_path):
+    """Each generated image is drawn in the class of the real image it is paired with, in D's
+    and in G's phase: a pair then differs in how real it looks, not in what it shows."""
+    cfg = override(tiny_cfg, [*TINY_DIGITS, "train.batch_size=16"])
+    trainer = Trainer(cfg, LocalSession(str(tmp_path), quiet=True), data=digits)
+    loop, asked = trainer.loop, []
+    forward = loop.nets.G_train.forward
+    loop.nets.G_train.forward = lambda z, labels=None: (asked.append(labels.clone()), forward(z, labels))[1]
+    real_batches = []
+    real_batch = loop._real_batch
+    loop._real_batch = lambda: (lambda batch: (real_batches.append(batch[1].clone()), batch)[1])(real_batch())
+    loop.train_step()
+    assert len(asked) == 2 and len(real_batches) == 1
+    assert torch.equal(asked[0], real_batches[0]) and torch.equal(asked[1], real_batches[0])
+    assert len(set(real_batches[0].tolist())) > 1
+
+
 @pytest.mark.slow  # compiling takes half a minute
 def test_compiled_training_takes_the_same_r1_and_r2_as_eager(tiny_cfg, digits, tmp_path):
     """train.compile compiles G and D for the adversarial passes; R1 and R2 differentiate twice
