@@ -229,6 +229,24 @@ def test_gzip_expands_no_further_than_its_limit():
         assert str(err.value).startswith("bomb.idx.gz: ") and fragment in str(err.value)
 
 
+def test_colour_images_under_grayscale_settings_name_the_rgb_preset(tmp_path, monkeypatch):
+    monkeypatch.setenv("GAN_DATA_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "src"
+    src.mkdir()
+    Image.fromarray(np.full((30, 30, 3), (200, 30, 30), np.uint8)).save(src / "red.png")
+    with pytest.warns(
+        UserWarning,
+        match=r"colour images trained in grey \(data.channels=1\); for RGB images start from --preset modern-64",
+    ):
+        load_dataset(DataConfig(uri=str(src)))
+    grey = tmp_path / "grey"
+    grey.mkdir()
+    Image.fromarray(np.full((30, 30), 90, np.uint8)).save(grey / "g.png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_dataset(DataConfig(uri=str(grey)))
+
+
 def test_a_corrupt_png_is_left_out_and_named(tmp_path):
     src = tmp_path / "src"
     src.mkdir()

@@ -47,8 +47,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gan.core.config import RESOLUTIONS, DataConfig
-from gan.data.prepare import MANIFEST, PrepareConfig, convert_pixels, prepare, read_manifest, tool_version
+from gan.core.config import RESOLUTIONS, RGB_PRESETS, DataConfig
+from gan.data.prepare import COLOUR_NOTE, MANIFEST, PrepareConfig, convert_pixels, prepare, read_manifest, tool_version
 from gan.data.sources import DataError, Source, fetch, source_identity
 from gan.data.storage import folder_mode, url_to_fs
 
@@ -309,6 +309,11 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> Dataset:
             f"{uri}: prepared at {height} px {kind}, but data.resolution={cfg.resolution} and "
             f"data.channels={cfg.channels}; set data.resolution={height} data.channels={channels}, "
             f"or prepare it again with --resolution {cfg.resolution} --channels {cfg.channels}"
+            + (
+                f" (for RGB images, start from --preset {RGB_PRESETS[height]})"
+                if channels == 3 and height in RGB_PRESETS
+                else ""
+            )
         )
     try:
         _shard_files(manifest)
@@ -540,6 +545,12 @@ def _converted_copy(cfg: DataConfig) -> Path:
         manifest = prepare(tool, log=log)
         # Every shard was hashed as it was written: streaming from this copy need not hash it again.
         _write_stamp(_stamp_path(final), _file_identities(str(final), manifest))
+    if any(line.startswith(COLOUR_NOTE) for line in log.getvalue().splitlines()):
+        warnings.warn(
+            f"{cfg.uri}: colour images trained in grey (data.channels=1); for RGB images start from "
+            f"--preset {RGB_PRESETS[64]}",
+            stacklevel=3,
+        )
     if manifest["skipped"]:
         first = next(line for line in log.getvalue().splitlines() if line.startswith("skipped "))
         warnings.warn(

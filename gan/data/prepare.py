@@ -82,6 +82,8 @@ _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 # Modes that convert to 8-bit L/RGB without losing meaning; 16-bit and float images
 # (I;16, I, F) would be clipped, so they are skipped with a message instead.
 _MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
+COLOUR_NOTE = "note:"
+"""Starts the log line that says colour images are being made grey."""
 READ_AHEAD_BYTES = 512 << 20
 """Most encoded bytes read ahead for the worker processes (at least one item is)."""
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -220,6 +222,10 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
                 skips.add(item.name, pixels)
             else:
                 writer.add(pixels, item.key)
+                if writer.count == 1 and cfg.channels == 1 and _in_colour(item):
+                    log.write(
+                        f"{COLOUR_NOTE} {cfg.source} holds colour images ({item.name}); --channels 1 makes them grey\n"
+                    )
             progress.update(writer.count, len(skips.names))
         if writer.count == 0:
             if not skips.names:
@@ -355,6 +361,19 @@ def _converted(items: Iterator[Item], cfg: PrepareConfig, background: tuple[int,
             yield done, future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _in_colour(item: Item) -> bool:
+    """Whether an image carries colour channels, from its header alone."""
+    if isinstance(item.data, np.ndarray):
+        return item.data.ndim == 3 and item.data.shape[0] >= 3
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(item.data)) as img:
+            return img.mode not in ("1", "L", "LA", "La", "I", "I;16", "F")
+    except Exception:  # it was decoded once already; a header it cannot read again tells nothing
+        return False
 
 
 def _size(item: Item) -> int:
