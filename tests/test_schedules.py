@@ -121,12 +121,12 @@ def test_a_loop_trains_with_the_scheduled_settings(digits):
         loop.train_step()
     # The settings of the last step are those at its start: 3 steps of 16 images into 128.
     now = 0.5 * (1 + math.cos(math.pi * 48 / 128))
-    lr = lambda base, final: final + (base - final) * now  # noqa: E731
+    at = lambda start, end: end + (start - end) * now  # noqa: E731
     for opt in (loop.opt_g, loop.opt_d):
         (group,) = opt.param_groups
-        assert group["lr"] == pytest.approx(lr(2e-4, 5e-5)) and group["betas"] == (0.5, pytest.approx(lr(0.9, 0.99)))
-    assert loop.beta == pytest.approx(ema_beta(16, lr(0.1, 0.5)))
-    assert loop.loss.gamma_scale == pytest.approx(lr(1.0, 0.1))
+        assert group["lr"] == pytest.approx(at(2e-4, 5e-5)) and group["betas"] == (0.5, pytest.approx(at(0.9, 0.99)))
+    assert loop.beta == pytest.approx(ema_beta(16, at(0.1, 0.5)))
+    assert loop.loss.gamma_scale == pytest.approx(at(1.0, 0.1))
     for _ in range(6):  # past the schedule's end: its end values
         loop.train_step()
     assert loop.opt_g.param_groups[0]["lr"] == pytest.approx(5e-5) and loop.opt_d.param_groups[0]["betas"][1] == 0.99
