@@ -65,7 +65,7 @@ def test_wgan_gp_with_batchnorm_d_is_rejected():
 
 def test_json_is_complete(tmp_path):
     raw = json.loads(preset("mlp").to_json())
-    assert set(raw) == {"name", "data", "model", "loss", "optim", "train", "eval"}
+    assert set(raw) == {"name", "data", "model", "loss", "optim", "train", "schedule", "eval"}
 
 
 @pytest.mark.parametrize(

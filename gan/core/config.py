@@ -64,7 +64,10 @@ NUM_SAMPLES_RANGE = (10, 100_000)
 """Images per FID/KID evaluation, in training and when promotion scores a model again."""
 ADA_GROUPS = ("blit", "geom", "color")
 """Groups of adaptive augmentation's transforms (loss.ada)."""
-MUTABLE = ("optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_half_life_kimg")
+MUTABLE = (
+    "optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_half_life_kimg",
+    "schedule.lr_final", "schedule.gamma_final", "schedule.beta2_final", "schedule.ema_final_kimg",
+)  # fmt: skip
 """Settings a running loop can change (GANLoop.set_hyperparameters): what PBT perturbs."""
 
 
@@ -422,6 +425,35 @@ class TrainConfig:
         _check(self.threads >= 0, "train.threads", "must be >= 0", self.threads)
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ScheduleConfig:
+    """R3GAN's schedules (Huang et al. 2024): the learning rates, Adam's beta2, the R1/R2 gamma
+    and the EMA half-life move from their configured start to an end value along a half cosine
+    over ``kimg`` thousand images, then stay at the end. A function of the images seen, so a
+    resumed run continues them exactly."""
+
+    kimg: float = 0.0
+    """Images (thousands) over which every scheduled value moves from its start to its end
+    (0 = off: every value stays at its start, the ends below are ignored)."""
+    lr_final: float = 1.0
+    """End learning rates as a share of optim.lr_g and optim.lr_d (R3GAN: 0.25, 2e-4 to 5e-5);
+    optim.lr_decay_start's linear decay still multiplies them."""
+    gamma_final: float = 1.0
+    """End R1 and R2 gamma as a share of loss.r1_gamma and loss.r2_gamma (R3GAN: 0.1)."""
+    beta2_final: float = 0.0
+    """End Adam beta2 (R3GAN: 0.99, from 0.9); 0 = optim.beta2 throughout."""
+    ema_final_kimg: float = 0.0
+    """End EMA half-life in kimg (R3GAN: 5,000 on CIFAR-10, 500 on FFHQ, from 0);
+    0 = train.ema_half_life_kimg throughout."""
+
+    def __post_init__(self) -> None:
+        _positive("schedule.kimg", self.kimg, zero_ok=True)
+        _check(0 < self.lr_final <= 1, "schedule.lr_final", "must be in (0, 1]", self.lr_final)
+        _positive("schedule.gamma_final", self.gamma_final)
+        _check(0 <= self.beta2_final < 1, "schedule.beta2_final", "must be in [0, 1) (0 = off)", self.beta2_final)
+        _positive("schedule.ema_final_kimg", self.ema_final_kimg, zero_ok=True)
+
+
 USER_BACKBONES = ("torchscript", "onnx")  # feature networks the user supplies by URI
 
 
@@ -480,6 +512,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
@@ -817,13 +850,31 @@ def _modern(name: str, resolution: int) -> Config:
     )
 
 
+CIFAR10_SCHEDULE = (512, 5000.0)
+"""R3GAN's CIFAR-10 run, the 32-px presets' recipe: (its batch, its EMA half-life in kimg at the end)."""
+FFHQ_SCHEDULE = (256, 500.0)
+"""R3GAN's FFHQ runs (64 and 256 px), the 64- and 128-px presets' recipe: (its batch, its EMA end)."""
+R3GAN_SCHEDULE_KIMG = 20_000.0
+"""R3GAN's schedules run over 20 million images on CIFAR-10 and FFHQ, at the paper's batch."""
+
+
 def _modern_gpu(cfg: Config, name: str, widths: str, *, gamma: float, batch_size: int) -> Config:
     """``cfg`` at the paper's widths: 2 blocks per stage, 16 channels per group (its 96 groups of
     1,536), R1 and R2 at every D step with the paper's gamma at the start of its schedule, and a
-    batch for one 80-GB GPU (the paper's 256 or 512 ran on 8: --workers 8 --set train.batch_size=256)."""
+    batch for one 80-GB GPU (the paper's 256 or 512 ran on 8: --workers 8 --set train.batch_size=256).
+    The paper's schedules: learning rates to a quarter, gamma to a tenth, beta2 0.9 to 0.99 and
+    the EMA half-life growing, along a half cosine over as many steps as the paper's."""
     # Batch: autograd saves about 0.7, 1.5 and 2.9 GiB per image in the R1 + R2 pass at 32, 64
     # and 128 px (counted on a CPU with saved-tensor hooks, not measured on a GPU): 64, 32 and 16
     # images take about 46 GiB.
+    # Schedules (R3GAN's train.py presets): 20,000 kimg and an EMA end of 5,000 kimg (CIFAR-10) or
+    # 500 (FFHQ) at batch 512 or 256. At our smaller batch the same number of steps, so both
+    # shrink with the batch (as StyleGAN2-ADA scales its EMA with the batch): 2,500 kimg and 625
+    # at 32 px, 2,500 and 62.5 at 64 px, 1,250 and 31.25 at 128 px. At the paper's batch, set
+    # schedule.kimg=20000 and its EMA end. The EMA starts at train.ema_half_life_kimg (1), not
+    # R3GAN's 0: a difference gone within the schedule's first percent.
+    paper_batch, paper_ema_kimg = CIFAR10_SCHEDULE if cfg.data.resolution == 32 else FFHQ_SCHEDULE
+    share = batch_size / paper_batch
     stages = len(widths.split(","))
     return replace(
         cfg,
@@ -831,6 +882,13 @@ def _modern_gpu(cfg: Config, name: str, widths: str, *, gamma: float, batch_size
         model=replace(cfg.model, stage_widths=widths, stage_blocks=",".join(["2"] * stages), group_width=16),
         loss=replace(cfg.loss, r1_gamma=gamma, r2_gamma=gamma, r1_every=1),
         train=replace(cfg.train, batch_size=batch_size),
+        schedule=ScheduleConfig(
+            kimg=R3GAN_SCHEDULE_KIMG * share,
+            lr_final=0.25,
+            gamma_final=0.1,
+            beta2_final=0.99,
+            ema_final_kimg=paper_ema_kimg * share,
+        ),
     )
 
 

@@ -31,6 +31,7 @@ from gan.core.augment import AdaptiveAugment, AugmentController, DiffAugment
 from gan.core.capture import CapturedStep, capturable_adam, capture_blocker
 from gan.core.config import Config
 from gan.core.losses import GANLoss
+from gan.core.schedule import Settings, settings_at
 from gan.data.datasets import Dataset, MappedDataset, class_shares
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -223,6 +224,9 @@ class GANLoop:
             self.opt_g = adam(nets.G.parameters(), cfg.optim, cfg.optim.lr_g)
             self.opt_d = adam(nets.D.parameters(), cfg.optim, cfg.optim.lr_d)
         self.lr_scale = 1.0
+        """The share of the learning rates ``optim.lr_decay_start``'s linear decay leaves now."""
+        self.settings: Settings = settings_at(cfg, 0)
+        """The scheduled settings in force (cfg.schedule), before the decay's share."""
         self.memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.step = 0
         self.images_seen = 0
@@ -262,13 +266,10 @@ class GANLoop:
         return augment, controller
 
     def set_hyperparameters(self, cfg: Config) -> None:
-        """Train on with ``cfg``'s learning rates, betas and EMA half-life (config.MUTABLE):
-        PBT's explore step on a running loop."""
+        """Train on with ``cfg``'s learning rates, betas, EMA half-life and schedule ends
+        (config.MUTABLE): PBT's explore step on a running loop."""
         self.cfg = cfg
-        self.scale_learning_rates(self.lr_scale)
-        self.beta = ema_beta(self.global_batch, cfg.train.ema_half_life_kimg)
-        if self.captured is not None:
-            self.captured.set_ema_beta(self.beta)
+        self.apply_settings()
 
     def _capture_refused(self) -> bool:
         """Whether train.capture cannot hold for this run; says why (rank 0, one line)."""
@@ -278,18 +279,25 @@ class GANLoop:
         return blocker is not None
 
     def scale_learning_rates(self, scale: float) -> None:
-        """Train on at ``scale`` times the configured learning rates (the decay's share)."""
+        """Train on at ``scale`` times the learning rates (the linear decay's share)."""
         self.lr_scale = scale
-        optim = self.cfg.optim
-        for opt, lr in ((self.opt_g, optim.lr_g), (self.opt_d, optim.lr_d)):
+        self.apply_settings()
+
+    def apply_settings(self) -> None:
+        """The optimizers' learning rates and betas, the EMA decay and the penalties' gamma for
+        the images seen so far: the config's, moved along its schedule, times the decay's share."""
+        now = self.settings = settings_at(self.cfg, self.images_seen)
+        for opt, lr in ((self.opt_g, now.lr_g * self.lr_scale), (self.opt_d, now.lr_d * self.lr_scale)):
             for group in opt.param_groups:
                 if torch.is_tensor(group["lr"]):  # held by a captured step: refilled, not replaced
-                    for tensor, value in zip(
-                        (group["lr"], *group["betas"]), (lr * scale, optim.beta1, optim.beta2), strict=True
-                    ):
+                    for tensor, value in zip((group["lr"], *group["betas"]), (lr, now.beta1, now.beta2), strict=True):
                         tensor.fill_(value)
                 else:
-                    group.update(lr=lr * scale, betas=(optim.beta1, optim.beta2))
+                    group.update(lr=lr, betas=(now.beta1, now.beta2))
+        self.beta = ema_beta(self.global_batch, now.ema_half_life_kimg)
+        if self.captured is not None:
+            self.captured.set_ema_beta(self.beta)
+        self.loss.gamma_scale = now.gamma_scale
 
     # --- randomness -----------------------------------------------------------------
     def _permutation(self, epoch: int) -> torch.Tensor:
@@ -330,6 +338,8 @@ class GANLoop:
     def train_step(self) -> None:
         """One G update after ``optim.d_steps`` D updates. Queues work on the device and
         returns without waiting for it; ``read_stats`` reads the statistics."""
+        if self.cfg.schedule.kimg:  # host floats; a captured step's device tensors are refilled
+            self.apply_settings()
         if self.captured is not None:
             self.captured.step()
         else:
@@ -420,7 +430,21 @@ class GANLoop:
                 f"({step * self.global_batch * self.cfg.optim.d_steps} images seen); lower the learning rates "
                 f"(optim.lr_g={self.cfg.optim.lr_g}, optim.lr_d={self.cfg.optim.lr_d})"
             )
-        return {k: sum(row[i] for row in ranks) / len(ranks) for i, k in enumerate(names)}
+        stats = {k: sum(row[i] for row in ranks) / len(ranks) for i, k in enumerate(names)}
+        return stats | self._schedule_stats()
+
+    def _schedule_stats(self) -> dict[str, float]:
+        """The scheduled settings in force (the same on every rank), when a schedule is on."""
+        if not self.cfg.schedule.kimg:
+            return {}
+        now = self.settings
+        return {
+            "schedule/lr_g": now.lr_g * self.lr_scale,
+            "schedule/lr_d": now.lr_d * self.lr_scale,
+            "schedule/beta2": now.beta2,
+            "schedule/gamma": self.cfg.loss.r1_gamma * now.gamma_scale,
+            "schedule/ema_half_life_kimg": now.ema_half_life_kimg,
+        }
 
     # --- state ----------------------------------------------------------------------
     def state_dict(self) -> dict:

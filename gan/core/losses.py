@@ -91,6 +91,9 @@ class GANLoss:
     backward run in float32. With ``one_call`` D scores a D step's real and generated
     images in one call (D must hold no batch statistics across them)."""
 
+    gamma_scale: float = 1.0
+    """The share of loss.r1_gamma and loss.r2_gamma the penalties take now (the loop's schedule sets it)."""
+
     def __init__(
         self,
         cfg: LossConfig,
@@ -140,7 +143,7 @@ class GANLoss:
         real = real.detach().requires_grad_(True)
         if not self.cfg.r2_gamma:
             logits = D(self.augment(real), real_labels)
-            penalty = r1_penalty(logits, real, self.cfg.r1_gamma)
+            penalty = r1_penalty(logits, real, self.cfg.r1_gamma * self.gamma_scale)
             (penalty * self.cfg.r1_every + every_parameter(logits)).backward()
             return {"loss/d/r1": penalty.detach()}
         if fake is None:
@@ -152,8 +155,8 @@ class GANLoss:
         else:
             real_logits, fake_logits = D(self.augment(real), real_labels), D(self.augment(fake), fake_labels)
         # One backward for both: each image's gradient comes from its own logit.
-        r1 = r1_penalty(real_logits, real, self.cfg.r1_gamma)
-        r2 = r2_penalty(fake_logits, fake, self.cfg.r2_gamma)
+        r1 = r1_penalty(real_logits, real, self.cfg.r1_gamma * self.gamma_scale)
+        r2 = r2_penalty(fake_logits, fake, self.cfg.r2_gamma * self.gamma_scale)
         ((r1 + r2) * self.cfg.r1_every + every_parameter(real_logits, fake_logits)).backward()
         return {"loss/d/r1": r1.detach(), "loss/d/r2": r2.detach()}
 

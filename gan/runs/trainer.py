@@ -400,7 +400,8 @@ class Trainer:
         if self.session.rank != 0 or self.session.quiet:
             return
         done = self._share_done(self.train_time_s)
-        losses = "  ".join(f"{k} {v:+.3f}" for k, v in stats.items())
+        # The scheduled settings go to the tracker only: a learning rate at 3 decimals reads 0.
+        losses = "  ".join(f"{k} {v:+.3f}" for k, v in stats.items() if not k.startswith("schedule/"))
         fid = f"  fid {self.history[-1]['fid']:.2f} (best {self.best_fid:.2f})" if self.history else ""
         print(
             f"[{min(done, 1):6.1%}] step {self.loop.step:6d}  kimg {self.loop.images_seen / 1000:7.1f}  "
