@@ -34,6 +34,9 @@ Benchmarks (each also runs alone with --only):
             (fetched once per node into its cache)
   emoji     dcgan-64 on the emoji set (64 px RGB) after 10 and 30 minutes, with the floor;
             class accuracy of dcgan-64-cond there; keeps each run's sample grids in the cache
+  modern    the modern recipe (R3GAN) against dcgan-64 on the emoji set, same seeds: FID after
+            10 and 30 minutes at 64 px, after 10 minutes at 32 px, with the floor; class
+            accuracy and variety of modern-64-cond after 10 minutes against the evaluator's own
   screen64  dcgan-64 on the emoji set with DiffAugment, R1, both or neither, and with
             DiffAugment's learning rates halved and doubled: FID at equal training seconds
   streaming img/s streaming a prepared dataset over 10x data.memory_budget_mb from its
@@ -888,12 +891,12 @@ def at_minutes(history: list[dict], minutes: float, run_minutes: float) -> dict:
     return within[-1]
 
 
-def train_on_emoji(preset: str, seconds: float, sets: list[str], out: Path | None = None) -> dict:
+def train_on_emoji(preset: str, seconds: float, sets: list[str], out: Path | None = None, resolution: int = 64) -> dict:
     """One run of ``preset`` on the emoji set (benchmarks/emoji_data.py fetches it with npm);
     with ``out``, its checkpoints and sample grids are kept there."""
     from emoji_data import prepare
 
-    sets = [f"data.uri={prepare(BENCH_CACHE)}", *sets]
+    sets = [f"data.uri={prepare(BENCH_CACHE, resolution=resolution)}", *sets]
     return train_once("--preset", preset, "--seconds", str(seconds), "--threads", "2",
                       *[a for s in sets for a in ("--set", s)], *(["--out", str(out)] if out else []))  # fmt: skip
 
@@ -923,6 +926,53 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
                  f"{how_conditional(finals)}; the evaluator's held-out accuracy is in its file; labels follow the "
                  "set's class mix, so a generator that ignores them scores about 0.39 (RESULTS.md), not 0.10"))  # fmt: skip
     rows.append(("emoji 64 px: each run's checkpoints and sample grids", str(kept), "checkpoint_step*/grid.png"))
+    return rows
+
+
+def modern(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
+    """The modern presets on the emoji set, against dcgan-64 at equal training time and seeds.
+    Each run's G is copied at exactly 10 minutes of training and at its end and scored
+    afterwards (benchmarks/ema_screen.py), so no evaluation cadence favours the faster preset."""
+    from emoji_data import prepare
+
+    minutes = EMOJI_MINUTES[quick]
+    grids = BENCH_CACHE / "emoji-runs" / time.strftime("%Y%m%d-%H%M%S")
+    grids.mkdir(parents=True)
+
+    def run(name: str, length_min: float, seed: int, resolution: int = 64) -> list[dict]:
+        """The run's scores at each of ``minutes`` within its length: kimg, train_s and its EMA's scores."""
+        at = [m * 60 for m in minutes if m < length_min]
+        args = [sys.executable, str(ROOT / "benchmarks" / "ema_screen.py"), "--preset", name,
+                "--seconds", str(length_min * 60), "--at", ",".join(map(str, at)), "--half-lives", "",
+                "--grids", str(grids), "--set", f"data.uri={prepare(BENCH_CACHE, resolution=resolution)}",
+                "--set", "eval.every_kimg=100000", "--set", f"train.seed={seed}"]  # fmt: skip
+        done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+        if done.returncode:
+            raise RuntimeError(f"ema_screen.py {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+        copies = json.loads(done.stdout.strip().splitlines()[-1])["copies"]
+        return [c | next(v for k, v in c.items() if k.endswith("(run's)")) for c in copies]
+
+    def row(label: str, reads: list[dict]) -> tuple[str, str, str]:
+        fid, floor = median(r["fid"] for r in reads), median(r["fid_floor"] for r in reads)
+        return (label, f"{fid:.1f} ({fid / floor:.1f} x {floor:.2f})",
+                f"runs {[round(r['fid'], 1) for r in reads]}, kimg {[r['kimg'] for r in reads]}, "
+                f"img/s {[round(r['kimg'] * 1000 / r['train_s']) for r in reads]}, "
+                f"precision {median(r['precision'] for r in reads):.2f}, recall {median(r['recall'] for r in reads):.2f}")  # fmt: skip
+
+    rows = []
+    ours = {name: [run(name, minutes[-1], seed) for seed in range(repeats)] for name in ("modern-64", "dcgan-64")}
+    for i, m in enumerate(minutes):
+        for name, runs in ours.items():
+            target = "; target for modern-64: <= 6 x and below dcgan-64" if name == "modern-64" else ""
+            rows.append(row(f"emoji 64 px, {name}: FID after {m} min (x the floor{target})", [r[i] for r in runs]))
+    small = [run("modern-32", minutes[0], seed, resolution=32)[-1] for seed in range(repeats)]
+    rows.append(row(f"emoji 32 px, modern-32: FID after {minutes[0]} min (x the floor; target <= 6)", small))
+    cond = [run("modern-64-cond", minutes[0], seed)[-1] for seed in range(repeats)]
+    rows.append((f"emoji 64 px, modern-64-cond after {minutes[0]} min: class accuracy, class variety (targets: "
+                 ">= 0.95 x the evaluator's held-out accuracy, >= 0.8)",
+                 f"{median(c['class_accuracy'] for c in cond):.3f}, {median(c['class_variety'] for c in cond):.2f}",
+                 f"{how_conditional(cond)}; emoji_data.py prints the evaluator's held-out accuracy"))  # fmt: skip
+    rows.append(("emoji: the sample grids of each run's EMA at each reading", str(grids), "PRESET_seedS_SECONDSs.png"))
     return rows
 
 
@@ -977,6 +1027,7 @@ BENCHMARKS = {
     "s3reads": s3reads,
     "streaming": streaming,
     "emoji": emoji,
+    "modern": modern,
     "screen64": screen64,
     "conditional": conditional,
 }
