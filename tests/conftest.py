@@ -10,7 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from gan.core.config import DataConfig, debug
+# Two lanes share two cores, and a Ray Train worker takes both: more of PyTorch's OpenMP threads
+# are busy than there are cores. libgomp's threads spin while they wait for each other, and a
+# step beside the other lane took 3 to 5 times as long as alone; passive threads sleep instead.
+# Set before torch is imported; every process the tests start (Ray's too) inherits it.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from gan.core.config import DataConfig, debug  # noqa: E402
 from gan.data.datasets import load_dataset
 
 # Modules that start a local Ray: one lane runs them, one test at a time. With two Ray
@@ -31,17 +37,25 @@ WITHOUT_RAY = {
                            "test_production_server_requires_authentication",
                            "test_refused_credentials_stop_tracking_instead_of_queueing_for_ever",
                            "test_training_goes_on_while_the_server_is_down"),
+    "test_ray_train": ("test_missing_bucket_fails_before_any_worker", "test_unreachable_storage_fails_before_any_worker",
+                       "test_a_class_count_that_differs_from_the_data_fails_before_any_worker"),
+    "test_ray_hangs": ("test_a_dashboard_address_is_refused_before_ray_starts",),
 }  # fmt: skip
 # The tests that start Ray in modules whose other tests do not.
 ALSO_RAY = {"test_sweep": ("test_optuna_search_samples_the_space", "test_search_holds_trials_to_the_concurrency"),
             "test_cluster": ("test_a_job_without_the_clusters_token_is_refused",)}  # fmt: skip
+# cluster/local_cluster.sh's two nodes, one cluster for the tests that ask for it: started for
+# the first, stopped after the last (the Ray lane runs them one after another).
+CLUSTER = "two_node_cluster"
 # Fixtures that start a server; a test that uses one, even through another fixture, is an
 # integration test, as is every test that may start Ray. `tests/run.sh --fast` runs neither.
-SERVICES = {"s3_server", "bucket", "postgres", "mlflow_server", "mlflow_server_module"}
+SERVICES = {"s3_server", "bucket", "postgres", "mlflow_server", "mlflow_server_module", CLUSTER}
 # The other modules by their time in the suite, slowest first, so that the other lane
-# takes the long ones while the Ray lane runs.
-SLOWEST_OTHERS = ("test_registry", "test_pipelines", "test_ddp", "test_trainer", "test_registry_store",
-                  "test_streaming", "test_domains")  # fmt: skip
+# takes the long ones while the Ray lane runs and the lane that ends first takes what is left.
+SLOWEST_OTHERS = ("test_registry", "test_trainer", "test_modern", "test_mlflow_server", "test_tracking_timeouts",
+                  "test_promotion_trust", "test_streaming", "test_faults", "test_registry_store", "test_pipelines",
+                  "test_ddp", "test_storage", "test_domains", "test_hostile_files", "test_capture", "test_serving",
+                  "test_ray_train", "test_gpu_benchmark", "test_metrics")  # fmt: skip
 
 
 def in_ray_lane(nodeid: str) -> bool:
@@ -61,11 +75,21 @@ def pytest_collection_modifyitems(items):
 
     def rank(item) -> int:
         name = item.module.__name__
-        if in_ray_lane(item.nodeid):  # first: the Ray lane, the longest, starts at once
-            return -1
+        if in_ray_lane(item.nodeid):  # first: the Ray lane, the longest, starts at once;
+            return -2 if CLUSTER in item.fixturenames else -1  # the shared cluster's tests together
         return SLOWEST_OTHERS.index(name) if name in SLOWEST_OTHERS else len(SLOWEST_OTHERS)
 
     items.sort(key=rank)  # stable: tests keep their order within a module
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    """The shared cluster stops after the last of the tests that use it (a start costs half a
+    minute); its leftover processes fail that test's teardown."""
+    cluster = item.config.stash.get(SHARED_CLUSTER, None)
+    last = nextitem is None or CLUSTER not in nextitem.fixturenames
+    if cluster is not None and CLUSTER in item.fixturenames and last:
+        cluster.stop()
 
 
 @pytest.hookimpl(optionalhook=True)  # plain pytest, without xdist, still runs the suite
@@ -208,3 +232,46 @@ def mlflow_server_module(s3_server, postgres, tmp_path_factory):
     boto3.client("s3", endpoint_url=s3_server).create_bucket(Bucket=name)
     with running_mlflow_server(postgres, name, s3_server, tmp_path_factory.mktemp("mlflow")) as url:
         yield url, name
+
+
+class SharedCluster:
+    """cluster/local_cluster.sh's cluster (services.local_cluster), started on first use."""
+
+    def __init__(self, state_dir: Path, env: dict[str, str]) -> None:
+        self.state_dir, self.extra_env = state_dir, env
+        self.running: contextlib.ExitStack | None = None
+        self.env: dict[str, str] = {}
+
+    def start(self) -> dict[str, str]:
+        if self.running is None:
+            from services import local_cluster
+
+            with contextlib.ExitStack() as stack:
+                self.env = stack.enter_context(local_cluster(self.state_dir, **self.extra_env))
+                self.running = stack.pop_all()
+        return dict(self.env)
+
+    def stop(self) -> None:
+        running, self.running = self.running, None
+        if running is not None:
+            running.close()
+
+
+SHARED_CLUSTER = pytest.StashKey[SharedCluster]()
+
+
+@pytest.fixture(scope="session")
+def _shared_cluster(request, s3_server, tmp_path_factory):
+    cluster = SharedCluster(tmp_path_factory.mktemp("ray-cluster"), {"AWS_ENDPOINT_URL": s3_server})
+    request.config.stash[SHARED_CLUSTER] = cluster
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def two_node_cluster(_shared_cluster):
+    """A head and a worker node (1 CPU each), token auth on, trials' checkpoints in the S3
+    server; yields the environment its env file gives a user. One cluster for every test that
+    asks for it (a start and stop cost half a minute): they submit jobs that end, or run beside
+    it, and none changes its nodes."""
+    yield _shared_cluster.start()

@@ -147,11 +147,12 @@ def session_processes(sid: int) -> list[psutil.Process]:
 
 
 @contextlib.contextmanager
-def local_cluster(state_dir: Path):
+def local_cluster(state_dir: Path, **extra: str):
     """cluster/local_cluster.sh on free ports (a head and a worker node, 1 CPU each, token auth
-    on); yields the environment its env file gives a user. Stopped by the script; whatever its
-    nodes' sessions left is killed by id, and the test fails on it."""
-    env = {**os.environ, "STATE_DIR": str(state_dir), "RAY_PORT": str(free_port()),
+    on), its nodes started with ``extra`` in their environment; yields the environment its env
+    file gives a user. Stopped by the script; whatever its nodes' sessions left is killed by id,
+    and the test fails on it."""
+    env = {**os.environ, **extra, "STATE_DIR": str(state_dir), "RAY_PORT": str(free_port()),
            "DASHBOARD_PORT": str(free_port()), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}  # fmt: skip
     script = ["bash", "cluster/local_cluster.sh"]
     sessions = []

@@ -15,7 +15,7 @@ import kubernetes_validate
 import pytest
 import ray
 import yaml
-from services import ROOT, local_cluster
+from services import ROOT
 
 K8S_VERSION = "1.37.0"
 CLUSTER = ROOT / "cluster"
@@ -213,26 +213,27 @@ def test_the_launchers_token_command_reads_the_secret_and_fails_without_it(s3_se
     assert not (home / ".ray" / "auth_token").exists()
 
 
-def test_a_job_without_the_clusters_token_is_refused(tmp_path):
-    """A real head and worker node: `ray job submit` without the token, or with another one,
-    is refused by Ray; with the token from the cluster's env file the job runs."""
+def test_a_job_without_the_clusters_token_is_refused(two_node_cluster, tmp_path):
+    """A real head and worker node (cluster/local_cluster.sh): `ray job submit` without the
+    token, or with another one, is refused by Ray; with the token from the cluster's env file
+    the job runs."""
     ray_cli = str(Path(sys.executable).parent / "ray")
     job = [ray_cli, "job", "submit", "--", "python", "-c", "print('job ran with token auth')"]
     home = tmp_path / "home"  # a user with no ~/.ray/auth_token of their own
     home.mkdir()
-    with local_cluster(tmp_path / "ray") as cluster_env:
-        address = cluster_env["RAY_ADDRESS"]
-        assert address.startswith("http://127.0.0.1:")
-        anonymous = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
-        for env, refusal in (
-            (anonymous, "Missing authentication token"),
-            (anonymous | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "Invalid authentication token"),
-        ):
-            refused = subprocess.run(job, env=env, capture_output=True, text=True, timeout=180)
-            said = refused.stdout + refused.stderr
-            assert refused.returncode != 0 and refusal in said, said[-3000:]
-            assert "job ran with token auth" not in said
-        accepted = subprocess.run(job, env=cluster_env | {"HOME": str(home)}, capture_output=True, text=True,
-                                  timeout=300)  # fmt: skip
-        said = accepted.stdout + accepted.stderr
-        assert accepted.returncode == 0 and "job ran with token auth" in said and "succeeded" in said, said[-3000:]
+    cluster_env = two_node_cluster
+    address = cluster_env["RAY_ADDRESS"]
+    assert address.startswith("http://127.0.0.1:")
+    anonymous = {k: v for k, v in cluster_env.items() if not k.startswith("RAY_AUTH_")} | {"HOME": str(home)}
+    for env, refusal in (
+        (anonymous, "Missing authentication token"),
+        (anonymous | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64}, "Invalid authentication token"),
+    ):
+        refused = subprocess.run(job, env=env, capture_output=True, text=True, timeout=180)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and refusal in said, said[-3000:]
+        assert "job ran with token auth" not in said
+    accepted = subprocess.run(job, env=cluster_env | {"HOME": str(home)}, capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+    said = accepted.stdout + accepted.stderr
+    assert accepted.returncode == 0 and "job ran with token auth" in said and "succeeded" in said, said[-3000:]

@@ -14,37 +14,11 @@ from pathlib import Path
 
 import psutil
 import pytest
-from services import ROOT, free_port, session_processes
+from services import ROOT, session_processes
 
 pytestmark = pytest.mark.integration
 TINY = ["--set", "eval.num_samples=200", "--set", "eval.kid_subset_size=50"]
 RAY = str(Path(sys.executable).parent / "ray")
-
-
-@pytest.fixture
-def two_node_cluster(tmp_path, s3_server):
-    """cluster/local_cluster.sh: a head and a worker node (1 CPU each), token auth on."""
-    env = {
-        **os.environ,
-        "STATE_DIR": str(tmp_path / "ray"),
-        "RAY_PORT": str(free_port()),
-        "DASHBOARD_PORT": str(free_port()),
-        "AWS_ENDPOINT_URL": s3_server,  # trials keep their checkpoints in the bucket
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
-    script = ["bash", "cluster/local_cluster.sh"]
-    sessions = []
-    try:
-        subprocess.run([*script, "start"], cwd=ROOT, env=env, check=True, timeout=240, capture_output=True)
-        sessions = [int((tmp_path / "ray" / f"{node}.pid").read_text()) for node in ("head", "worker")]
-        for line in (tmp_path / "ray" / "env").read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = value
-        yield env
-    finally:
-        subprocess.run([*script, "stop"], cwd=ROOT, env=env, timeout=180, capture_output=True)
-    # A leftover Ray instance breaks later ones (Ray's clean-up actors refuse to pick one).
-    assert not [p for sid in sessions for p in session_processes(sid)], "the local cluster left processes"
 
 
 def child_runs(client, experiment: str):
