@@ -35,7 +35,9 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--seconds", type=float, required=True, help="training-time budget (evaluation excluded)")
     parser.add_argument("--at", default="", help="comma-separated training seconds to copy at (the end always)")
-    parser.add_argument("--half-lives", default="3,10,30", help="extra EMA half-lives in kimg, comma-separated ('' = none)")
+    parser.add_argument(
+        "--half-lives", default="3,10,30", help="extra EMA half-lives in kimg, comma-separated ('' = none)"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--grids", help="write a sample grid of each copy of the run's own EMA into this folder")
     args = parser.parse_args()
@@ -46,7 +48,14 @@ def main() -> int:
     if args.grids and not Path(args.grids).is_dir():
         parser.error(f"--grids {args.grids}: no such folder")
     cfg = override(
-        preset(args.preset), [*args.overrides, f"train.time_budget_s={args.seconds}", f"train.threads={args.threads}"]
+        preset(args.preset),
+        # The time is the budget: a fast preset must not stop early at the preset's image count.
+        [
+            *args.overrides,
+            f"train.time_budget_s={args.seconds}",
+            "train.total_kimg=1e9",
+            f"train.threads={args.threads}",
+        ],
     )
     with tempfile.TemporaryDirectory(prefix="gan-ema-") as tmp:
         trainer = Trainer(cfg, LocalSession(tmp, quiet=True))
