@@ -244,23 +244,28 @@ def ada_loop(sets, data, seed=0):
 ADA = ["loss.ada=blit,geom,color", "loss.ada_speed_kimg=0.5"]
 
 
-def test_the_loop_steers_p_logs_it_and_d_sees_augmented_images(digits, one_thread):
-    loop = ada_loop(ADA, digits)
-    seen = []
-    original = loop.nets.D_train.forward
-    loop.nets.D_train.forward = lambda x, *a, **k: (seen.append(x.detach().clone()), original(x, *a, **k))[1]
+def off_grid(x: torch.Tensor) -> float:
+    """How far the pixels are from the dataset's 256 values in [-1, 1]: 0 for real images."""
+    return (x * 127.5 + 127.5 - (x * 127.5 + 127.5).round()).abs().max().item()
+
+
+@pytest.mark.parametrize("d_steps", [1, 2])
+def test_the_loop_steers_p_logs_it_and_d_sees_augmented_reals(digits, one_thread, d_steps):
+    loop = ada_loop([*ADA, "loss.ada_p=0.5", f"optim.d_steps={d_steps}"], digits)
+    reals = []  # (before, after) the augmentation, for the images that were real
+    augment = loop.loss.augment
+    loop.loss.augment = lambda x: (lambda y: (reals.append((x, y)) if off_grid(x) == 0 else None, y)[1])(augment(x))
     for _ in range(12):
         loop.train_step()
     stats = loop.read_stats()
-    # D wins at the end, so r_t is above the target and p has risen, in steps of 16 x 4 / 500 images.
+    # D wins at the end, so r_t is above the target; p has moved from 0.5 in steps of the real
+    # images D saw in 4 steps (16 x d_steps each) over 500.
     assert stats["augment/rt"] > 0.6
-    steps = stats["augment/p"] / (64 / 500)
-    assert stats["augment/p"] > 0 and steps == pytest.approx(round(steps), abs=1e-5)
+    steps = (stats["augment/p"] - 0.5) / (64 * d_steps / 500)
+    assert steps == pytest.approx(round(steps), abs=1e-4)
     assert loop.ada.p.item() == stats["augment/p"]
-    # Every image D scored was one of the dataset's pixel values (-1..1 in 1/127.5 steps) before
-    # augmentation; once p > 0 the geometric and colour transforms leave that grid.
-    off_grid = [(x * 127.5 + 127.5 - (x * 127.5 + 127.5).round()).abs().max().item() for x in seen[-4:]]
-    assert max(off_grid) > 0.01
+    # With p > 0 the geometric and colour transforms take real images off the pixel grid.
+    assert len(reals) >= 12 * d_steps and max(off_grid(after) for _, after in reals) > 0.01
 
 
 def test_ada_p_and_its_signal_resume_bit_for_bit(digits, one_thread):
@@ -285,8 +290,23 @@ def test_ada_p_and_its_signal_resume_bit_for_bit(digits, one_thread):
         assert all(torch.equal(u, v) for u, v in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
 
 
+def test_several_workers_resume_p_and_start_a_new_interval():
+    """A checkpoint holds rank 0's signs of the interval in progress: one process takes them up,
+    several workers drop them (rank 0's alone would stand for all)."""
+    saved = AugmentController(torch.tensor(0.3), 16, interval=4)
+    saved.observe(torch.ones(16))
+    saved.step()
+    state = saved.state_dict()
+    for interval, expected in ((True, (16.0, 16.0, 1)), (False, (0.0, 0.0, 0))):
+        resumed = AugmentController(torch.tensor(0.0), 16, interval=4)
+        resumed.load_state_dict(state, interval=interval)
+        assert resumed.p.item() == pytest.approx(0.3)
+        assert (resumed._sign_sum.item(), resumed._count.item(), resumed._steps) == expected
+
+
 def test_fixed_p_ramps_over_its_images(digits, one_thread):
     loop = ada_loop(["loss.ada=color", "loss.ada_target=0", "loss.ada_p=0.5", "loss.ada_ramp_kimg=0.32"], digits)
+    assert loop.ada.p.item() == 0
     for _ in range(10):  # 160 of the 320 images
         loop.train_step()
     assert loop.ada.p.item() == pytest.approx(0.25)
@@ -315,6 +335,10 @@ def test_relativistic_signal_is_the_paired_difference():
         (["loss.ada=blit", "loss.ada_target=1"], "loss.ada_target"),
         (["loss.ada=blit", "loss.ada_p=1.5"], "loss.ada_p"),
         (["loss.ada=blit", "loss.ada_speed_kimg=0"], "loss.ada_speed_kimg"),
+        (["loss.ada_p=0.3"], "loss.ada_p is set but loss.ada is ''"),
+        (["loss.ada=blit", "loss.ada_ramp_kimg=10"], "set loss.ada_target=0 for the schedule"),
+        (["loss.ada=blit", "loss.ada_target=0"], "leave p at 0"),
+        (["loss.ada=blit", "loss.kind=wgan-gp"], "unbounded critic"),
     ],
 )
 def test_bad_ada_settings_are_refused_in_one_line(sets, message):

@@ -57,7 +57,7 @@ def assert_trains_alike(a: GANLoop, b: GANLoop) -> None:
 
 ADA_SETS = [s for s in SETS if not s.startswith("loss.augment")] + [
     "loss.ada=blit,geom,color", "loss.ada_p=0.2", "loss.ada_speed_kimg=0.5", "loss.kind=rpgan",
-    "loss.r2_gamma=1", "model.num_classes=0", "loss.class_weight=0"]  # fmt: skip
+    "loss.r2_gamma=1", "loss.class_weight=0"]  # fmt: skip
 
 
 @pytest.mark.parametrize("sets", [SETS, ADA_SETS], ids=["diffaugment", "ada-rpgan"])

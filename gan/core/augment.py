@@ -388,10 +388,12 @@ class AugmentController:
             "steps": self._steps,
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Copies into the existing tensors, so a captured graph keeps reading them."""
+    def load_state_dict(self, state: dict, interval: bool = True) -> None:
+        """Copies into the existing tensors, so a captured graph keeps reading them. Without
+        ``interval`` the signs gathered since the last adjustment are dropped and a new
+        interval starts (p and r_t are kept)."""
         self.p.copy_(state["p"])
         self.rt.copy_(state["rt"])
-        self._sign_sum.copy_(state["sign_sum"])
-        self._count.copy_(state["count"])
-        self._steps = int(state["steps"])
+        self._sign_sum.copy_(state["sign_sum"] if interval else torch.zeros_like(self._sign_sum))
+        self._count.copy_(state["count"] if interval else torch.zeros_like(self._count))
+        self._steps = int(state["steps"]) if interval else 0

@@ -66,7 +66,7 @@ ADA_GROUPS = ("blit", "geom", "color")
 """Groups of adaptive augmentation's transforms (loss.ada)."""
 MUTABLE = (
     "optim.lr_g", "optim.lr_d", "optim.beta1", "optim.beta2", "train.ema_half_life_kimg",
-    "schedule.lr_final", "schedule.gamma_final", "schedule.beta2_final", "schedule.ema_final_kimg",
+    "schedule.lr_final", "schedule.gamma_final", "schedule.beta2_final", "schedule.ema_half_life_final_kimg",
 )  # fmt: skip
 """Settings a running loop can change (GANLoop.set_hyperparameters): what PBT perturbs."""
 
@@ -333,6 +333,32 @@ class LossConfig:
         _positive("loss.ada_speed_kimg", self.ada_speed_kimg)
         _check(0 <= self.ada_p <= 1, "loss.ada_p", "must be in [0, 1]", self.ada_p)
         _positive("loss.ada_ramp_kimg", self.ada_ramp_kimg, zero_ok=True)
+        self._check_ada_combination()
+
+    def _check_ada_combination(self) -> None:
+        """ADA settings that would be silently ignored, or would do nothing, are refused."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.name.startswith("ada_")}
+        changed = [f"loss.{name}" for name, default in defaults.items() if getattr(self, name) != default]
+        if not self.ada.strip():
+            if changed:
+                raise ConfigError(
+                    f"{changed[0]} is set but loss.ada is '': name the groups, e.g. loss.ada=blit,geom,color"
+                )
+            return
+        if self.ada_target and self.ada_ramp_kimg:
+            raise ConfigError(
+                f"loss.ada_ramp_kimg={self.ada_ramp_kimg:g} is a fixed schedule for p, but loss.ada_target="
+                f"{self.ada_target:g} steers p: set loss.ada_target=0 for the schedule, or loss.ada_ramp_kimg=0"
+            )
+        if not self.ada_target and not self.ada_p:
+            raise ConfigError(
+                "loss.ada_target=0 and loss.ada_p=0 leave p at 0 (no augmentation): give loss.ada_p, or a target"
+            )
+        if self.ada_target and self.kind == "wgan-gp":
+            raise ConfigError(
+                "loss.ada_target steers p by the sign of D on real images, which means nothing for WGAN-GP's "
+                "unbounded critic: set loss.ada_target=0 with a fixed loss.ada_p, or another loss.kind"
+            )
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -442,7 +468,7 @@ class ScheduleConfig:
     """End R1 and R2 gamma as a share of loss.r1_gamma and loss.r2_gamma (R3GAN: 0.1)."""
     beta2_final: float = 0.0
     """End Adam beta2 (R3GAN: 0.99, from 0.9); 0 = optim.beta2 throughout."""
-    ema_final_kimg: float = 0.0
+    ema_half_life_final_kimg: float = 0.0
     """End EMA half-life in kimg (R3GAN: 5,000 on CIFAR-10, 500 on FFHQ, from 0);
     0 = train.ema_half_life_kimg throughout."""
 
@@ -451,7 +477,7 @@ class ScheduleConfig:
         _check(0 < self.lr_final <= 1, "schedule.lr_final", "must be in (0, 1]", self.lr_final)
         _positive("schedule.gamma_final", self.gamma_final)
         _check(0 <= self.beta2_final < 1, "schedule.beta2_final", "must be in [0, 1) (0 = off)", self.beta2_final)
-        _positive("schedule.ema_final_kimg", self.ema_final_kimg, zero_ok=True)
+        _positive("schedule.ema_half_life_final_kimg", self.ema_half_life_final_kimg, zero_ok=True)
 
 
 USER_BACKBONES = ("torchscript", "onnx")  # feature networks the user supplies by URI
@@ -816,8 +842,8 @@ def modern_128_cond_gpu() -> Config:
     return _modern_gpu(modern_128_cond(), "modern-128-cond-gpu", "768,768,768,768,384,192", gamma=37.5, batch_size=16)
 
 
-# On the emoji set at 64 px, 300 s on 2 CPU cores (benchmarks/RESULTS.md): no blocks at full
-# resolution doubled the img/s (330 against about 160) and twice the widths below it took FID
+# On the emoji set at 64 px, 300 s on 2 CPU cores (benchmarks/RESULTS.md): no blocks at 64 px
+# (nor at 128 px) doubled the img/s (330 against about 160) and twice the widths below it took FID
 # from 320 to 220 at 230 img/s; the learning rate raised from R3GAN's 2e-4 to 2e-3 took it to 98.
 MODERN_CPU_STAGES = {
     32: ("128,64,32,16", "1,1,1,0"),
@@ -893,7 +919,7 @@ def _modern_gpu(cfg: Config, name: str, widths: str, *, gamma: float, batch_size
             lr_final=0.25,
             gamma_final=0.1,
             beta2_final=0.99,
-            ema_final_kimg=paper_ema_kimg * share,
+            ema_half_life_final_kimg=paper_ema_kimg * share,
         ),
     )
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from gan.core.augment import AdaptiveAugment, AugmentController, DiffAugment
 from gan.core.capture import CapturedStep, capturable_adam, capture_blocker
 from gan.core.config import Config
 from gan.core.losses import GANLoss
-from gan.core.schedule import Settings, settings_at
+from gan.core.schedule import Settings, ramp, settings_at
 from gan.data.datasets import Dataset, MappedDataset, class_shares
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -244,23 +245,22 @@ class GANLoop:
         loss = self.cfg.loss
         if not loss.ada:
             return DiffAugment(loss.augment, self.rng, self.rank, self.world_size), None
+        fixed = functools.partial(ramp, loss.ada_p, kimg=loss.ada_ramp_kimg)
+        start = loss.ada_p if loss.ada_target else fixed(0)
         augment = AdaptiveAugment(
             self.rng,
             self.rank,
             self.world_size,
-            p=torch.full((), loss.ada_p, device=self.device),
+            p=torch.full((), start, device=self.device),
             groups=loss.ada,
             flips=loss.ada_flips,
         )
-        ramp = None
-        if not loss.ada_target and loss.ada_ramp_kimg:
-            ramp = lambda seen: loss.ada_p * min(1.0, seen / (loss.ada_ramp_kimg * 1000))  # noqa: E731
         controller = AugmentController(
             augment.p,
-            self.global_batch,
+            self.global_batch * self.cfg.optim.d_steps,  # the real images D sees in a step
             target=loss.ada_target or None,
             speed_kimg=loss.ada_speed_kimg,
-            schedule=ramp,
+            schedule=None if loss.ada_target else fixed,
             all_gather=self.all_gather,
         )
         return augment, controller
@@ -458,7 +458,7 @@ class GANLoop:
             "images_seen": self.images_seen,
             **self._position(),
             "rng": self.rng.get_state(),
-            **({"augment": self.ada.state_dict()} if self.ada is not None else {}),
+            **({"augment": self.ada.state_dict() | {"world_size": self.world_size}} if self.ada is not None else {}),
         }
 
     def _position(self) -> dict[str, int]:
@@ -481,7 +481,10 @@ class GANLoop:
         if self.captured is not None:
             self.captured.reset()
         if self.ada is not None and "augment" in state:
-            self.ada.load_state_dict(state["augment"])
+            # The signs of the interval in progress are each rank's own, and a checkpoint holds
+            # rank 0's: one process resumes them exactly; several start the interval afresh.
+            alone = state["augment"].get("world_size", 1) == self.world_size == 1
+            self.ada.load_state_dict(state["augment"], interval=alone)
         try:
             self.rng.set_state(state["rng"])
         except RuntimeError:

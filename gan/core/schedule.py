@@ -20,6 +20,14 @@ def cosine(start: float, end: float, images_seen: float, kimg: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * done))
 
 
+def ramp(end: float, images_seen: float, kimg: float) -> float:
+    """From 0 to ``end`` in a straight line over ``kimg`` thousand images, then ``end``;
+    ``end`` throughout when ``kimg`` is 0 (adaptive augmentation's fixed p, loss.ada_ramp_kimg)."""
+    if kimg <= 0:
+        return end
+    return end * min(images_seen / (kimg * 1000.0), 1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     """What the loop trains with now (before ``optim.lr_decay_start``'s linear share)."""
@@ -43,5 +51,5 @@ def settings_at(cfg: Config, images_seen: float) -> Settings:
         beta1=optim.beta1,
         beta2=cosine(optim.beta2, s.beta2_final or optim.beta2, images_seen, s.kimg),
         gamma_scale=cosine(1.0, s.gamma_final, images_seen, s.kimg),
-        ema_half_life_kimg=cosine(half_life, s.ema_final_kimg or half_life, images_seen, s.kimg),
+        ema_half_life_kimg=cosine(half_life, s.ema_half_life_final_kimg or half_life, images_seen, s.kimg),
     )
