@@ -240,8 +240,9 @@ def test_colour_images_under_grayscale_settings_name_the_rgb_preset(tmp_path, mo
     ):
         load_dataset(DataConfig(uri=str(src)))
     grey = tmp_path / "grey"
-    grey.mkdir()
+    (grey / "deeper").mkdir(parents=True)  # images at two depths: the tool notes it, not as colour
     Image.fromarray(np.full((30, 30), 90, np.uint8)).save(grey / "g.png")
+    Image.fromarray(np.full((30, 30), 40, np.uint8)).save(grey / "deeper" / "h.png")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_dataset(DataConfig(uri=str(grey)))

@@ -311,7 +311,7 @@ def _load_prepared(fs, path: str, cfg: DataConfig) -> Dataset:
             f"or prepare it again with --resolution {cfg.resolution} --channels {cfg.channels}"
             + (
                 f" (for RGB images, start from --preset {RGB_PRESETS[height]})"
-                if channels == 3 and height in RGB_PRESETS
+                if (channels, cfg.channels) == (3, 1) and height in RGB_PRESETS
                 else ""
             )
         )
@@ -548,7 +548,7 @@ def _converted_copy(cfg: DataConfig) -> Path:
     if any(line.startswith(COLOUR_NOTE) for line in log.getvalue().splitlines()):
         warnings.warn(
             f"{cfg.uri}: colour images trained in grey (data.channels=1); for RGB images start from "
-            f"--preset {RGB_PRESETS[64]}",
+            f"--preset {RGB_PRESETS.get(cfg.resolution, RGB_PRESETS[64])}",
             stacklevel=3,
         )
     if manifest["skipped"]:

@@ -82,8 +82,8 @@ _BUCKET_PROTOCOLS = {"s3", "s3a", "gs", "gcs", "abfs", "az"}
 # Modes that convert to 8-bit L/RGB without losing meaning; 16-bit and float images
 # (I;16, I, F) would be clipped, so they are skipped with a message instead.
 _MODES = {"1", "L", "P", "RGB", "RGBA", "LA", "PA", "La", "RGBa", "CMYK", "YCbCr", "LAB", "HSV"}
-COLOUR_NOTE = "note:"
-"""Starts the log line that says colour images are being made grey."""
+COLOUR_NOTE = "note: colour images made grey:"
+"""Starts the log line that says colour images are being made grey (other notes start 'note:')."""
 READ_AHEAD_BYTES = 512 << 20
 """Most encoded bytes read ahead for the worker processes (at least one item is)."""
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
@@ -224,7 +224,7 @@ def prepare(cfg: PrepareConfig, log: TextIO | None = None) -> dict:
                 writer.add(pixels, item.key)
                 if writer.count == 1 and cfg.channels == 1 and _in_colour(item):
                     log.write(
-                        f"{COLOUR_NOTE} {cfg.source} holds colour images ({item.name}); --channels 1 makes them grey\n"
+                        f"{COLOUR_NOTE} {cfg.source} holds colour images ({item.name}); use --channels 3 for RGB\n"
                     )
             progress.update(writer.count, len(skips.names))
         if writer.count == 0:
