@@ -28,7 +28,7 @@ SCHEDULE = [
     "schedule.lr_final=0.25",
     "schedule.gamma_final=0.1",
     "schedule.beta2_final=0.99",
-    "schedule.ema_final_kimg=0.5",
+    "schedule.ema_half_life_final_kimg=0.5",
 ]
 BASE = ["train.batch_size=16", "loss.r1_gamma=1", "loss.r1_every=2", "optim.beta2=0.9"]
 
@@ -68,7 +68,11 @@ def test_settings_follow_the_schedule_and_the_ends_default_to_the_config():
 def test_the_gpu_presets_take_r3gans_schedule_and_the_cpu_presets_none():
     for name in ("modern-32-gpu", "modern-64-cond-gpu", "modern-128-gpu"):
         s = preset(name).schedule
-        assert s.kimg > 0 and (s.lr_final, s.gamma_final, s.beta2_final) == (0.25, 0.1, 0.99) and s.ema_final_kimg > 0
+        assert (
+            s.kimg > 0
+            and (s.lr_final, s.gamma_final, s.beta2_final) == (0.25, 0.1, 0.99)
+            and s.ema_half_life_final_kimg > 0
+        )
     for name in ("dcgan", "dcgan-64", "modern-32", "modern-64-cond", "modern-128", "debug"):
         assert preset(name).schedule.kimg == 0, name
 
@@ -81,7 +85,7 @@ def test_the_gpu_presets_take_r3gans_schedule_and_the_cpu_presets_none():
         ("schedule.lr_final=1.5", "schedule.lr_final=1.5 is not allowed: must be in (0, 1]"),
         ("schedule.gamma_final=0", "schedule.gamma_final=0.0 is not allowed: must be > 0"),
         ("schedule.beta2_final=1", "schedule.beta2_final=1.0 is not allowed: must be in [0, 1) (0 = off)"),
-        ("schedule.ema_final_kimg=-2", "schedule.ema_final_kimg=-2.0 is not allowed: must be >= 0"),
+        ("schedule.ema_half_life_final_kimg=-2", "schedule.ema_half_life_final_kimg=-2.0 is not allowed: must be >= 0"),
         ("schedule.kimg=nan", "schedule.kimg=nan is not allowed"),
     ],
 )
@@ -95,7 +99,7 @@ def test_the_schedule_is_in_every_form_of_the_config_and_old_configs_load_withou
     cfg = override(preset("debug"), SCHEDULE)
     assert Config.from_json(cfg.to_json()) == cfg
     assert cfg.to_dict()["schedule"]["lr_final"] == 0.25
-    assert cfg.flat()["schedule.kimg"] == 0.128 and cfg.flat()["schedule.ema_final_kimg"] == 0.5
+    assert cfg.flat()["schedule.kimg"] == 0.128 and cfg.flat()["schedule.ema_half_life_final_kimg"] == 0.5
     old = cfg.to_dict()
     del old["schedule"]  # a checkpoint written before the section existed
     assert Config.from_dict(old).schedule.kimg == 0
@@ -242,7 +246,7 @@ def test_the_captured_step_follows_the_schedule():
 
 
 def test_pbt_changes_a_schedules_end_on_a_running_loop(digits):
-    ends = {"schedule.lr_final", "schedule.gamma_final", "schedule.beta2_final", "schedule.ema_final_kimg"}
+    ends = {"schedule.lr_final", "schedule.gamma_final", "schedule.beta2_final", "schedule.ema_half_life_final_kimg"}
     assert ends <= set(MUTABLE)
     cfg = override(preset("debug"), [*BASE, *SCHEDULE])
     loop = make_loop(cfg, digits)
