@@ -931,7 +931,8 @@ def emoji(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
 
 def modern(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
     """The modern presets on the emoji set, against dcgan-64 at equal training time and seeds.
-    Each run's G is copied at exactly 10 minutes of training and at its end and scored
+    Each run's EMA generator is copied at the first logging step past 10 minutes of training
+    (every 50 steps: seconds late, each copy's own time is reported) and at its end, and scored
     afterwards (benchmarks/ema_screen.py), so no evaluation cadence favours the faster preset."""
     from emoji_data import prepare
 
@@ -948,7 +949,7 @@ def modern(quick: bool, repeats: int) -> list[tuple[str, str, str]]:
                 "--set", "eval.every_kimg=100000", "--set", f"train.seed={seed}"]  # fmt: skip
         done = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
         if done.returncode:
-            raise RuntimeError(f"ema_screen.py {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+            raise RuntimeError(f"ema_screen.py {name} failed:\n{done.stderr[-3000:]}")
         copies = json.loads(done.stdout.strip().splitlines()[-1])["copies"]
         return [c | next(v for k, v in c.items() if k.endswith("(run's)")) for c in copies]
 
