@@ -236,7 +236,7 @@ def test_colour_images_under_grayscale_settings_name_the_rgb_preset(tmp_path, mo
     Image.fromarray(np.full((30, 30, 3), (200, 30, 30), np.uint8)).save(src / "red.png")
     with pytest.warns(
         UserWarning,
-        match=r"colour images trained in grey \(data.channels=1\); for RGB images start from --preset modern-64",
+        match=r"colour images trained in grey \(data.channels=1\); for RGB images start from --preset dcgan-64",
     ):
         load_dataset(DataConfig(uri=str(src)))
     grey = tmp_path / "grey"

@@ -305,7 +305,7 @@ def test_reader_refuses_changed_shards_and_mismatched_config(animals, tmp_path):
     manifest = run(animals, tmp_path / "out", resolution=32)
     with pytest.raises(DataError, match=r"prepared at 32 px RGB, but data.resolution=28 and data.channels=1") as err:
         load(tmp_path / "out", resolution=28, channels=1)
-    assert str(err.value).endswith("(for RGB images, start from --preset modern-32)")
+    assert str(err.value).endswith("(for RGB images, start from --preset dcgan-32)")
     with pytest.raises(DataError, match="carries its own labels"):
         load(tmp_path / "out", labels_uri=str(tmp_path / "x.idx"))
     shard = tmp_path / "out" / manifest["shards"][0]["images"]

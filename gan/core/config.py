@@ -56,8 +56,9 @@ MINIBATCH_STD_GROUP = 4
 """Samples per group of D's minibatch-std feature (groups of consecutive samples)."""
 RESOLUTIONS = (28, 32, 64, 128)
 """Sides in pixels that every model family builds at: what data.resolution and the dataset tool accept."""
-RGB_PRESETS = {32: "modern-32", 64: "modern-64", 128: "modern-128"}
-"""The preset to start from for RGB images at each resolution, named where grayscale settings meet them."""
+RGB_PRESETS = {32: "dcgan-32", 64: "dcgan-64", 128: "modern-128"}
+"""The preset to start from for RGB images at each resolution, named where grayscale settings meet
+them: on the emoji set dcgan-64 ends 30 minutes on 2 CPU cores below modern-64 (benchmarks/RESULTS.md)."""
 MAX_TRAIN_SEED = 2**32 - 1
 """Largest seed: rank r of N workers seeds torch with seed * N + r, which must fit in 64 bits."""
 NUM_SAMPLES_RANGE = (10, 100_000)
